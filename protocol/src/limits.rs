@@ -1,0 +1,58 @@
+//! Every number that bounds what a peer may send or hold.
+//!
+//! A peer that exceeds one of these is misbehaving: the receiving side
+//! rejects the input with an error instead of allocating for it.
+
+/// The largest frame body: the 2-byte length prefix cannot say more, and a
+/// Noise message is capped at the same 65,535 bytes.
+pub const MAX_FRAME_LEN: usize = 65_535;
+
+/// The AEAD tag ChaCha20-Poly1305 adds to every encrypted frame.
+pub const TAG_LEN: usize = 16;
+
+/// The largest plaintext one transport frame carries.
+pub const MAX_PACKET_LEN: usize = MAX_FRAME_LEN - TAG_LEN;
+
+/// The largest handshake frame a client may send. A handshake message
+/// carries at most a Login or Register, which are tiny; a server refuses
+/// bigger ones before reading them, so a handshake cannot be used to make
+/// it buffer 64 KiB per half-open connection.
+pub const MAX_CLIENT_HANDSHAKE_FRAME_LEN: usize = 1_024;
+
+/// Bytes of the connection preamble: `b"pip"` and the version.
+pub const PREAMBLE_LEN: usize = 4;
+
+/// X25519 public and private key length.
+pub const KEY_LEN: usize = 32;
+
+/// How many times one connection may be told to retry its IK handshake
+/// with a new server key before the server gives up on it.
+pub const MAX_HANDSHAKE_RETRIES: u8 = 1;
+
+/// Accepted keepalive intervals, in seconds. The client proposes one at
+/// login; the server clamps it into this range.
+pub const MIN_KEEPALIVE_SECS: u32 = 15;
+/// See [`MIN_KEEPALIVE_SECS`].
+pub const MAX_KEEPALIVE_SECS: u32 = 1_800;
+/// The interval used when the client proposes none: 7 minutes keeps idle
+/// cost under 1.5 KB an hour including TCP/IP headers while staying inside
+/// common mobile NAT timeouts.
+pub const DEFAULT_KEEPALIVE_SECS: u32 = 420;
+
+/// A group's largest membership.
+pub const MAX_GROUP_MEMBERS: usize = 1_024;
+/// Most devices one account may have (a phone and its companions).
+pub const MAX_DEVICES_PER_ACCOUNT: usize = 16;
+/// Most accounts one connection may watch for presence.
+pub const MAX_PRESENCE_SUBSCRIPTIONS: usize = 256;
+/// Most one-time prekeys one upload may add, and most one device may hold.
+pub const MAX_ONE_TIME_PREKEYS: usize = 200;
+/// Longest device name, user agent or group name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest invite code, in bytes.
+pub const MAX_INVITE_LEN: usize = 64;
+/// Longest push token, in bytes.
+pub const MAX_PUSH_TOKEN_LEN: usize = 512;
+/// Most messages one decoded packet may hold. A 65,519-byte packet of
+/// two-byte empty messages would otherwise be 32,759 allocations.
+pub const MAX_MESSAGES_PER_PACKET: usize = 1_024;
