@@ -25,7 +25,9 @@ pub fn fuzz_server_keys() -> Arc<ServerKeys> {
 /// Splits `data` into frames; the first byte picks the limit and the
 /// chunking so both partial and whole reads are exercised.
 pub fn frame_decoder(data: &[u8]) {
-    let Some((&sel, data)) = data.split_first() else { return };
+    let Some((&sel, data)) = data.split_first() else {
+        return;
+    };
     let decoder = FrameDecoder::new(usize::from(sel) * 257);
     let chunk = usize::from(sel % 7) + 1;
     let mut buf = BytesMut::new();
@@ -44,14 +46,20 @@ pub fn frame_decoder(data: &[u8]) {
             }
         }
     }
-    assert_eq!(consumed + buf.len(), data.len(), "the decoder neither loses nor invents bytes");
+    assert_eq!(
+        consumed + buf.len(),
+        data.len(),
+        "the decoder neither loses nor invents bytes"
+    );
 }
 
 /// Feeds `data` to a server handshake as if a client sent it, split at a
-/// point chosen by the first byte.
-pub fn server_handshake(data: &[u8]) {
-    let Some((&sel, data)) = data.split_first() else { return };
-    let now = Instant::now();
+/// point chosen by the first byte. `now` comes from the caller: this crate
+/// reads no clock.
+pub fn server_handshake(data: &[u8], now: Instant) {
+    let Some((&sel, data)) = data.split_first() else {
+        return;
+    };
     let mut hs = ServerHandshake::new(fuzz_server_keys(), now, Duration::from_secs(10));
     let mut out = BytesMut::new();
     let split = usize::from(sel).min(data.len());

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pipit_protocol::handshake::{Accepted, Hello, IkStep, ServerHandshake, ServerKeys, ServerStep, XxStep};
+use pipit_protocol::handshake::{
+    Accepted, Hello, IkStep, ServerHandshake, ServerKeys, ServerStep, XxStep,
+};
 use pipit_protocol::message::pb;
 use pipit_protocol::session::Incoming;
 use pipit_protocol::{ClientHandshake, Message, Session, StaticKeypair};
@@ -15,19 +17,33 @@ use pipit_protocol::{ClientHandshake, Message, Session, StaticKeypair};
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn login() -> Hello {
-    Hello::Login(pb::Login { account: 4_711, device: 1, acked_through: 1_234, keepalive_secs: 420, user_agent: String::new() })
+    Hello::Login(pb::Login {
+        account: 4_711,
+        device: 0,
+        acked_through: 1_234,
+        keepalive_secs: 420,
+        user_agent: String::new(),
+    })
 }
 
 pub fn login_ok(account: u64) -> Message {
-    pb::LoginOk { account, device: 1, server_time: 1_795_000_000, keepalive_secs: 420, pending: 2, window: 64, ..Default::default() }
-        .into()
+    pb::LoginOk {
+        account,
+        device: 0,
+        server_time: 1_795_000_000,
+        keepalive_secs: 420,
+        pending: 2,
+        window: 64,
+        ..Default::default()
+    }
+    .into()
 }
 
 pub fn deliver(inbox: u64) -> Message {
     pb::Deliver {
         inbox,
         from: 815,
-        from_device: 1,
+        from_device: 0,
         seq: inbox + 10,
         time: 1_795_000_000,
         payload: Bytes::from(vec![0xAB; 100]),
@@ -38,7 +54,8 @@ pub fn deliver(inbox: u64) -> Message {
 
 /// Drives a server handshake over `input` until it needs more or accepts.
 pub fn server_feed(hs: ServerHandshake, input: &mut BytesMut, out: &mut BytesMut) -> ServerStep {
-    hs.read(input, Instant::now(), out).expect("server handshake step")
+    hs.read(input, Instant::now(), out)
+        .expect("server handshake step")
 }
 
 pub fn accepted(step: ServerStep) -> Accepted {
@@ -84,11 +101,22 @@ pub fn ik_pair(client: &StaticKeypair, keys: &Arc<ServerKeys>) -> Pair {
     let acc = accepted(server_feed(server, &mut c2s, &mut s2c));
     assert_eq!(acc.client_key, *client.public());
     let pattern = acc.pattern;
-    let server = acc.finish(&[login_ok(4_711), deliver(1), deliver(2)], &mut s2c).unwrap();
+    let server = acc
+        .finish(&[login_ok(4_711), deliver(1), deliver(2)], &mut s2c)
+        .unwrap();
     flights.push(s2c.len());
-    let IkStep::Established { session, messages } = hs.read(&mut s2c).unwrap() else { panic!("IK not established") };
+    let IkStep::Established { session, messages } = hs.read(&mut s2c).unwrap() else {
+        panic!("IK not established")
+    };
     assert!(s2c.is_empty());
-    Pair { client: session, server, first_messages: messages, round_trips: 1, accepted_pattern: pattern, flights }
+    Pair {
+        client: session,
+        server,
+        first_messages: messages,
+        round_trips: 1,
+        accepted_pattern: pattern,
+        flights,
+    }
 }
 
 /// Full XX: the server's login answer is its first transport frame.
@@ -101,20 +129,33 @@ pub fn xx_pair(client: &StaticKeypair, keys: &Arc<ServerKeys>) -> Pair {
     let server = ServerHandshake::new(keys.clone(), Instant::now(), TIMEOUT);
     let server = need_more(server_feed(server, &mut c2s, &mut s2c));
     flights.push(s2c.len());
-    let XxStep::ServerKnown(known) = hs.read(&mut s2c).unwrap() else { panic!("no XX reply") };
+    let XxStep::ServerKnown(known) = hs.read(&mut s2c).unwrap() else {
+        panic!("no XX reply")
+    };
     assert_eq!(known.server_key(), keys.current().public());
     let mut client = known.finish(login(), &mut c2s).unwrap();
     flights.push(c2s.len());
     let acc = accepted(server_feed(server, &mut c2s, &mut s2c));
     let pattern = acc.pattern;
-    let server = acc.finish(&[login_ok(4_711), deliver(1), deliver(2)], &mut s2c).unwrap();
+    let server = acc
+        .finish(&[login_ok(4_711), deliver(1), deliver(2)], &mut s2c)
+        .unwrap();
     flights.push(s2c.len());
     let mut first = Vec::new();
     while let Some(inc) = client.open(&mut s2c).unwrap() {
-        let Incoming::Messages(m) = inc else { panic!("keepalive") };
+        let Incoming::Messages(m) = inc else {
+            panic!("keepalive")
+        };
         first.extend(m);
     }
-    Pair { client, server, first_messages: first, round_trips: 2, accepted_pattern: pattern, flights }
+    Pair {
+        client,
+        server,
+        first_messages: first,
+        round_trips: 2,
+        accepted_pattern: pattern,
+        flights,
+    }
 }
 
 /// Seals `msgs` on `from` and opens them on `to`.

@@ -1,0 +1,164 @@
+//! The byte budget: what each message costs on the wire, framing and
+//! encryption included. Run with `--nocapture` to see the table SPEC.md
+//! quotes.
+
+mod common;
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use pipit_protocol::handshake::{Hello, ServerHandshake};
+use pipit_protocol::message::pb;
+use pipit_protocol::{ClientHandshake, Message, StaticKeypair};
+use std::time::Instant;
+
+/// SPEC.md's budget: a 1:1 send of a 100-byte payload costs at most this
+/// many bytes above the payload, for ids and accounts below 2^28.
+const SEND_OVERHEAD_BUDGET: usize = 36;
+
+fn send(id: u64, to: u64) -> Message {
+    pb::Send {
+        id,
+        to,
+        payload: Bytes::from(vec![0x5A; 100]),
+        ..Default::default()
+    }
+    .into()
+}
+
+fn frame_len(msgs: &[Message]) -> usize {
+    let (_, keys) = server_keys();
+    let mut p = ik_pair(&StaticKeypair::generate(), &keys);
+    let mut out = BytesMut::new();
+    p.client.seal(msgs, &mut out).unwrap();
+    out.len()
+}
+
+#[test]
+fn a_100_byte_send_fits_the_budget() {
+    for (id, to) in [(1, 1), (1_000, 100_000), ((1 << 28) - 1, (1 << 28) - 1)] {
+        let wire = frame_len(&[send(id, to)]);
+        assert!(
+            wire - 100 <= SEND_OVERHEAD_BUDGET,
+            "id {id}, to {to}: {wire} bytes on the wire, {} over the payload",
+            wire - 100
+        );
+    }
+}
+
+fn hello() -> Hello {
+    Hello::Login(pb::Login {
+        account: 123_456,
+        device: 0,
+        acked_through: 98_765,
+        keepalive_secs: 420,
+        user_agent: String::new(),
+    })
+}
+
+#[test]
+fn report_sizes() {
+    let (_, keys) = server_keys();
+    let device = StaticKeypair::generate();
+    let mut rows: Vec<(&str, usize)> = Vec::new();
+
+    // IK with a typical login, answered by LoginOk and one queued message.
+    let mut c2s = BytesMut::new();
+    let hs = ClientHandshake::ik(&device, keys.current().public(), hello(), &mut c2s).unwrap();
+    rows.push((
+        "IK message 1 (preamble + login), client -> server",
+        c2s.len(),
+    ));
+    let mut s2c = BytesMut::new();
+    let acc = accepted(server_feed(
+        ServerHandshake::new(keys.clone(), Instant::now(), TIMEOUT),
+        &mut c2s,
+        &mut s2c,
+    ));
+    let ok = login_ok(123_456);
+    acc.finish(&[ok.clone()], &mut s2c).unwrap();
+    rows.push(("IK message 2 (login result), server -> client", s2c.len()));
+    drop(hs);
+    let mut c2s = BytesMut::new();
+    let _ = ClientHandshake::ik(&device, keys.current().public(), hello(), &mut c2s).unwrap();
+    let mut s2c = BytesMut::new();
+    let acc = accepted(server_feed(
+        ServerHandshake::new(keys.clone(), Instant::now(), TIMEOUT),
+        &mut c2s,
+        &mut s2c,
+    ));
+    acc.finish(&[ok.clone(), deliver(1)], &mut s2c).unwrap();
+    rows.push(("IK message 2 + one queued 100-byte message", s2c.len()));
+
+    // XX.
+    let p = xx_pair(&device, &keys);
+    rows.push(("XX message 1 (preamble + e)", p.flights[0]));
+    rows.push(("XX message 2 (e, ee, s, es)", p.flights[1]));
+    rows.push(("XX message 3 (s, se + login)", p.flights[2]));
+    rows.push((
+        "XX: server's first frame (login result + 2 queued)",
+        p.flights[3],
+    ));
+
+    // Transport.
+    let s = send(1_000, 100_000);
+    rows.push(("Send, 100-byte payload", frame_len(&[s])));
+    rows.push((
+        "Sent (id, seq, time)",
+        frame_len(&[pb::Sent {
+            id: 1_000,
+            seq: 5_000,
+            time: 1_795_000_000,
+        }
+        .into()]),
+    ));
+    let d: Message = pb::Deliver {
+        inbox: 50_000,
+        from: 123_456,
+        from_device: 0,
+        seq: 5_000,
+        time: 1_795_000_000,
+        payload: Bytes::from(vec![0x5A; 100]),
+        ..Default::default()
+    }
+    .into();
+    rows.push(("Deliver, 100-byte payload", frame_len(&[d])));
+    rows.push((
+        "Ack (cumulative)",
+        frame_len(&[pb::Ack {
+            through: 50_000,
+            ids: vec![],
+        }
+        .into()]),
+    ));
+    let r: Message = pb::Receipt {
+        kind: pb::ReceiptKind::Read as i32,
+        peer: 123_456,
+        through: 5_000,
+        ..Default::default()
+    }
+    .into();
+    rows.push(("Receipt (read, cumulative)", frame_len(&[r.clone()])));
+    rows.push((
+        "Ack + read Receipt coalesced",
+        frame_len(&[
+            pb::Ack {
+                through: 50_000,
+                ids: vec![],
+            }
+            .into(),
+            r,
+        ]),
+    ));
+    rows.push(("Keepalive (zero-length frame)", 2));
+    rows.push((
+        "Ping (authenticated)",
+        frame_len(&[pb::Ping { id: 1 }.into()]),
+    ));
+
+    println!("| what | bytes on the wire (before TCP/IP) |\n|---|---|");
+    for (what, n) in &rows {
+        println!("| {what} | {n} |");
+    }
+    // The report is only useful if the budget it documents holds.
+    assert!(rows.iter().any(|(w, n)| w.starts_with("Send") && *n <= 136));
+}
