@@ -595,8 +595,9 @@ impl std::fmt::Debug for ServerHandshake {
 pub enum ServerStep {
     /// Waiting for more bytes (anything to send is already in `out`).
     NeedMore(ServerHandshake),
-    /// The client is authenticated; answer its hello.
-    Accepted(Accepted),
+    /// The client is authenticated; answer its hello. Boxed: it holds a
+    /// whole session, and connections wait in `NeedMore` far more often.
+    Accepted(Box<Accepted>),
 }
 
 impl ServerHandshake {
@@ -657,7 +658,7 @@ impl ServerHandshake {
                     };
                     match kind {
                         HandshakeKind::IkInit => match self.read_ik(&body)? {
-                            Some(accepted) => return Ok(ServerStep::Accepted(accepted)),
+                            Some(accepted) => return Ok(ServerStep::Accepted(Box::new(accepted))),
                             None => {
                                 put_handshake_frame(
                                     HandshakeKind::Retry,
@@ -701,13 +702,13 @@ impl ServerHandshake {
                     let client_key = remote_static(&hs)?;
                     let hello = Hello::decode(payload)?;
                     let transport = hs.into_transport_mode().map_err(HandshakeError::Crypto)?;
-                    return Ok(ServerStep::Accepted(Accepted {
+                    return Ok(ServerStep::Accepted(Box::new(Accepted {
                         client_key,
                         hello,
                         pattern: Pattern::XX,
                         retired_key: false,
                         responder: Responder::Xx(Session::new(transport, Role::Server, client_key)),
-                    }));
+                    })));
                 }
             }
         }

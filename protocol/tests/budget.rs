@@ -75,7 +75,7 @@ fn report_sizes() {
         &mut s2c,
     ));
     let ok = login_ok(123_456);
-    acc.finish(&[ok.clone()], &mut s2c).unwrap();
+    acc.finish(std::slice::from_ref(&ok), &mut s2c).unwrap();
     rows.push(("IK message 2 (login result), server -> client", s2c.len()));
     drop(hs);
     let mut c2s = BytesMut::new();
@@ -137,7 +137,10 @@ fn report_sizes() {
         ..Default::default()
     }
     .into();
-    rows.push(("Receipt (read, cumulative)", frame_len(&[r.clone()])));
+    rows.push((
+        "Receipt (read, cumulative)",
+        frame_len(std::slice::from_ref(&r)),
+    ));
     rows.push((
         "Ack + read Receipt coalesced",
         frame_len(&[

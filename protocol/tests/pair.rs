@@ -46,7 +46,7 @@ fn ik_logs_in_and_delivers_queued_messages_in_one_round_trip() {
         time: 1_795_000_001,
     }
     .into();
-    let (_, got) = send(&mut p.server, &mut p.client, &[sent.clone()]);
+    let (_, got) = send(&mut p.server, &mut p.client, std::slice::from_ref(&sent));
     assert_eq!(got, vec![sent]);
 }
 
@@ -198,7 +198,7 @@ fn an_unknown_device_key_gets_an_authenticated_error() {
         ..Default::default()
     }
     .into();
-    acc.finish(&[err.clone()], &mut s2c).unwrap();
+    acc.finish(std::slice::from_ref(&err), &mut s2c).unwrap();
     let IkStep::Established { messages, .. } = hs.read(&mut s2c).unwrap() else {
         panic!()
     };

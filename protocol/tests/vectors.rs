@@ -87,7 +87,7 @@ fn accept(
     out: &mut BytesMut,
 ) -> pipit_protocol::handshake::Accepted {
     match hs.read(input, Instant::now(), out).unwrap() {
-        ServerStep::Accepted(a) => a,
+        ServerStep::Accepted(a) => *a,
         ServerStep::NeedMore(_) => panic!("server wants more"),
     }
 }

@@ -60,7 +60,7 @@ pub fn server_feed(hs: ServerHandshake, input: &mut BytesMut, out: &mut BytesMut
 
 pub fn accepted(step: ServerStep) -> Accepted {
     match step {
-        ServerStep::Accepted(a) => a,
+        ServerStep::Accepted(a) => *a,
         ServerStep::NeedMore(_) => panic!("server wanted more bytes"),
     }
 }
