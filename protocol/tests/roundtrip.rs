@@ -133,7 +133,8 @@ fn server_message() -> impl Strategy<Value = Message> {
             peer,
             seq,
             group,
-            devices: 1
+            devices: 1,
+            inbox: seq / 2,
         }
         .into()),
         any::<u64>().prop_map(|id| pb::Pong { id }.into()),
