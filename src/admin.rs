@@ -1,0 +1,130 @@
+//! The admin socket: a Unix socket in the data directory (mode 0600, so
+//! only the server's user may use it) taking one command line per
+//! connection. `pipit admin ...` is its client.
+//!
+//! Commands: `invite [ttl_secs]`, `accounts`, `inbox <account> <device>`,
+//! `stats`. Answers are text lines; errors start with `error:`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::server::Shared;
+use crate::storage::{DeviceAddr, Op};
+
+/// Where the admin socket lives.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+/// Longest command line accepted.
+const MAX_LINE: usize = 256;
+
+/// Serves the admin socket until shutdown, on its own thread.
+pub fn spawn(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let path = socket_path(&shared.config.data_dir);
+    let _ = std::fs::remove_file(&path);
+    let std_listener = std::os::unix::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std_listener.set_nonblocking(true)?;
+    std::thread::Builder::new().name("pipit-admin".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("admin runtime");
+        rt.block_on(async move {
+            let listener = UnixListener::from_std(std_listener).expect("admin listener");
+            loop {
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => break,
+                    Ok((stream, _)) = listener.accept() => {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, shared)).await;
+                        });
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        });
+    })?;
+    Ok(())
+}
+
+async fn handle(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r).take(MAX_LINE as u64);
+    use tokio::io::AsyncReadExt as _;
+    reader.read_line(&mut line).await?;
+    let answer = match execute(line.trim(), &shared).await {
+        Ok(text) => text,
+        Err(e) => format!("error: {e}\n"),
+    };
+    w.write_all(answer.as_bytes()).await?;
+    w.shutdown().await
+}
+
+async fn execute(line: &str, shared: &Arc<Shared>) -> anyhow::Result<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["invite"] | ["invite", _] => {
+            let ttl: u64 = words.get(1).map_or(Ok(7 * 86_400), |s| s.parse())?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            shared.writer.submit(Op::CreateInvite {
+                ttl_secs: ttl,
+                reply: tx,
+            })?;
+            Ok(format!("{}\n", rx.await?))
+        }
+        ["accounts"] => {
+            let store = shared.store.clone();
+            let list = tokio::task::spawn_blocking(move || store.accounts(10_000)).await??;
+            let mut out = String::new();
+            for a in list {
+                let devices: Vec<String> = a
+                    .devices
+                    .iter()
+                    .map(|d| format!("{}:{}", d.device, d.name))
+                    .collect();
+                out.push_str(&format!("{} {}\n", a.account, devices.join(",")));
+            }
+            Ok(out)
+        }
+        ["inbox", account, device] => {
+            let addr = DeviceAddr {
+                account: account.parse()?,
+                device: device.parse()?,
+            };
+            let store = shared.store.clone();
+            let depth = tokio::task::spawn_blocking(move || store.inbox_depth(addr)).await??;
+            let online = shared.registry.is_online(addr);
+            Ok(format!(
+                "{depth} waiting, {}\n",
+                if online { "online" } else { "offline" }
+            ))
+        }
+        ["stats"] => Ok(format!("online_devices {}\n", shared.registry.online())),
+        _ => anyhow::bail!(
+            "unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats"
+        ),
+    }
+}
+
+/// Sends one command to a running server's admin socket.
+pub fn request(data_dir: &Path, command: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let path = socket_path(data_dir);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the server at {}: {e} (is it running?)",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    s.write_all(command.as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}

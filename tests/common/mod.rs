@@ -1,0 +1,193 @@
+//! Test helpers: a real server (in this process, or the real binary) on
+//! 127.0.0.1 with RocksDB in a temporary directory, and real clients.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pipit::Config;
+use pipit_client::pipit_protocol::message::pb;
+use pipit_client::pipit_protocol::{Message, PublicKey, StaticKeypair};
+use pipit_client::{ClientError, ConnectOptions, Connection};
+
+pub const T: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub running: Option<pipit::Running>,
+    pub dir: tempfile::TempDir,
+    pub addr: std::net::SocketAddr,
+    pub key: PublicKey,
+}
+
+impl TestServer {
+    pub fn start(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            shards: 2,
+            ..Config::default()
+        };
+        tweak(&mut cfg);
+        let running = pipit::start(cfg).unwrap();
+        Self {
+            addr: running.local_addr,
+            key: running.public_key,
+            running: Some(running),
+            dir,
+        }
+    }
+
+    pub fn opts(&self) -> ConnectOptions {
+        ConnectOptions {
+            server_key: Some(self.key),
+            ..ConnectOptions::default()
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(2));
+        }
+    }
+}
+
+/// A device: its key and, once registered, its ids.
+#[derive(Clone)]
+pub struct Device {
+    pub key: StaticKeypair,
+    pub account: u64,
+    pub device: u32,
+}
+
+/// Registers a new account over XX (first contact) and returns its device.
+pub async fn register(addr: std::net::SocketAddr) -> (Device, Connection) {
+    let key = StaticKeypair::generate();
+    let conn = Connection::connect(
+        addr,
+        &key,
+        pipit_client::register("", "phone"),
+        &ConnectOptions::default(),
+    )
+    .await
+    .unwrap();
+    let d = Device {
+        key,
+        account: conn.login().account,
+        device: conn.login().device,
+    };
+    (d, conn)
+}
+
+/// Logs a device in over IK.
+pub async fn login(server: &TestServer, d: &Device) -> Connection {
+    login_at(server.addr, server.key, d).await
+}
+
+pub async fn login_at(addr: std::net::SocketAddr, key: PublicKey, d: &Device) -> Connection {
+    let opts = ConnectOptions {
+        server_key: Some(key),
+        ..ConnectOptions::default()
+    };
+    Connection::connect(
+        addr,
+        &d.key,
+        pipit_client::login(d.account, d.device, 0),
+        &opts,
+    )
+    .await
+    .unwrap()
+}
+
+/// Links a new device to `owner`'s account and returns it.
+pub async fn link(server: &TestServer, owner: &mut Connection, req: u64) -> Device {
+    let key = StaticKeypair::generate();
+    owner
+        .send(&[pb::LinkDevice {
+            req,
+            key: Bytes::copy_from_slice(key.public().as_bytes()),
+            name: "tablet".into(),
+        }
+        .into()])
+        .await
+        .unwrap();
+    let device = loop {
+        match owner.recv_timeout(T).await.unwrap() {
+            Message::Linked(l) if l.req == req => break l.device,
+            other => panic!("expected Linked, got {other:?}"),
+        }
+    };
+    let d = Device {
+        key,
+        account: owner.login().account,
+        device,
+    };
+    // The new device logs in knowing only its key.
+    let opts = server.opts();
+    let c = Connection::connect(server.addr, &d.key, pipit_client::login(0, 0, 0), &opts)
+        .await
+        .unwrap();
+    assert_eq!((c.login().account, c.login().device), (d.account, d.device));
+    d
+}
+
+pub fn text(id: u64, to: u64, body: &str) -> Message {
+    pb::Send {
+        id,
+        to,
+        payload: Bytes::copy_from_slice(body.as_bytes()),
+        ..Default::default()
+    }
+    .into()
+}
+
+/// Receives until `pred` matches, failing on anything for which `skip`
+/// is false. Returns the match.
+pub async fn expect<T>(c: &mut Connection, mut pick: impl FnMut(Message) -> Option<T>) -> T {
+    loop {
+        let m = c
+            .recv_timeout(T)
+            .await
+            .unwrap_or_else(|e| panic!("waiting: {e}"));
+        if let Some(t) = pick(m) {
+            return t;
+        }
+    }
+}
+
+pub async fn expect_deliver(c: &mut Connection) -> pb::Deliver {
+    expect(c, |m| match m {
+        Message::Deliver(d) => Some(d),
+        _ => None,
+    })
+    .await
+}
+
+pub async fn expect_sent(c: &mut Connection, id: u64) -> pb::Sent {
+    expect(c, |m| match m {
+        Message::Sent(s) if s.id == id => Some(s),
+        Message::Error(e) if e.id == id => panic!("send {id} failed: {e:?}"),
+        _ => None,
+    })
+    .await
+}
+
+pub async fn ack(c: &mut Connection, through: u64) {
+    c.send(&[pb::Ack {
+        through,
+        ids: vec![],
+    }
+    .into()])
+        .await
+        .unwrap();
+}
+
+/// Nothing arrives within `d` (besides what `allow` accepts).
+pub async fn quiet(c: &mut Connection, d: Duration) {
+    match c.recv_timeout(d).await {
+        Err(ClientError::Timeout) => {}
+        other => panic!("expected silence, got {other:?}"),
+    }
+}
