@@ -812,7 +812,7 @@ impl WriterThread {
         };
         if let Some(sent) = self.batch_dedup.get(&(from, send.id)) {
             metrics::counter!("pipit_messages_deduplicated_total").increment(1);
-            return Ok(Ok(sent.clone()));
+            return Ok(Ok(*sent));
         }
         if let Some(v) = self
             .store
@@ -935,7 +935,7 @@ impl WriterThread {
             seq,
             time: now,
         };
-        self.batch_dedup.insert((from, send.id), sent.clone());
+        self.batch_dedup.insert((from, send.id), sent);
         metrics::counter!("pipit_messages_stored_total").increment(1);
         Ok(Ok(sent))
     }
@@ -974,7 +974,7 @@ impl WriterThread {
                     account: to,
                     device: d.device,
                 },
-                receipt.clone().into(),
+                receipt.into(),
                 batch,
                 fx,
             )?;
@@ -1272,7 +1272,7 @@ mod tests {
         })
         .unwrap();
         w.submit(Op::Ack { device: b, acked }).unwrap();
-        futures_lite_block(w.barrier());
+        w.barrier_blocking(Duration::from_secs(5)).unwrap();
         assert!(store.inbox_after(b, 0, 10).unwrap().is_empty());
         let receipts = store.inbox_after(a, 0, 10).unwrap();
         assert_eq!(receipts.len(), 1, "the second ack adds no receipt");
@@ -1329,12 +1329,5 @@ mod tests {
             panic!("{notices:?}")
         };
         assert_eq!((e.peer, e.seq, e.devices), (b.account, s.seq, 1));
-    }
-
-    fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
     }
 }

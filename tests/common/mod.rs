@@ -113,11 +113,9 @@ pub async fn link(server: &TestServer, owner: &mut Connection, req: u64) -> Devi
         .into()])
         .await
         .unwrap();
-    let device = loop {
-        match owner.recv_timeout(T).await.unwrap() {
-            Message::Linked(l) if l.req == req => break l.device,
-            other => panic!("expected Linked, got {other:?}"),
-        }
+    let device = match owner.recv_timeout(T).await.unwrap() {
+        Message::Linked(l) if l.req == req => l.device,
+        other => panic!("expected Linked, got {other:?}"),
     };
     let d = Device {
         key,
@@ -143,8 +141,7 @@ pub fn text(id: u64, to: u64, body: &str) -> Message {
     .into()
 }
 
-/// Receives until `pred` matches, failing on anything for which `skip`
-/// is false. Returns the match.
+/// Receives until `pick` returns something, skipping what it declines.
 pub async fn expect<T>(c: &mut Connection, mut pick: impl FnMut(Message) -> Option<T>) -> T {
     loop {
         let m = c
