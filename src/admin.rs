@@ -71,10 +71,7 @@ async fn execute(line: &str, shared: &Arc<Shared>) -> anyhow::Result<String> {
         ["invite"] | ["invite", _] => {
             let ttl: u64 = words.get(1).map_or(Ok(7 * 86_400), |s| s.parse())?;
             let (tx, rx) = tokio::sync::oneshot::channel();
-            shared.writer.submit(Op::CreateInvite {
-                ttl_secs: ttl,
-                reply: tx,
-            })?;
+            shared.writer.submit(Op::CreateInvite { ttl_secs: ttl, reply: tx })?;
             Ok(format!("{}\n", rx.await?))
         }
         ["accounts"] => {
@@ -82,32 +79,20 @@ async fn execute(line: &str, shared: &Arc<Shared>) -> anyhow::Result<String> {
             let list = tokio::task::spawn_blocking(move || store.accounts(10_000)).await??;
             let mut out = String::new();
             for a in list {
-                let devices: Vec<String> = a
-                    .devices
-                    .iter()
-                    .map(|d| format!("{}:{}", d.device, d.name))
-                    .collect();
+                let devices: Vec<String> = a.devices.iter().map(|d| format!("{}:{}", d.device, d.name)).collect();
                 out.push_str(&format!("{} {}\n", a.account, devices.join(",")));
             }
             Ok(out)
         }
         ["inbox", account, device] => {
-            let addr = DeviceAddr {
-                account: account.parse()?,
-                device: device.parse()?,
-            };
+            let addr = DeviceAddr { account: account.parse()?, device: device.parse()? };
             let store = shared.store.clone();
             let depth = tokio::task::spawn_blocking(move || store.inbox_depth(addr)).await??;
             let online = shared.registry.is_online(addr);
-            Ok(format!(
-                "{depth} waiting, {}\n",
-                if online { "online" } else { "offline" }
-            ))
+            Ok(format!("{depth} waiting, {}\n", if online { "online" } else { "offline" }))
         }
         ["stats"] => Ok(format!("online_devices {}\n", shared.registry.online())),
-        _ => anyhow::bail!(
-            "unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats"
-        ),
+        _ => anyhow::bail!("unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats"),
     }
 }
 
@@ -115,12 +100,8 @@ async fn execute(line: &str, shared: &Arc<Shared>) -> anyhow::Result<String> {
 pub fn request(data_dir: &Path, command: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let path = socket_path(data_dir);
-    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the server at {}: {e} (is it running?)",
-            path.display()
-        )
-    })?;
+    let mut s = std::os::unix::net::UnixStream::connect(&path)
+        .map_err(|e| anyhow::anyhow!("cannot reach the server at {}: {e} (is it running?)", path.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
     s.write_all(command.as_bytes())?;
     s.write_all(b"\n")?;

@@ -67,11 +67,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>) {
 }
 
 fn error(code: pb::ErrorCode) -> Message {
-    pb::Error {
-        code: code as i32,
-        ..Default::default()
-    }
-    .into()
+    pb::Error { code: code as i32, ..Default::default() }.into()
 }
 
 async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ConnError> {
@@ -96,8 +92,7 @@ async fn write_out(stream: &mut TcpStream, out: &mut BytesMut) -> Result<(), Con
 }
 
 fn handshake_metric(pattern: &'static str, result: &'static str) {
-    metrics::counter!("pipit_handshakes_total", "pattern" => pattern, "result" => result)
-        .increment(1);
+    metrics::counter!("pipit_handshakes_total", "pattern" => pattern, "result" => result).increment(1);
 }
 
 async fn blocking<T: Send + 'static>(
@@ -245,13 +240,7 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), ConnEr
     tracing::debug!(device = %addr, pattern, "logged in");
     let result = async {
         write_out(&mut stream, &mut out).await?;
-        conn.run(
-            stream,
-            session,
-            inbuf,
-            Duration::from_secs(u64::from(keepalive_secs)),
-        )
-        .await
+        conn.run(stream, session, inbuf, Duration::from_secs(u64::from(keepalive_secs))).await
     }
     .await;
     shared.registry.remove(addr, conn.handle.id);
@@ -283,16 +272,10 @@ struct Conn {
 
 fn acked_meta(own_account: u64, id: u64, m: &Message) -> Acked {
     match m {
-        Message::Deliver(d) if d.from != own_account && d.group == 0 && d.peer == 0 => Acked {
-            id,
-            sender: d.from,
-            seq: d.seq,
-        },
-        _ => Acked {
-            id,
-            sender: 0,
-            seq: 0,
-        },
+        Message::Deliver(d) if d.from != own_account && d.group == 0 && d.peer == 0 => {
+            Acked { id, sender: d.from, seq: d.seq }
+        }
+        _ => Acked { id, sender: 0, seq: 0 },
     }
 }
 
@@ -309,10 +292,7 @@ impl Conn {
         let (acked, to_send, cursor, behind) =
             blocking(move || login_inbox(&store, addr, acked_through, window)).await?;
         if !acked.is_empty() {
-            let _ = shared.writer.submit(Op::Ack {
-                device: addr,
-                acked,
-            });
+            let _ = shared.writer.submit(Op::Ack { device: addr, acked });
         }
         let mut inflight = VecDeque::with_capacity(to_send.len());
         let mut outq = Vec::with_capacity(to_send.len() + 1);
@@ -474,11 +454,7 @@ impl Conn {
             Message::Send(send) => self.send(send),
             Message::Ack(ack) => self.ack(&ack),
             Message::Receipt(r) if r.kind == pb::ReceiptKind::Read as i32 && r.group == 0 => {
-                let _ = self.shared.writer.submit(Op::Read {
-                    from: self.addr,
-                    peer: r.peer,
-                    through: r.through,
-                });
+                let _ = self.shared.writer.submit(Op::Read { from: self.addr, peer: r.peer, through: r.through });
             }
             Message::Ping(p) => self.outq.push(pb::Pong { id: p.id }.into()),
             Message::LinkDevice(l) => self.link(l),
@@ -490,14 +466,7 @@ impl Conn {
                 // Valid kinds this server version does not serve yet:
                 // answer the request so the client does not wait.
                 let req = request_id(&other);
-                self.outq.push(
-                    pb::Error {
-                        code: pb::ErrorCode::Unavailable as i32,
-                        req,
-                        ..Default::default()
-                    }
-                    .into(),
-                );
+                self.outq.push(pb::Error { code: pb::ErrorCode::Unavailable as i32, req, ..Default::default() }.into());
             }
         }
     }
@@ -505,42 +474,24 @@ impl Conn {
     fn send(&mut self, send: pb::Send) {
         let id = send.id;
         let (tx, rx) = oneshot::channel();
-        let op = Op::Send {
-            from: self.addr,
-            send,
-            received: Instant::now(),
-            reply: tx,
-        };
+        let op = Op::Send { from: self.addr, send, received: Instant::now(), reply: tx };
         if self.shared.writer.submit(op).is_err() {
             // Storage is saturated or stopping: nothing was stored; the
             // client keeps the message in its outbox and retries.
             self.outq.push(
-                pb::Error {
-                    code: pb::ErrorCode::Unavailable as i32,
-                    id,
-                    retry_after_secs: 1,
-                    ..Default::default()
-                }
-                .into(),
+                pb::Error { code: pb::ErrorCode::Unavailable as i32, id, retry_after_secs: 1, ..Default::default() }
+                    .into(),
             );
             return;
         }
         self.pending.push_back(
             async move {
-                match rx
-                    .await
-                    .unwrap_or(Err(SendFailure::Code(pb::ErrorCode::Unavailable)))
-                {
+                match rx.await.unwrap_or(Err(SendFailure::Code(pb::ErrorCode::Unavailable))) {
                     Ok(sent) => {
                         metrics::counter!("pipit_messages_sent_total").increment(1);
                         sent.into()
                     }
-                    Err(SendFailure::Code(code)) => pb::Error {
-                        code: code as i32,
-                        id,
-                        ..Default::default()
-                    }
-                    .into(),
+                    Err(SendFailure::Code(code)) => pb::Error { code: code as i32, id, ..Default::default() }.into(),
                     Err(SendFailure::Mismatch(m)) => m.into(),
                 }
             }
@@ -550,12 +501,7 @@ impl Conn {
 
     fn link(&mut self, req: pb::LinkDevice) {
         let fail = |code: pb::ErrorCode| -> Message {
-            pb::Error {
-                code: code as i32,
-                req: req.req,
-                ..Default::default()
-            }
-            .into()
+            pb::Error { code: code as i32, req: req.req, ..Default::default() }.into()
         };
         let Some(key) = pipit_protocol::PublicKey::from_slice(&req.key) else {
             self.outq.push(fail(pb::ErrorCode::BadRequest));
@@ -566,17 +512,7 @@ impl Conn {
             return;
         }
         let (tx, rx) = oneshot::channel();
-        if self
-            .shared
-            .writer
-            .submit(Op::Link {
-                account: self.addr.account,
-                key,
-                name: req.name,
-                reply: tx,
-            })
-            .is_err()
-        {
+        if self.shared.writer.submit(Op::Link { account: self.addr.account, key, name: req.name, reply: tx }).is_err() {
             self.outq.push(fail(pb::ErrorCode::Unavailable));
             return;
         }
@@ -585,12 +521,7 @@ impl Conn {
             async move {
                 match rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) {
                     Ok(device) => pb::Linked { req: r, device }.into(),
-                    Err(code) => pb::Error {
-                        code: code as i32,
-                        req: r,
-                        ..Default::default()
-                    }
-                    .into(),
+                    Err(code) => pb::Error { code: code as i32, req: r, ..Default::default() }.into(),
                 }
             }
             .boxed(),
@@ -598,11 +529,7 @@ impl Conn {
     }
 
     fn device_list(&mut self, req: pb::DeviceListRequest) {
-        let account = if req.account == 0 {
-            self.addr.account
-        } else {
-            req.account
-        };
+        let account = if req.account == 0 { self.addr.account } else { req.account };
         let foreign = account != self.addr.account;
         let store = self.shared.store.clone();
         let r = req.req;
@@ -622,18 +549,10 @@ impl Conn {
                         }
                         list.into()
                     }
-                    Ok(Ok(None)) => pb::Error {
-                        code: pb::ErrorCode::NotFound as i32,
-                        req: r,
-                        ..Default::default()
+                    Ok(Ok(None)) => {
+                        pb::Error { code: pb::ErrorCode::NotFound as i32, req: r, ..Default::default() }.into()
                     }
-                    .into(),
-                    _ => pb::Error {
-                        code: pb::ErrorCode::Internal as i32,
-                        req: r,
-                        ..Default::default()
-                    }
-                    .into(),
+                    _ => pb::Error { code: pb::ErrorCode::Internal as i32, req: r, ..Default::default() }.into(),
                 }
             }
             .boxed(),
@@ -651,16 +570,12 @@ impl Conn {
             }
         });
         if !acked.is_empty() {
-            let _ = self.shared.writer.submit(Op::Ack {
-                device: self.addr,
-                acked,
-            });
+            let _ = self.shared.writer.submit(Op::Ack { device: self.addr, acked });
         }
     }
 
     fn deliver(&mut self, id: u64, m: Message) {
-        self.inflight
-            .push_back(acked_meta(self.addr.account, id, &m));
+        self.inflight.push_back(acked_meta(self.addr.account, id, &m));
         self.cursor = id;
         self.outq.push(m);
         metrics::counter!("pipit_messages_delivered_total").increment(1);

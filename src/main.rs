@@ -88,14 +88,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve {
-            config,
-            listen,
-            data_dir,
-            shards,
-            metrics_listen,
-            invite_only,
-        } => {
+        Command::Serve { config, listen, data_dir, shards, metrics_listen, invite_only } => {
             let mut cfg = match config {
                 Some(path) => Config::load(&path)?,
                 None => Config::default(),
@@ -150,15 +143,10 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
     let running = pipit::start(cfg)?;
     // One line on stdout that scripts and tests can read.
-    println!(
-        "pipit listening on {} server key {}",
-        running.local_addr, running.public_key
-    );
+    println!("pipit listening on {} server key {}", running.local_addr, running.public_key);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let fast = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");

@@ -44,17 +44,12 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self {
-            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
-        }
+        Self { stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect() }
     }
 }
 
 impl Registry {
-    fn stripe(
-        &self,
-        addr: DeviceAddr,
-    ) -> std::sync::MutexGuard<'_, HashMap<DeviceAddr, ConnHandle>> {
+    fn stripe(&self, addr: DeviceAddr) -> std::sync::MutexGuard<'_, HashMap<DeviceAddr, ConnHandle>> {
         let i = (addr.account as usize ^ (addr.device as usize).rotate_left(7)) % STRIPES;
         self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -79,10 +74,7 @@ impl Registry {
 
     /// Online devices (admin).
     pub fn online(&self) -> usize {
-        self.stripes
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.stripes.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
     }
 }
 

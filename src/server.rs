@@ -53,8 +53,7 @@ impl Shared {
 pub fn load_or_create_key(data_dir: &Path) -> anyhow::Result<StaticKeypair> {
     let path = data_dir.join("server.key");
     match std::fs::read_to_string(&path) {
-        Ok(text) => StaticKeypair::from_hex(&text)
-            .with_context(|| format!("{} is not a valid key", path.display())),
+        Ok(text) => StaticKeypair::from_hex(&text).with_context(|| format!("{} is not a valid key", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let kp = StaticKeypair::generate();
             write_private(&path, &kp.to_hex())?;
@@ -69,12 +68,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(text.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;
@@ -87,9 +81,7 @@ fn listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding {addr}"))?;
+    socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
     socket.listen(4096)?;
     Ok(socket.into())
 }
@@ -158,8 +150,7 @@ impl Running {
 /// listening.
 pub fn start(config: Config) -> anyhow::Result<Running> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     let key = load_or_create_key(&config.data_dir)?;
     let public_key = *key.public();
     let keys = Arc::new(ServerKeys::new(key));
@@ -171,15 +162,9 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         registration: config.registration,
         sync: config.sync_writes,
     };
-    let (writer, writer_thread) =
-        Writer::start(store.clone(), writer_cfg, registry.clone(), 65_536);
+    let (writer, writer_thread) = Writer::start(store.clone(), writer_cfg, registry.clone(), 65_536);
     let shutdown = CancellationToken::new();
-    spawn_sweeper(
-        writer.clone(),
-        Duration::from_secs(config.expiry_sweep_secs),
-        config.max_batch,
-        shutdown.clone(),
-    );
+    spawn_sweeper(writer.clone(), Duration::from_secs(config.expiry_sweep_secs), config.max_batch, shutdown.clone());
 
     let n = config.shard_count();
     let first = listener(config.listen)?;
@@ -209,20 +194,11 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     }
     crate::admin::spawn(shared.clone()).context("starting the admin socket")?;
     tracing::info!(%local_addr, shards = n, server_key = %public_key, "listening");
-    Ok(Running {
-        local_addr,
-        public_key,
-        shared,
-        shards,
-        writer_thread: Some(writer_thread),
-    })
+    Ok(Running { local_addr, public_key, shared, shards, writer_thread: Some(writer_thread) })
 }
 
 fn run_shard(index: usize, listener: std::net::TcpListener, shared: Arc<Shared>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("shard runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("shard runtime");
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
         let tracker = TaskTracker::new();

@@ -27,9 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use pipit_protocol::message::{decode_packet, encode_packet, pb};
 use pipit_protocol::{Message, PublicKey};
-use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
-};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use tokio::sync::oneshot;
 
 use crate::config::Registration;
@@ -40,14 +38,7 @@ const CF_INBOX: &str = "inbox";
 const CF_DEDUP: &str = "dedup";
 const CF_COUNTERS: &str = "counters";
 const CF_INVITES: &str = "invites";
-const FAMILIES: [&str; 6] = [
-    CF_ACCOUNTS,
-    CF_KEYS,
-    CF_INBOX,
-    CF_DEDUP,
-    CF_COUNTERS,
-    CF_INVITES,
-];
+const FAMILIES: [&str; 6] = [CF_ACCOUNTS, CF_KEYS, CF_INBOX, CF_DEDUP, CF_COUNTERS, CF_INVITES];
 
 /// One device of one account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -104,9 +95,7 @@ pub enum StorageError {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The database: reads happen on whatever thread calls (never a shard's
@@ -135,32 +124,23 @@ impl Store {
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("column families are created at open")
+        self.db.cf_handle(name).expect("column families are created at open")
     }
 
     /// The device a static key belongs to.
     pub fn device_by_key(&self, key: &PublicKey) -> Result<Option<DeviceAddr>, StorageError> {
         match self.db.get_pinned_cf(self.cf(CF_KEYS), key.as_bytes())? {
             None => Ok(None),
-            Some(v) => DeviceAddr::from_key(&v)
-                .map(Some)
-                .ok_or(StorageError::Corrupt(CF_KEYS)),
+            Some(v) => DeviceAddr::from_key(&v).map(Some).ok_or(StorageError::Corrupt(CF_KEYS)),
         }
     }
 
     /// An account's device list.
     pub fn account(&self, account: u64) -> Result<Option<pb::DeviceList>, StorageError> {
         use prost::Message as _;
-        match self
-            .db
-            .get_pinned_cf(self.cf(CF_ACCOUNTS), account.to_be_bytes())?
-        {
+        match self.db.get_pinned_cf(self.cf(CF_ACCOUNTS), account.to_be_bytes())? {
             None => Ok(None),
-            Some(v) => pb::DeviceList::decode(&v[..])
-                .map(Some)
-                .map_err(|_| StorageError::Corrupt(CF_ACCOUNTS)),
+            Some(v) => pb::DeviceList::decode(&v[..]).map(Some).map_err(|_| StorageError::Corrupt(CF_ACCOUNTS)),
         }
     }
 
@@ -168,44 +148,26 @@ impl Store {
     pub fn accounts(&self, limit: usize) -> Result<Vec<pb::DeviceList>, StorageError> {
         use prost::Message as _;
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_ACCOUNTS), IteratorMode::Start)
-            .take(limit)
-        {
+        for item in self.db.iterator_cf(self.cf(CF_ACCOUNTS), IteratorMode::Start).take(limit) {
             let (_, v) = item?;
-            out.push(
-                pb::DeviceList::decode(&v[..]).map_err(|_| StorageError::Corrupt(CF_ACCOUNTS))?,
-            );
+            out.push(pb::DeviceList::decode(&v[..]).map_err(|_| StorageError::Corrupt(CF_ACCOUNTS))?);
         }
         Ok(out)
     }
 
     /// Up to `limit` inbox entries of `addr` with id greater than `after`,
     /// in order, each with its inbox id filled in.
-    pub fn inbox_after(
-        &self,
-        addr: DeviceAddr,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Message)>, StorageError> {
+    pub fn inbox_after(&self, addr: DeviceAddr, after: u64, limit: usize) -> Result<Vec<(u64, Message)>, StorageError> {
         let start = addr.inbox_key(after.saturating_add(1));
         let prefix = addr.key();
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf(
-            self.cf(CF_INBOX),
-            IteratorMode::From(&start, Direction::Forward),
-        );
+        let iter = self.db.iterator_cf(self.cf(CF_INBOX), IteratorMode::From(&start, Direction::Forward));
         for item in iter {
             let (k, v) = item?;
             if !k.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            let id = u64::from_be_bytes(
-                k[12..20]
-                    .try_into()
-                    .map_err(|_| StorageError::Corrupt(CF_INBOX))?,
-            );
+            let id = u64::from_be_bytes(k[12..20].try_into().map_err(|_| StorageError::Corrupt(CF_INBOX))?);
             let msg = decode_entry(&v, id)?;
             out.push((id, msg));
         }
@@ -236,17 +198,15 @@ impl Store {
     fn get_u64(&self, cf: &str, key: &[u8]) -> Result<Option<u64>, StorageError> {
         match self.db.get_pinned_cf(self.cf(cf), key)? {
             None => Ok(None),
-            Some(v) => v[..]
-                .try_into()
-                .map(|b| Some(u64::from_be_bytes(b)))
-                .map_err(|_| StorageError::Corrupt(CF_COUNTERS)),
+            Some(v) => {
+                v[..].try_into().map(|b| Some(u64::from_be_bytes(b))).map_err(|_| StorageError::Corrupt(CF_COUNTERS))
+            }
         }
     }
 }
 
 fn decode_entry(v: &[u8], id: u64) -> Result<Message, StorageError> {
-    let mut msgs =
-        decode_packet(Bytes::copy_from_slice(v)).map_err(|_| StorageError::Corrupt(CF_INBOX))?;
+    let mut msgs = decode_packet(Bytes::copy_from_slice(v)).map_err(|_| StorageError::Corrupt(CF_INBOX))?;
     let mut m = msgs.pop().ok_or(StorageError::Corrupt(CF_INBOX))?;
     if !set_inbox_id(&mut m, id) {
         return Err(StorageError::Corrupt(CF_INBOX));
@@ -446,19 +406,9 @@ impl Writer {
 }
 
 enum Effect {
-    Register(
-        oneshot::Sender<Result<DeviceAddr, pb::ErrorCode>>,
-        Result<DeviceAddr, pb::ErrorCode>,
-    ),
-    Link(
-        oneshot::Sender<Result<u32, pb::ErrorCode>>,
-        Result<u32, pb::ErrorCode>,
-    ),
-    Sent(
-        oneshot::Sender<Result<pb::Sent, SendFailure>>,
-        Result<pb::Sent, SendFailure>,
-        Option<Instant>,
-    ),
+    Register(oneshot::Sender<Result<DeviceAddr, pb::ErrorCode>>, Result<DeviceAddr, pb::ErrorCode>),
+    Link(oneshot::Sender<Result<u32, pb::ErrorCode>>, Result<u32, pb::ErrorCode>),
+    Sent(oneshot::Sender<Result<pb::Sent, SendFailure>>, Result<pb::Sent, SendFailure>, Option<Instant>),
     Push(DeviceAddr, u64, Message),
     Invite(oneshot::Sender<String>, String),
     Expired(Option<oneshot::Sender<usize>>, usize),
@@ -526,11 +476,7 @@ impl WriterThread {
         self.batch_accounts.clear();
         self.batch_keys.clear();
         let started = Instant::now();
-        let result = if batch.is_empty() {
-            Ok(())
-        } else {
-            self.store.db.write_opt(batch, &self.sync_opts)
-        };
+        let result = if batch.is_empty() { Ok(()) } else { self.store.db.write_opt(batch, &self.sync_opts) };
         metrics::histogram!("pipit_group_commit_ops").record(n as f64);
         metrics::histogram!("pipit_group_commit_seconds").record(started.elapsed().as_secs_f64());
         if let Err(e) = result {
@@ -543,9 +489,7 @@ impl WriterThread {
                 match effect {
                     Effect::Register(tx, _) => drop(tx.send(Err(pb::ErrorCode::Internal))),
                     Effect::Link(tx, _) => drop(tx.send(Err(pb::ErrorCode::Internal))),
-                    Effect::Sent(tx, _, _) => {
-                        drop(tx.send(Err(SendFailure::Code(pb::ErrorCode::Internal))))
-                    }
+                    Effect::Sent(tx, _, _) => drop(tx.send(Err(SendFailure::Code(pb::ErrorCode::Internal)))),
                     Effect::Push(..) | Effect::Invite(..) | Effect::Expired(..) => {}
                     Effect::Barrier(done) => done(),
                 }
@@ -561,8 +505,7 @@ impl WriterThread {
                 Effect::Link(tx, r) => drop(tx.send(r)),
                 Effect::Sent(tx, r, received) => {
                     if let (Ok(_), Some(t)) = (&r, received) {
-                        metrics::histogram!("pipit_send_durable_seconds")
-                            .record(t.elapsed().as_secs_f64());
+                        metrics::histogram!("pipit_send_durable_seconds").record(t.elapsed().as_secs_f64());
                     }
                     drop(tx.send(r));
                 }
@@ -583,11 +526,7 @@ impl WriterThread {
             Some(v) => *v,
             None => self.store.get_u64(CF_COUNTERS, &key)?.unwrap_or(1),
         };
-        batch.put_cf(
-            self.store.cf(CF_COUNTERS),
-            &key,
-            (current + 1).to_be_bytes(),
-        );
+        batch.put_cf(self.store.cf(CF_COUNTERS), &key, (current + 1).to_be_bytes());
         self.counters.insert(key, current + 1);
         Ok(current)
     }
@@ -599,20 +538,9 @@ impl WriterThread {
         self.store.account(account)
     }
 
-    fn apply(
-        &mut self,
-        op: Op,
-        now: u64,
-        batch: &mut WriteBatch,
-        fx: &mut Vec<Effect>,
-    ) -> Result<(), StorageError> {
+    fn apply(&mut self, op: Op, now: u64, batch: &mut WriteBatch, fx: &mut Vec<Effect>) -> Result<(), StorageError> {
         match op {
-            Op::Register {
-                key,
-                name,
-                invite,
-                reply,
-            } => {
+            Op::Register { key, name, invite, reply } => {
                 let r = self.register(key, name, invite, now, batch);
                 let r = match r {
                     Ok(r) => r,
@@ -623,34 +551,16 @@ impl WriterThread {
                 };
                 fx.push(Effect::Register(reply, r));
             }
-            Op::Send {
-                from,
-                send,
-                received,
-                reply,
-            } => match self.send(from, send, now, batch, fx) {
+            Op::Send { from, send, received, reply } => match self.send(from, send, now, batch, fx) {
                 Ok(r) => fx.push(Effect::Sent(reply, r, Some(received))),
                 Err(e) => {
-                    fx.push(Effect::Sent(
-                        reply,
-                        Err(SendFailure::Code(pb::ErrorCode::Internal)),
-                        None,
-                    ));
+                    fx.push(Effect::Sent(reply, Err(SendFailure::Code(pb::ErrorCode::Internal)), None));
                     return Err(e);
                 }
             },
             Op::Ack { device, acked } => self.ack(device, acked, now, batch, fx)?,
-            Op::Read {
-                from,
-                peer,
-                through,
-            } => self.read(from, peer, through, now, batch, fx)?,
-            Op::Link {
-                account,
-                key,
-                name,
-                reply,
-            } => match self.link(account, key, name, now, batch) {
+            Op::Read { from, peer, through } => self.read(from, peer, through, now, batch, fx)?,
+            Op::Link { account, key, name, reply } => match self.link(account, key, name, now, batch) {
                 Ok(r) => fx.push(Effect::Link(reply, r)),
                 Err(e) => {
                     fx.push(Effect::Link(reply, Err(pb::ErrorCode::Internal)));
@@ -659,11 +569,7 @@ impl WriterThread {
             },
             Op::CreateInvite { ttl_secs, reply } => {
                 let code = invite_code();
-                batch.put_cf(
-                    self.store.cf(CF_INVITES),
-                    code.as_bytes(),
-                    (now + ttl_secs).to_be_bytes(),
-                );
+                batch.put_cf(self.store.cf(CF_INVITES), code.as_bytes(), (now + ttl_secs).to_be_bytes());
                 fx.push(Effect::Invite(reply, code));
             }
             Op::Expire { now, reply } => {
@@ -684,12 +590,7 @@ impl WriterThread {
         batch: &mut WriteBatch,
     ) -> Result<Result<DeviceAddr, pb::ErrorCode>, StorageError> {
         // A retried registration (its answer was lost) gets the same account.
-        if let Some(addr) = self
-            .batch_keys
-            .get(&key)
-            .copied()
-            .or(self.store.device_by_key(&key)?)
-        {
+        if let Some(addr) = self.batch_keys.get(&key).copied().or(self.store.device_by_key(&key)?) {
             return Ok(Ok(addr));
         }
         if self.cfg.registration == Registration::Invite {
@@ -697,9 +598,7 @@ impl WriterThread {
                 return Ok(Err(pb::ErrorCode::RegistrationClosed));
             }
             match self.store.get_u64(CF_INVITES, &invite)? {
-                Some(expires) if expires > now => {
-                    batch.delete_cf(self.store.cf(CF_INVITES), &invite)
-                }
+                Some(expires) if expires > now => batch.delete_cf(self.store.cf(CF_INVITES), &invite),
                 _ => return Ok(Err(pb::ErrorCode::InvalidInvite)),
             }
         }
@@ -729,19 +628,10 @@ impl WriterThread {
         now: u64,
         batch: &mut WriteBatch,
     ) -> Result<Result<u32, pb::ErrorCode>, StorageError> {
-        if let Some(addr) = self
-            .batch_keys
-            .get(&key)
-            .copied()
-            .or(self.store.device_by_key(&key)?)
-        {
+        if let Some(addr) = self.batch_keys.get(&key).copied().or(self.store.device_by_key(&key)?) {
             // Linking the same key twice is idempotent; another account's
             // key cannot be taken over.
-            return Ok(if addr.account == account {
-                Ok(addr.device)
-            } else {
-                Err(pb::ErrorCode::Forbidden)
-            });
+            return Ok(if addr.account == account { Ok(addr.device) } else { Err(pb::ErrorCode::Forbidden) });
         }
         let Some(mut list) = self.account(account)? else {
             return Ok(Err(pb::ErrorCode::NotFound));
@@ -750,12 +640,7 @@ impl WriterThread {
             return Ok(Err(pb::ErrorCode::TooLarge));
         }
         let device = list.devices.iter().map(|d| d.device + 1).max().unwrap_or(0);
-        list.devices.push(pb::DeviceInfo {
-            device,
-            name,
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            last_seen: now,
-        });
+        list.devices.push(pb::DeviceInfo { device, name, key: Bytes::copy_from_slice(key.as_bytes()), last_seen: now });
         self.put_account(&list, batch);
         let addr = DeviceAddr { account, device };
         batch.put_cf(self.store.cf(CF_KEYS), key.as_bytes(), addr.key());
@@ -765,11 +650,7 @@ impl WriterThread {
 
     fn put_account(&mut self, list: &pb::DeviceList, batch: &mut WriteBatch) {
         use prost::Message as _;
-        batch.put_cf(
-            self.store.cf(CF_ACCOUNTS),
-            list.account.to_be_bytes(),
-            list.encode_to_vec(),
-        );
+        batch.put_cf(self.store.cf(CF_ACCOUNTS), list.account.to_be_bytes(), list.encode_to_vec());
         self.batch_accounts.insert(list.account, list.clone());
     }
 
@@ -785,11 +666,7 @@ impl WriterThread {
         key.extend_from_slice(&to.key());
         let id = self.next(key, batch)?;
         set_inbox_id(&mut msg, id);
-        batch.put_cf(
-            self.store.cf(CF_INBOX),
-            to.inbox_key(id),
-            encode_entry(&msg),
-        );
+        batch.put_cf(self.store.cf(CF_INBOX), to.inbox_key(id), encode_entry(&msg));
         fx.push(Effect::Push(to, id, msg));
         Ok(())
     }
@@ -814,22 +691,14 @@ impl WriterThread {
             metrics::counter!("pipit_messages_deduplicated_total").increment(1);
             return Ok(Ok(*sent));
         }
-        if let Some(v) = self
-            .store
-            .db
-            .get_pinned_cf(self.store.cf(CF_DEDUP), &dedup_key)?
-        {
+        if let Some(v) = self.store.db.get_pinned_cf(self.store.cf(CF_DEDUP), &dedup_key)? {
             if v.len() != 16 {
                 return Err(StorageError::Corrupt(CF_DEDUP));
             }
             metrics::counter!("pipit_messages_deduplicated_total").increment(1);
             let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
             let time = u64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
-            return Ok(Ok(pb::Sent {
-                id: send.id,
-                seq,
-                time,
-            }));
+            return Ok(Ok(pb::Sent { id: send.id, seq, time }));
         }
         if send.group != 0 {
             // Groups are served by a later version of this server.
@@ -847,28 +716,12 @@ impl WriterThread {
         let targets: Vec<(DeviceAddr, bool)> = recipient
             .devices
             .iter()
-            .map(|d| {
-                (
-                    DeviceAddr {
-                        account: send.to,
-                        device: d.device,
-                    },
-                    false,
-                )
-            })
+            .map(|d| (DeviceAddr { account: send.to, device: d.device }, false))
             .chain(
                 own.devices
                     .iter()
                     .filter(|d| d.device != from.device && from.account != send.to)
-                    .map(|d| {
-                        (
-                            DeviceAddr {
-                                account: from.account,
-                                device: d.device,
-                            },
-                            true,
-                        )
-                    }),
+                    .map(|d| (DeviceAddr { account: from.account, device: d.device }, true)),
             )
             .collect();
         // Per-device ciphertexts must name exactly the target devices.
@@ -876,44 +729,26 @@ impl WriterThread {
         if !send.per_device.is_empty() {
             for c in &send.per_device {
                 let account = if c.account == 0 { send.to } else { c.account };
-                per_device.insert(
-                    DeviceAddr {
-                        account,
-                        device: c.device,
-                    },
-                    c.payload.clone(),
-                );
+                per_device.insert(DeviceAddr { account, device: c.device }, c.payload.clone());
             }
             let missing: Vec<pb::DeviceRef> = targets
                 .iter()
                 .filter(|(a, _)| !per_device.contains_key(a))
-                .map(|(a, _)| pb::DeviceRef {
-                    account: a.account,
-                    device: a.device,
-                })
+                .map(|(a, _)| pb::DeviceRef { account: a.account, device: a.device })
                 .collect();
             let extra: Vec<pb::DeviceRef> = per_device
                 .keys()
                 .filter(|a| !targets.iter().any(|(t, _)| t == *a))
-                .map(|a| pb::DeviceRef {
-                    account: a.account,
-                    device: a.device,
-                })
+                .map(|a| pb::DeviceRef { account: a.account, device: a.device })
                 .collect();
             if !missing.is_empty() || !extra.is_empty() {
-                return Ok(Err(SendFailure::Mismatch(pb::DeviceMismatch {
-                    id: send.id,
-                    missing,
-                    extra,
-                })));
+                return Ok(Err(SendFailure::Mismatch(pb::DeviceMismatch { id: send.id, missing, extra })));
             }
         }
         let conv = conversation_key(from.account, send.to);
         let seq = self.next(conv, batch)?;
         for (to, own_copy) in targets {
-            let payload = per_device
-                .remove(&to)
-                .unwrap_or_else(|| send.payload.clone());
+            let payload = per_device.remove(&to).unwrap_or_else(|| send.payload.clone());
             let deliver = pb::Deliver {
                 inbox: 0,
                 from: from.account,
@@ -930,11 +765,7 @@ impl WriterThread {
         v[..8].copy_from_slice(&seq.to_be_bytes());
         v[8..].copy_from_slice(&now.to_be_bytes());
         batch.put_cf(self.store.cf(CF_DEDUP), &dedup_key, v);
-        let sent = pb::Sent {
-            id: send.id,
-            seq,
-            time: now,
-        };
+        let sent = pb::Sent { id: send.id, seq, time: now };
         self.batch_dedup.insert((from, send.id), sent);
         metrics::counter!("pipit_messages_stored_total").increment(1);
         Ok(Ok(sent))
@@ -959,25 +790,13 @@ impl WriterThread {
         if receipt.through <= seen {
             return Ok(());
         }
-        batch.put_cf(
-            self.store.cf(CF_COUNTERS),
-            &mark,
-            receipt.through.to_be_bytes(),
-        );
+        batch.put_cf(self.store.cf(CF_COUNTERS), &mark, receipt.through.to_be_bytes());
         self.counters.insert(mark, receipt.through);
         let Some(account) = self.account(to)? else {
             return Ok(());
         };
         for d in &account.devices {
-            self.enqueue(
-                DeviceAddr {
-                    account: to,
-                    device: d.device,
-                },
-                receipt.into(),
-                batch,
-                fx,
-            )?;
+            self.enqueue(DeviceAddr { account: to, device: d.device }, receipt.into(), batch, fx)?;
         }
         Ok(())
     }
@@ -1037,19 +856,11 @@ impl WriterThread {
     /// Deletes entries older than the TTL and tells senders. Runs in this
     /// thread, so it is bounded: at most `max_batch` deletions per round;
     /// the sweeper calls again while entries keep expiring.
-    fn expire(
-        &mut self,
-        now: u64,
-        batch: &mut WriteBatch,
-        fx: &mut Vec<Effect>,
-    ) -> Result<usize, StorageError> {
+    fn expire(&mut self, now: u64, batch: &mut WriteBatch, fx: &mut Vec<Effect>) -> Result<usize, StorageError> {
         let cutoff = now.saturating_sub(self.cfg.ttl_secs);
         let mut notices: HashMap<(u64, u64, u64), u32> = HashMap::new();
         let mut n = 0;
-        let iter = self
-            .store
-            .db
-            .iterator_cf(self.store.cf(CF_INBOX), IteratorMode::Start);
+        let iter = self.store.db.iterator_cf(self.store.cf(CF_INBOX), IteratorMode::Start);
         for item in iter {
             let (k, v) = item?;
             let Ok(msg) = decode_entry(&v, 0) else {
@@ -1075,22 +886,8 @@ impl WriterThread {
                 continue;
             };
             for d in &account.devices {
-                let e = pb::Expired {
-                    peer,
-                    group: 0,
-                    seq,
-                    devices,
-                    inbox: 0,
-                };
-                self.enqueue(
-                    DeviceAddr {
-                        account: sender,
-                        device: d.device,
-                    },
-                    e.into(),
-                    batch,
-                    fx,
-                )?;
+                let e = pb::Expired { peer, group: 0, seq, devices, inbox: 0 };
+                self.enqueue(DeviceAddr { account: sender, device: d.device }, e.into(), batch, fx)?;
             }
         }
         metrics::counter!("pipit_messages_expired_total").increment(n as u64);
@@ -1123,12 +920,7 @@ fn invite_code() -> String {
 
 /// Runs an expiry sweep every `every` until `stop`. A sweep round deletes
 /// at most `max_batch` entries; full rounds are repeated at once.
-pub fn spawn_sweeper(
-    writer: Writer,
-    every: Duration,
-    max_batch: usize,
-    stop: tokio_util::sync::CancellationToken,
-) {
+pub fn spawn_sweeper(writer: Writer, every: Duration, max_batch: usize, stop: tokio_util::sync::CancellationToken) {
     std::thread::Builder::new()
         .name("pipit-expiry".into())
         .spawn(move || loop {
@@ -1141,13 +933,7 @@ pub fn spawn_sweeper(
             }
             loop {
                 let (tx, rx) = oneshot::channel();
-                if writer
-                    .submit(Op::Expire {
-                        now: unix_now(),
-                        reply: Some(tx),
-                    })
-                    .is_err()
-                {
+                if writer.submit(Op::Expire { now: unix_now(), reply: Some(tx) }).is_err() {
                     break;
                 }
                 match rx.blocking_recv() {
@@ -1182,43 +968,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let collect = Arc::new(Collect::default());
-        let cfg = WriterConfig {
-            max_batch: 64,
-            ttl_secs: 100,
-            registration: reg,
-            sync: true,
-        };
+        let cfg = WriterConfig { max_batch: 64, ttl_secs: 100, registration: reg, sync: true };
         let (w, _) = Writer::start(store.clone(), cfg, collect.clone(), 1024);
         (dir, store, w, collect)
     }
 
     fn register(w: &Writer, key: PublicKey, invite: &str) -> Result<DeviceAddr, pb::ErrorCode> {
         let (tx, rx) = oneshot::channel();
-        w.submit(Op::Register {
-            key,
-            name: "t".into(),
-            invite: Bytes::copy_from_slice(invite.as_bytes()),
-            reply: tx,
-        })
-        .unwrap();
+        w.submit(Op::Register { key, name: "t".into(), invite: Bytes::copy_from_slice(invite.as_bytes()), reply: tx })
+            .unwrap();
         rx.blocking_recv().unwrap()
     }
 
     fn send(w: &Writer, from: DeviceAddr, id: u64, to: u64) -> Result<pb::Sent, SendFailure> {
         let (tx, rx) = oneshot::channel();
-        let send = pb::Send {
-            id,
-            to,
-            payload: Bytes::from_static(b"x"),
-            ..Default::default()
-        };
-        w.submit(Op::Send {
-            from,
-            send,
-            received: Instant::now(),
-            reply: tx,
-        })
-        .unwrap();
+        let send = pb::Send { id, to, payload: Bytes::from_static(b"x"), ..Default::default() };
+        w.submit(Op::Send { from, send, received: Instant::now(), reply: tx }).unwrap();
         rx.blocking_recv().unwrap()
     }
 
@@ -1228,31 +993,16 @@ mod tests {
         let a = register(&w, PublicKey([1; 32]), "").unwrap();
         let b = register(&w, PublicKey([2; 32]), "").unwrap();
         assert_eq!((a.account, b.account), (1, 2));
-        assert_eq!(
-            register(&w, PublicKey([1; 32]), "").unwrap(),
-            a,
-            "re-registration is idempotent"
-        );
+        assert_eq!(register(&w, PublicKey([1; 32]), "").unwrap(), a, "re-registration is idempotent");
         let s1 = send(&w, a, 10, b.account).unwrap();
         let s2 = send(&w, b, 10, a.account).unwrap();
-        assert_eq!(
-            (s1.seq, s2.seq),
-            (1, 2),
-            "one sequence per conversation, both directions"
-        );
-        assert_eq!(
-            send(&w, a, 10, b.account).unwrap(),
-            s1,
-            "a retry gets the original answer"
-        );
+        assert_eq!((s1.seq, s2.seq), (1, 2), "one sequence per conversation, both directions");
+        assert_eq!(send(&w, a, 10, b.account).unwrap(), s1, "a retry gets the original answer");
         let inbox = store.inbox_after(b, 0, 10).unwrap();
         assert_eq!(inbox.len(), 1, "stored once");
         assert_eq!(inbox[0].0, 1);
         assert_eq!(pushed.0.lock().unwrap().len(), 2);
-        assert_eq!(
-            send(&w, a, 11, 999),
-            Err(SendFailure::Code(pb::ErrorCode::NotFound))
-        );
+        assert_eq!(send(&w, a, 11, 999), Err(SendFailure::Code(pb::ErrorCode::NotFound)));
     }
 
     #[test]
@@ -1261,53 +1011,27 @@ mod tests {
         let a = register(&w, PublicKey([1; 32]), "").unwrap();
         let b = register(&w, PublicKey([2; 32]), "").unwrap();
         let s = send(&w, a, 1, b.account).unwrap();
-        let acked = vec![Acked {
-            id: 1,
-            sender: a.account,
-            seq: s.seq,
-        }];
-        w.submit(Op::Ack {
-            device: b,
-            acked: acked.clone(),
-        })
-        .unwrap();
+        let acked = vec![Acked { id: 1, sender: a.account, seq: s.seq }];
+        w.submit(Op::Ack { device: b, acked: acked.clone() }).unwrap();
         w.submit(Op::Ack { device: b, acked }).unwrap();
         w.barrier_blocking(Duration::from_secs(5)).unwrap();
         assert!(store.inbox_after(b, 0, 10).unwrap().is_empty());
         let receipts = store.inbox_after(a, 0, 10).unwrap();
         assert_eq!(receipts.len(), 1, "the second ack adds no receipt");
-        let Message::Receipt(r) = &receipts[0].1 else {
-            panic!()
-        };
-        assert_eq!(
-            (r.kind, r.peer, r.through),
-            (pb::ReceiptKind::Delivered as i32, b.account, s.seq)
-        );
+        let Message::Receipt(r) = &receipts[0].1 else { panic!() };
+        assert_eq!((r.kind, r.peer, r.through), (pb::ReceiptKind::Delivered as i32, b.account, s.seq));
     }
 
     #[test]
     fn invites_are_single_use() {
         let (_d, _store, w, _) = setup(Registration::Invite);
-        assert_eq!(
-            register(&w, PublicKey([1; 32]), ""),
-            Err(pb::ErrorCode::RegistrationClosed)
-        );
-        assert_eq!(
-            register(&w, PublicKey([1; 32]), "NOPE-NOPE"),
-            Err(pb::ErrorCode::InvalidInvite)
-        );
+        assert_eq!(register(&w, PublicKey([1; 32]), ""), Err(pb::ErrorCode::RegistrationClosed));
+        assert_eq!(register(&w, PublicKey([1; 32]), "NOPE-NOPE"), Err(pb::ErrorCode::InvalidInvite));
         let (tx, rx) = oneshot::channel();
-        w.submit(Op::CreateInvite {
-            ttl_secs: 60,
-            reply: tx,
-        })
-        .unwrap();
+        w.submit(Op::CreateInvite { ttl_secs: 60, reply: tx }).unwrap();
         let code = rx.blocking_recv().unwrap();
         assert!(register(&w, PublicKey([1; 32]), &code).is_ok());
-        assert_eq!(
-            register(&w, PublicKey([2; 32]), &code),
-            Err(pb::ErrorCode::InvalidInvite)
-        );
+        assert_eq!(register(&w, PublicKey([2; 32]), &code), Err(pb::ErrorCode::InvalidInvite));
     }
 
     #[test]
@@ -1317,17 +1041,11 @@ mod tests {
         let b = register(&w, PublicKey([2; 32]), "").unwrap();
         let s = send(&w, a, 1, b.account).unwrap();
         let (tx, rx) = oneshot::channel();
-        w.submit(Op::Expire {
-            now: unix_now() + 101,
-            reply: Some(tx),
-        })
-        .unwrap();
+        w.submit(Op::Expire { now: unix_now() + 101, reply: Some(tx) }).unwrap();
         assert_eq!(rx.blocking_recv().unwrap(), 1);
         assert!(store.inbox_after(b, 0, 10).unwrap().is_empty());
         let notices = store.inbox_after(a, 0, 10).unwrap();
-        let Message::Expired(e) = &notices[0].1 else {
-            panic!("{notices:?}")
-        };
+        let Message::Expired(e) = &notices[0].1 else { panic!("{notices:?}") };
         assert_eq!((e.peer, e.seq, e.devices), (b.account, s.seq, 1));
     }
 }

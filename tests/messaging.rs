@@ -29,15 +29,10 @@ async fn two_devices_exchange_and_the_sender_sees_sent_delivered_read() {
     ca.send(&[text(1, b.account, "hi")]).await.unwrap();
     // "sent" comes first: it is the answer to the send itself.
     let first = ca.recv_timeout(T).await.unwrap();
-    let Message::Sent(sent) = first else {
-        panic!("expected Sent first, got {first:?}")
-    };
+    let Message::Sent(sent) = first else { panic!("expected Sent first, got {first:?}") };
     assert_eq!(sent.id, 1);
     let d = expect_deliver(&mut cb).await;
-    assert_eq!(
-        (d.from, d.seq, &d.payload[..]),
-        (a.account, sent.seq, &b"hi"[..])
-    );
+    assert_eq!((d.from, d.seq, &d.payload[..]), (a.account, sent.seq, &b"hi"[..]));
     ack(&mut cb, d.inbox).await;
 
     let delivered = expect(&mut ca, receipt(pb::ReceiptKind::Delivered)).await;
@@ -76,9 +71,7 @@ async fn an_offline_account_gets_everything_in_order_on_all_devices_and_the_send
 
     let mut seqs = Vec::new();
     for i in 1..=5u64 {
-        ca.send(&[text(i, b.account, &format!("m{i}"))])
-            .await
-            .unwrap();
+        ca.send(&[text(i, b.account, &format!("m{i}"))]).await.unwrap();
         seqs.push(expect_sent(&mut ca, i).await.seq);
     }
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
@@ -86,10 +79,7 @@ async fn an_offline_account_gets_everything_in_order_on_all_devices_and_the_send
     // The sender's other device got copies at once, marked with the peer.
     for (i, seq) in seqs.iter().enumerate() {
         let d = expect_deliver(&mut ca2).await;
-        assert_eq!(
-            (d.from, d.from_device, d.peer, d.seq),
-            (a.account, a.device, b.account, *seq)
-        );
+        assert_eq!((d.from, d.from_device, d.peer, d.seq), (a.account, a.device, b.account, *seq));
         assert_eq!(&d.payload[..], format!("m{}", i + 1).as_bytes());
     }
 
@@ -140,15 +130,7 @@ async fn a_recipient_that_never_reads_holds_only_a_window_and_then_gets_everythi
     for chunk in (1..=N).collect::<Vec<_>>().chunks(100) {
         let msgs: Vec<Message> = chunk
             .iter()
-            .map(|&i| {
-                pb::Send {
-                    id: i,
-                    to: b.account,
-                    payload: payload.clone(),
-                    ..Default::default()
-                }
-                .into()
-            })
+            .map(|&i| pb::Send { id: i, to: b.account, payload: payload.clone(), ..Default::default() }.into())
             .collect();
         ca.send(&msgs).await.unwrap();
         for &i in chunk {
@@ -159,13 +141,7 @@ async fn a_recipient_that_never_reads_holds_only_a_window_and_then_gets_everythi
     // server handed b's connection exactly one window and no more.
     let shared = s.running.as_ref().unwrap().shared().clone();
     let depth = tokio::task::spawn_blocking(move || {
-        shared
-            .store
-            .inbox_depth(pipit::storage::DeviceAddr {
-                account: 2,
-                device: 0,
-            })
-            .unwrap()
+        shared.store.inbox_depth(pipit::storage::DeviceAddr { account: 2, device: 0 }).unwrap()
     })
     .await
     .unwrap();
@@ -184,10 +160,7 @@ async fn a_recipient_that_never_reads_holds_only_a_window_and_then_gets_everythi
         }
     }
     let seqs: Vec<u64> = got.iter().map(|d| d.seq).collect();
-    assert!(
-        seqs.windows(2).all(|w| w[1] == w[0] + 1),
-        "in order, no gaps, no repeats"
-    );
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "in order, no gaps, no repeats");
     ack(&mut cb, got.last().unwrap().inbox).await;
     quiet(&mut cb, Duration::from_millis(300)).await;
 }
@@ -202,14 +175,9 @@ async fn a_second_login_of_a_device_replaces_the_first() {
         Err(ClientError::Refused(pb::ErrorCode::Replaced)) => {}
         other => panic!("expected REPLACED, got {other:?}"),
     }
-    cb.send(&[text(1, a.account, "to the new one")])
-        .await
-        .unwrap();
+    cb.send(&[text(1, a.account, "to the new one")]).await.unwrap();
     expect_sent(&mut cb, 1).await;
-    assert_eq!(
-        &expect_deliver(&mut second).await.payload[..],
-        b"to the new one"
-    );
+    assert_eq!(&expect_deliver(&mut second).await.payload[..], b"to the new one");
     let _ = b;
 }
 
@@ -229,10 +197,7 @@ async fn undelivered_messages_expire_and_the_sender_is_told() {
         _ => None,
     })
     .await;
-    assert_eq!(
-        (expired.peer, expired.seq, expired.devices),
-        (b.account, sent.seq, 1)
-    );
+    assert_eq!((expired.peer, expired.seq, expired.devices), (b.account, sent.seq, 1));
     let cb = login(&s, &b).await;
     assert_eq!(cb.login().pending, 0);
 }
@@ -242,36 +207,16 @@ async fn invite_only_registration_uses_codes_from_the_admin_socket() {
     let s = TestServer::start(|c| c.registration = pipit::config::Registration::Invite);
     let key = pipit_client::pipit_protocol::StaticKeypair::generate();
     let opts = s.opts();
-    let err = Connection::connect(s.addr, &key, pipit_client::register("", "phone"), &opts)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(pb::ErrorCode::RegistrationClosed)),
-        "{err}"
-    );
+    let err = Connection::connect(s.addr, &key, pipit_client::register("", "phone"), &opts).await.unwrap_err();
+    assert!(matches!(err, ClientError::Refused(pb::ErrorCode::RegistrationClosed)), "{err}");
     let dir = s.dir.path().to_path_buf();
-    let code =
-        tokio::task::spawn_blocking(move || pipit::admin::request(&dir, "invite 60").unwrap())
-            .await
-            .unwrap();
+    let code = tokio::task::spawn_blocking(move || pipit::admin::request(&dir, "invite 60").unwrap()).await.unwrap();
     let code = code.trim().to_string();
-    let c = Connection::connect(s.addr, &key, pipit_client::register(&code, "phone"), &opts)
-        .await
-        .unwrap();
+    let c = Connection::connect(s.addr, &key, pipit_client::register(&code, "phone"), &opts).await.unwrap();
     assert_eq!(c.login().device, 0);
     let other = pipit_client::pipit_protocol::StaticKeypair::generate();
-    let err = Connection::connect(
-        s.addr,
-        &other,
-        pipit_client::register(&code, "phone"),
-        &opts,
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(pb::ErrorCode::InvalidInvite)),
-        "{err}"
-    );
+    let err = Connection::connect(s.addr, &other, pipit_client::register(&code, "phone"), &opts).await.unwrap_err();
+    assert!(matches!(err, ClientError::Refused(pb::ErrorCode::InvalidInvite)), "{err}");
 }
 
 #[tokio::test]
@@ -279,20 +224,10 @@ async fn a_changed_server_key_is_refused_unless_allowed() {
     let s = TestServer::start(|_| {});
     let (a, _) = register(s.addr).await;
     let wrong = pipit_client::pipit_protocol::StaticKeypair::generate();
-    let opts = ConnectOptions {
-        server_key: Some(*wrong.public()),
-        ..ConnectOptions::default()
-    };
-    let err = Connection::connect(s.addr, &a.key, pipit_client::login(a.account, 0, 0), &opts)
-        .await
-        .unwrap_err();
+    let opts = ConnectOptions { server_key: Some(*wrong.public()), ..ConnectOptions::default() };
+    let err = Connection::connect(s.addr, &a.key, pipit_client::login(a.account, 0, 0), &opts).await.unwrap_err();
     assert!(matches!(err, ClientError::ServerKeyChanged { .. }), "{err}");
-    let opts = ConnectOptions {
-        accept_new_server_key: true,
-        ..opts
-    };
-    let c = Connection::connect(s.addr, &a.key, pipit_client::login(a.account, 0, 0), &opts)
-        .await
-        .unwrap();
+    let opts = ConnectOptions { accept_new_server_key: true, ..opts };
+    let c = Connection::connect(s.addr, &a.key, pipit_client::login(a.account, 0, 0), &opts).await.unwrap();
     assert_eq!(c.server_key(), &s.key);
 }

@@ -64,11 +64,7 @@ pub struct ConnectOptions {
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        Self {
-            server_key: None,
-            accept_new_server_key: false,
-            timeout: Duration::from_secs(30),
-        }
+        Self { server_key: None, accept_new_server_key: false, timeout: Duration::from_secs(30) }
     }
 }
 
@@ -96,9 +92,9 @@ fn take_login(messages: Vec<Message>) -> Result<(pb::LoginOk, VecDeque<Message>)
     let mut q: VecDeque<Message> = messages.into();
     match q.pop_front() {
         Some(Message::LoginOk(ok)) => Ok((ok, q)),
-        Some(Message::Error(e)) => Err(ClientError::Refused(
-            pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified),
-        )),
+        Some(Message::Error(e)) => {
+            Err(ClientError::Refused(pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified)))
+        }
         Some(_) | None => Err(ClientError::Refused(pb::ErrorCode::Unspecified)),
     }
 }
@@ -111,12 +107,9 @@ impl Connection {
         hello: Hello,
         opts: &ConnectOptions,
     ) -> Result<Self, ClientError> {
-        tokio::time::timeout(
-            opts.timeout,
-            Self::connect_inner(addr, identity, hello, opts),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(opts.timeout, Self::connect_inner(addr, identity, hello, opts))
+            .await
+            .map_err(|_| ClientError::Timeout)?
     }
 
     async fn connect_inner(
@@ -143,10 +136,7 @@ impl Connection {
                         IkStep::Established { session, messages } => break (session, messages),
                         IkStep::Retry(offer) => {
                             if *offer.server_key() != pinned && !opts.accept_new_server_key {
-                                return Err(ClientError::ServerKeyChanged {
-                                    pinned,
-                                    offered: *offer.server_key(),
-                                });
+                                return Err(ClientError::ServerKeyChanged { pinned, offered: *offer.server_key() });
                             }
                             hs = offer.retry(&mut out)?;
                             stream.write_all(&out).await?;
@@ -183,15 +173,7 @@ impl Connection {
         };
         let server_key = *session.remote_key();
         let (login, queue) = take_login(first)?;
-        Ok(Self {
-            stream,
-            session,
-            inbuf,
-            out,
-            queue,
-            login,
-            server_key,
-        })
+        Ok(Self { stream, session, inbuf, out, queue, login, server_key })
     }
 
     /// The login result.
@@ -213,20 +195,8 @@ impl Connection {
     }
 
     /// Sends one 1:1 message with a single payload for every device.
-    pub async fn send_text(
-        &mut self,
-        id: u64,
-        to: u64,
-        payload: impl Into<Bytes>,
-    ) -> Result<(), ClientError> {
-        self.send(&[pb::Send {
-            id,
-            to,
-            payload: payload.into(),
-            ..Default::default()
-        }
-        .into()])
-            .await
+    pub async fn send_text(&mut self, id: u64, to: u64, payload: impl Into<Bytes>) -> Result<(), ClientError> {
+        self.send(&[pb::Send { id, to, payload: payload.into(), ..Default::default() }.into()]).await
     }
 
     /// Sends a keepalive frame.
@@ -261,9 +231,7 @@ impl Connection {
 
     /// [`Connection::recv`] with a deadline.
     pub async fn recv_timeout(&mut self, t: Duration) -> Result<Message, ClientError> {
-        tokio::time::timeout(t, self.recv())
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(t, self.recv()).await.map_err(|_| ClientError::Timeout)?
     }
 }
 
@@ -277,13 +245,7 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Cli
 
 /// A `Login` hello.
 pub fn login(account: u64, device: u32, acked_through: u64) -> Hello {
-    Hello::Login(pb::Login {
-        account,
-        device,
-        acked_through,
-        keepalive_secs: 0,
-        user_agent: String::new(),
-    })
+    Hello::Login(pb::Login { account, device, acked_through, keepalive_secs: 0, user_agent: String::new() })
 }
 
 /// A `Register` hello.

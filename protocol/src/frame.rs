@@ -72,9 +72,7 @@ impl FrameDecoder {
     /// A decoder that accepts frame bodies of up to `max_len` bytes
     /// (at most [`MAX_FRAME_LEN`]).
     pub fn new(max_len: usize) -> Self {
-        Self {
-            max_len: max_len.min(MAX_FRAME_LEN),
-        }
+        Self { max_len: max_len.min(MAX_FRAME_LEN) }
     }
 
     /// The largest body this decoder accepts.
@@ -92,10 +90,7 @@ impl FrameDecoder {
         }
         let len = usize::from(u16::from_be_bytes([input[0], input[1]]));
         if len > self.max_len {
-            return Err(FrameError::TooLong {
-                len,
-                max: self.max_len,
-            });
+            return Err(FrameError::TooLong { len, max: self.max_len });
         }
         if len == 0 {
             input.advance(LEN_PREFIX);
@@ -137,10 +132,7 @@ mod tests {
         assert_eq!(d.decode(&mut b), Ok(None));
         assert_eq!(b.len(), 4, "a partial frame stays in the buffer");
         b.extend_from_slice(&[3]);
-        assert_eq!(
-            d.decode(&mut b),
-            Ok(Some(Frame::Data(Bytes::from_static(&[1, 2, 3]))))
-        );
+        assert_eq!(d.decode(&mut b), Ok(Some(Frame::Data(Bytes::from_static(&[1, 2, 3])))));
         assert!(b.is_empty());
     }
 
@@ -149,10 +141,7 @@ mod tests {
         let d = FrameDecoder::new(100);
         let mut b = BytesMut::from(&[0x01, 0x00][..]); // 256
         let cap = b.capacity();
-        assert_eq!(
-            d.decode(&mut b),
-            Err(FrameError::TooLong { len: 256, max: 100 })
-        );
+        assert_eq!(d.decode(&mut b), Err(FrameError::TooLong { len: 256, max: 100 }));
         assert_eq!(b.capacity(), cap, "nothing was reserved for the body");
     }
 
@@ -171,15 +160,9 @@ mod tests {
         out.extend_from_slice(&KEEPALIVE);
         encode(&[7u8; 300], &mut out);
         let d = FrameDecoder::default();
-        assert_eq!(
-            d.decode(&mut out).unwrap(),
-            Some(Frame::Data(Bytes::from_static(b"hello")))
-        );
+        assert_eq!(d.decode(&mut out).unwrap(), Some(Frame::Data(Bytes::from_static(b"hello"))));
         assert_eq!(d.decode(&mut out).unwrap(), Some(Frame::Keepalive));
-        assert_eq!(
-            d.decode(&mut out).unwrap(),
-            Some(Frame::Data(Bytes::from(vec![7u8; 300])))
-        );
+        assert_eq!(d.decode(&mut out).unwrap(), Some(Frame::Data(Bytes::from(vec![7u8; 300]))));
         assert_eq!(d.decode(&mut out).unwrap(), None);
     }
 

@@ -18,8 +18,7 @@ use crate::message::{decode_packet, encode_packet};
 /// is made against its public half.
 pub fn fuzz_server_keys() -> Arc<ServerKeys> {
     static KEYS: OnceLock<Arc<ServerKeys>> = OnceLock::new();
-    KEYS.get_or_init(|| Arc::new(ServerKeys::new(StaticKeypair::from_private([0x42; 32]))))
-        .clone()
+    KEYS.get_or_init(|| Arc::new(ServerKeys::new(StaticKeypair::from_private([0x42; 32])))).clone()
 }
 
 /// Splits `data` into frames; the first byte picks the limit and the
@@ -46,11 +45,7 @@ pub fn frame_decoder(data: &[u8]) {
             }
         }
     }
-    assert_eq!(
-        consumed + buf.len(),
-        data.len(),
-        "the decoder neither loses nor invents bytes"
-    );
+    assert_eq!(consumed + buf.len(), data.len(), "the decoder neither loses nor invents bytes");
 }
 
 /// Feeds `data` to a server handshake as if a client sent it, split at a

@@ -25,9 +25,7 @@ use snow::params::NoiseParams;
 use crate::error::{HandshakeError, MessageError};
 use crate::frame::{preamble, read_preamble, Frame, FrameDecoder};
 use crate::keys::{PublicKey, StaticKeypair};
-use crate::limits::{
-    KEY_LEN, MAX_CLIENT_HANDSHAKE_FRAME_LEN, MAX_FRAME_LEN, MAX_HANDSHAKE_RETRIES, TAG_LEN,
-};
+use crate::limits::{KEY_LEN, MAX_CLIENT_HANDSHAKE_FRAME_LEN, MAX_FRAME_LEN, MAX_HANDSHAKE_RETRIES, TAG_LEN};
 use crate::message::{decode_packet, encode_packet, packet_len, pb, Message, Origin};
 use crate::session::{put_frame, Role, Session};
 use crate::VERSION;
@@ -60,9 +58,7 @@ impl Pattern {
 }
 
 pub(crate) fn noise_params(p: Pattern) -> NoiseParams {
-    p.protocol_name()
-        .parse()
-        .expect("pattern names are valid Noise protocol names")
+    p.protocol_name().parse().expect("pattern names are valid Noise protocol names")
 }
 
 /// The first byte of every handshake frame.
@@ -124,17 +120,12 @@ impl Hello {
     fn decode(payload: Bytes) -> Result<Self, MessageError> {
         let mut msgs = decode_packet(payload)?;
         if msgs.len() != 1 {
-            return Err(MessageError::Malformed(
-                "a handshake payload holds exactly one Login or Register".into(),
-            ));
+            return Err(MessageError::Malformed("a handshake payload holds exactly one Login or Register".into()));
         }
         match msgs.pop() {
             Some(Message::Login(l)) => Ok(Hello::Login(l)),
             Some(Message::Register(r)) => Ok(Hello::Register(r)),
-            Some(m) => Err(MessageError::WrongDirection {
-                kind: m.kind(),
-                sender: "client handshake",
-            }),
+            Some(m) => Err(MessageError::WrongDirection { kind: m.kind(), sender: "client handshake" }),
             None => unreachable!("length checked above"),
         }
     }
@@ -151,9 +142,7 @@ fn prologue() -> [u8; 4] {
 }
 
 fn builder(p: Pattern, local: &StaticKeypair) -> Result<snow::Builder<'_>, HandshakeError> {
-    snow::Builder::new(noise_params(p))
-        .local_private_key(local.private_bytes())
-        .map_err(HandshakeError::Config)
+    snow::Builder::new(noise_params(p)).local_private_key(local.private_bytes()).map_err(HandshakeError::Config)
 }
 
 fn put_handshake_frame(kind: HandshakeKind, body: &[u8], out: &mut BytesMut) {
@@ -173,8 +162,7 @@ fn next_handshake_frame(
         Some(Frame::Keepalive) => Err(crate::error::FrameError::EmptyHandshakeFrame.into()),
         Some(Frame::Data(mut body)) => {
             let kind_byte = body[0];
-            let kind = HandshakeKind::from_u8(kind_byte)
-                .ok_or(HandshakeError::UnexpectedKind(kind_byte))?;
+            let kind = HandshakeKind::from_u8(kind_byte).ok_or(HandshakeError::UnexpectedKind(kind_byte))?;
             let _ = bytes::Buf::get_u8(&mut body);
             Ok(Some((kind, body)))
         }
@@ -190,41 +178,28 @@ fn write_message(
 ) -> Result<(), HandshakeError> {
     // Worst case overhead of one message in these patterns: e + s + two tags.
     let mut msg = vec![0u8; payload.len() + 2 * KEY_LEN + 2 * TAG_LEN];
-    let n = hs
-        .write_message(payload, &mut msg)
-        .map_err(HandshakeError::Config)?;
+    let n = hs.write_message(payload, &mut msg).map_err(HandshakeError::Config)?;
     put_handshake_frame(kind, &msg[..n], out);
     Ok(())
 }
 
 fn read_message(hs: &mut snow::HandshakeState, body: &[u8]) -> Result<Bytes, HandshakeError> {
     let mut payload = vec![0u8; body.len()];
-    let n = hs
-        .read_message(body, &mut payload)
-        .map_err(HandshakeError::Crypto)?;
+    let n = hs.read_message(body, &mut payload).map_err(HandshakeError::Crypto)?;
     payload.truncate(n);
     Ok(Bytes::from(payload))
 }
 
 fn remote_static(hs: &snow::HandshakeState) -> Result<PublicKey, HandshakeError> {
-    hs.get_remote_static()
-        .and_then(PublicKey::from_slice)
-        .ok_or(HandshakeError::Malformed("remote static key"))
+    hs.get_remote_static().and_then(PublicKey::from_slice).ok_or(HandshakeError::Malformed("remote static key"))
 }
 
 /// Decodes what the server sent inside the handshake and checks each kind
 /// is one a server may send.
 fn server_messages(payload: Bytes) -> Result<Vec<Message>, HandshakeError> {
     let msgs = decode_packet(payload)?;
-    if let Some(m) = msgs
-        .iter()
-        .find(|m| !m.allowed_in_session_from(Role::Server))
-    {
-        return Err(MessageError::WrongDirection {
-            kind: m.kind(),
-            sender: "server",
-        }
-        .into());
+    if let Some(m) = msgs.iter().find(|m| !m.allowed_in_session_from(Role::Server)) {
+        return Err(MessageError::WrongDirection { kind: m.kind(), sender: "server" }.into());
     }
     Ok(msgs)
 }
@@ -284,19 +259,14 @@ impl ClientHandshake {
         out: &mut BytesMut,
     ) -> Result<AwaitXxReply, HandshakeError> {
         let p = prologue();
-        let mut b = builder(Pattern::XX, local)?
-            .prologue(&p)
-            .map_err(HandshakeError::Config)?;
+        let mut b = builder(Pattern::XX, local)?.prologue(&p).map_err(HandshakeError::Config)?;
         if let Some(e) = ephemeral {
             b = b.fixed_ephemeral_key_for_testing_only(e);
         }
         let mut hs = b.build_initiator().map_err(HandshakeError::Config)?;
         out.extend_from_slice(&p);
         write_message(&mut hs, HandshakeKind::XxInit, &[], out)?;
-        Ok(AwaitXxReply {
-            hs: Box::new(hs),
-            decoder: FrameDecoder::new(MAX_FRAME_LEN),
-        })
+        Ok(AwaitXxReply { hs: Box::new(hs), decoder: FrameDecoder::new(MAX_FRAME_LEN) })
     }
 }
 
@@ -330,9 +300,7 @@ pub enum IkStep {
 
 impl std::fmt::Debug for AwaitIkReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AwaitIkReply")
-            .field("server", &self.server)
-            .finish_non_exhaustive()
+        f.debug_struct("AwaitIkReply").field("server", &self.server).finish_non_exhaustive()
     }
 }
 
@@ -355,14 +323,7 @@ impl AwaitIkReply {
         }
         let mut hs = b.build_initiator().map_err(HandshakeError::Config)?;
         write_message(&mut hs, HandshakeKind::IkInit, &hello.encode(), out)?;
-        Ok(Self {
-            hs: Box::new(hs),
-            local,
-            server: *server,
-            hello,
-            retries,
-            decoder: FrameDecoder::new(MAX_FRAME_LEN),
-        })
+        Ok(Self { hs: Box::new(hs), local, server: *server, hello, retries, decoder: FrameDecoder::new(MAX_FRAME_LEN) })
     }
 
     /// Feeds bytes from the server.
@@ -374,21 +335,14 @@ impl AwaitIkReply {
             HandshakeKind::IkReply => {
                 let payload = read_message(&mut self.hs, &body)?;
                 let messages = server_messages(payload)?;
-                let transport = self
-                    .hs
-                    .into_transport_mode()
-                    .map_err(HandshakeError::Crypto)?;
-                Ok(IkStep::Established {
-                    session: Session::new(transport, Role::Client, self.server),
-                    messages,
-                })
+                let transport = self.hs.into_transport_mode().map_err(HandshakeError::Crypto)?;
+                Ok(IkStep::Established { session: Session::new(transport, Role::Client, self.server), messages })
             }
             HandshakeKind::Retry => {
                 if self.retries >= MAX_HANDSHAKE_RETRIES {
                     return Err(HandshakeError::TooManyRetries);
                 }
-                let key =
-                    PublicKey::from_slice(&body).ok_or(HandshakeError::Malformed("retry key"))?;
+                let key = PublicKey::from_slice(&body).ok_or(HandshakeError::Malformed("retry key"))?;
                 Ok(IkStep::Retry(RetryOffer {
                     server_key: key,
                     local: self.local,
@@ -428,14 +382,7 @@ impl RetryOffer {
 
     /// Sends `IkInit` again (no preamble) with the offered key.
     pub fn retry(self, out: &mut BytesMut) -> Result<AwaitIkReply, HandshakeError> {
-        AwaitIkReply::start(
-            self.local,
-            &self.server_key,
-            self.hello,
-            self.retries,
-            None,
-            out,
-        )
+        AwaitIkReply::start(self.local, &self.server_key, self.hello, self.retries, None, out)
     }
 
     /// [`RetryOffer::retry`] with a fixed ephemeral key, for test vectors.
@@ -445,14 +392,7 @@ impl RetryOffer {
         ephemeral: &[u8; KEY_LEN],
         out: &mut BytesMut,
     ) -> Result<AwaitIkReply, HandshakeError> {
-        AwaitIkReply::start(
-            self.local,
-            &self.server_key,
-            self.hello,
-            self.retries,
-            Some(ephemeral),
-            out,
-        )
+        AwaitIkReply::start(self.local, &self.server_key, self.hello, self.retries, Some(ephemeral), out)
     }
 }
 
@@ -490,10 +430,7 @@ impl AwaitXxReply {
                     server_messages(payload)?;
                 }
                 let server_key = remote_static(&self.hs)?;
-                Ok(XxStep::ServerKnown(XxServerKnown {
-                    hs: self.hs,
-                    server_key,
-                }))
+                Ok(XxStep::ServerKnown(XxServerKnown { hs: self.hs, server_key }))
             }
             HandshakeKind::Refuse => Err(HandshakeError::Refused(refuse_code(&body))),
             other => Err(HandshakeError::UnexpectedKind(other as u8)),
@@ -509,9 +446,7 @@ pub struct XxServerKnown {
 
 impl std::fmt::Debug for XxServerKnown {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("XxServerKnown")
-            .field("server_key", &self.server_key)
-            .finish_non_exhaustive()
+        f.debug_struct("XxServerKnown").field("server_key", &self.server_key).finish_non_exhaustive()
     }
 }
 
@@ -526,10 +461,7 @@ impl XxServerKnown {
     /// answer to `hello` arrives as the session's first frame.
     pub fn finish(mut self, hello: Hello, out: &mut BytesMut) -> Result<Session, HandshakeError> {
         write_message(&mut self.hs, HandshakeKind::XxFinish, &hello.encode(), out)?;
-        let transport = self
-            .hs
-            .into_transport_mode()
-            .map_err(HandshakeError::Crypto)?;
+        let transport = self.hs.into_transport_mode().map_err(HandshakeError::Crypto)?;
         Ok(Session::new(transport, Role::Client, self.server_key))
     }
 }
@@ -547,10 +479,7 @@ pub struct ServerKeys {
 impl ServerKeys {
     /// Keys with no retired ones.
     pub fn new(current: StaticKeypair) -> Self {
-        Self {
-            current,
-            retired: Vec::new(),
-        }
+        Self { current, retired: Vec::new() }
     }
 
     /// Adds keys that IK may still be attempted with. A device using one
@@ -584,9 +513,7 @@ pub struct ServerHandshake {
 
 impl std::fmt::Debug for ServerHandshake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerHandshake")
-            .field("deadline", &self.deadline)
-            .finish_non_exhaustive()
+        f.debug_struct("ServerHandshake").field("deadline", &self.deadline).finish_non_exhaustive()
     }
 }
 
@@ -660,11 +587,7 @@ impl ServerHandshake {
                         HandshakeKind::IkInit => match self.read_ik(&body)? {
                             Some(accepted) => return Ok(ServerStep::Accepted(Box::new(accepted))),
                             None => {
-                                put_handshake_frame(
-                                    HandshakeKind::Retry,
-                                    self.keys.current.public().as_bytes(),
-                                    out,
-                                );
+                                put_handshake_frame(HandshakeKind::Retry, self.keys.current.public().as_bytes(), out);
                                 self.state = ServerState::AwaitInit;
                             }
                         },
@@ -680,9 +603,7 @@ impl ServerHandshake {
                             let payload = read_message(&mut hs, &body)?;
                             if !payload.is_empty() {
                                 // Anything here would be unauthenticated plaintext.
-                                return Err(HandshakeError::Malformed(
-                                    "XX message 1 carries a payload",
-                                ));
+                                return Err(HandshakeError::Malformed("XX message 1 carries a payload"));
                             }
                             write_message(&mut hs, HandshakeKind::XxReply, &[], out)?;
                             self.state = ServerState::AwaitXxFinish(Box::new(hs));
@@ -721,9 +642,7 @@ impl ServerHandshake {
         let keys = std::iter::once(&self.keys.current).chain(self.keys.retired.iter());
         let mut last = None;
         for (i, key) in keys.enumerate() {
-            let mut b = builder(Pattern::IK, key)?
-                .prologue(&p)
-                .map_err(HandshakeError::Config)?;
+            let mut b = builder(Pattern::IK, key)?.prologue(&p).map_err(HandshakeError::Config)?;
             if let Some(e) = &self.ephemeral {
                 b = b.fixed_ephemeral_key_for_testing_only(e);
             }

@@ -97,12 +97,7 @@ impl Keepalive {
 
 /// Clamps a proposed interval (seconds; 0 = default) into the server's
 /// bounds. Both sides use this to agree on the interval.
-pub fn negotiate_interval(
-    proposed_secs: u32,
-    min_secs: u32,
-    max_secs: u32,
-    default_secs: u32,
-) -> u32 {
+pub fn negotiate_interval(proposed_secs: u32, min_secs: u32, max_secs: u32, default_secs: u32) -> u32 {
     if proposed_secs == 0 {
         default_secs.clamp(min_secs, max_secs)
     } else {

@@ -83,17 +83,11 @@ impl StaticKeypair {
     /// The key pair from its private key (the public half is derived).
     pub fn from_private(private: [u8; KEY_LEN]) -> Self {
         let public = x25519_base(&private);
-        Self {
-            private,
-            public: PublicKey(public),
-        }
+        Self { private, public: PublicKey(public) }
     }
 
     fn from_parts(private: &[u8], public: &[u8]) -> Option<Self> {
-        Some(Self {
-            private: private.try_into().ok()?,
-            public: PublicKey::from_slice(public)?,
-        })
+        Some(Self { private: private.try_into().ok()?, public: PublicKey::from_slice(public)? })
     }
 
     /// The public half.
@@ -120,9 +114,7 @@ impl StaticKeypair {
 impl fmt::Debug for StaticKeypair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the private half.
-        f.debug_struct("StaticKeypair")
-            .field("public", &self.public)
-            .finish_non_exhaustive()
+        f.debug_struct("StaticKeypair").field("public", &self.public).finish_non_exhaustive()
     }
 }
 
@@ -130,9 +122,8 @@ impl fmt::Debug for StaticKeypair {
 /// crate carries no second curve implementation.
 fn x25519_base(private: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
     use snow::resolvers::{CryptoResolver, DefaultResolver};
-    let mut dh = DefaultResolver
-        .resolve_dh(&snow::params::DHChoice::Curve25519)
-        .expect("the default resolver has X25519");
+    let mut dh =
+        DefaultResolver.resolve_dh(&snow::params::DHChoice::Curve25519).expect("the default resolver has X25519");
     dh.set(private);
     let mut out = [0u8; KEY_LEN];
     out.copy_from_slice(dh.pubkey());
@@ -151,21 +142,14 @@ mod tests {
         let pk: PublicKey = kp.public().to_string().parse().unwrap();
         assert_eq!(&pk, kp.public());
         assert!("zz".parse::<PublicKey>().is_err());
-        assert!(
-            format!("{kp:?}").find(&kp.to_hex()).is_none(),
-            "Debug hides the private key"
-        );
+        assert!(format!("{kp:?}").find(&kp.to_hex()).is_none(), "Debug hides the private key");
     }
 
     #[test]
     fn rfc7748_base_point_vector() {
         // RFC 7748 section 6.1, Alice's key pair.
-        let sk = parse_hex32("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
-            .unwrap();
+        let sk = parse_hex32("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a").unwrap();
         let pk = StaticKeypair::from_private(sk);
-        assert_eq!(
-            pk.public().to_string(),
-            "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
-        );
+        assert_eq!(pk.public().to_string(), "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
     }
 }

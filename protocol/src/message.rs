@@ -194,9 +194,7 @@ impl Message {
     /// Bytes this message adds to a packet: key, length and body.
     pub fn encoded_len(&self) -> usize {
         let body = self.body_len();
-        encoded_len_varint(u64::from(self.field_number() << 3))
-            + encoded_len_varint(body as u64)
-            + body
+        encoded_len_varint(u64::from(self.field_number() << 3)) + encoded_len_varint(body as u64) + body
     }
 
     /// Appends the message as one `Packet` field.
@@ -236,9 +234,7 @@ pub fn decode_packet(mut packet: Bytes) -> Result<Vec<Message>, MessageError> {
         let key = decode_varint(&mut packet).map_err(malformed)?;
         let (field, wire) = (key >> 3, key & 7);
         if field == 0 || field > u64::from(u32::MAX) {
-            return Err(MessageError::Malformed(format!(
-                "invalid field number {field}"
-            )));
+            return Err(MessageError::Malformed(format!("invalid field number {field}")));
         }
         match wire {
             0 => {
@@ -250,9 +246,7 @@ pub fn decode_packet(mut packet: Bytes) -> Result<Vec<Message>, MessageError> {
                 let len = decode_varint(&mut packet).map_err(malformed)?;
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
                 if len > packet.remaining() {
-                    return Err(MessageError::Malformed(
-                        "length past the end of the packet".into(),
-                    ));
+                    return Err(MessageError::Malformed("length past the end of the packet".into()));
                 }
                 let body = packet.split_to(len);
                 if let Some(m) = Message::decode_field(field as u32, body).map_err(malformed)? {
@@ -262,11 +256,7 @@ pub fn decode_packet(mut packet: Bytes) -> Result<Vec<Message>, MessageError> {
                     out.push(m);
                 }
             }
-            _ => {
-                return Err(MessageError::Malformed(format!(
-                    "wire type {wire} is not allowed"
-                )))
-            }
+            _ => return Err(MessageError::Malformed(format!("wire type {wire} is not allowed"))),
         }
     }
     Ok(out)
@@ -274,9 +264,7 @@ pub fn decode_packet(mut packet: Bytes) -> Result<Vec<Message>, MessageError> {
 
 fn skip(packet: &mut Bytes, n: usize) -> Result<(), MessageError> {
     if packet.remaining() < n {
-        return Err(MessageError::Malformed(
-            "field past the end of the packet".into(),
-        ));
+        return Err(MessageError::Malformed("field past the end of the packet".into()));
     }
     packet.advance(n);
     Ok(())
@@ -301,27 +289,9 @@ mod tests {
     #[test]
     fn order_across_kinds_is_kept() {
         let msgs: Vec<Message> = vec![
-            pb::Deliver {
-                inbox: 1,
-                from: 9,
-                seq: 4,
-                payload: Bytes::from_static(b"hi"),
-                ..Default::default()
-            }
-            .into(),
-            pb::Sent {
-                id: 3,
-                seq: 5,
-                time: 1_700_000_000,
-            }
-            .into(),
-            pb::Deliver {
-                inbox: 2,
-                from: 9,
-                seq: 6,
-                ..Default::default()
-            }
-            .into(),
+            pb::Deliver { inbox: 1, from: 9, seq: 4, payload: Bytes::from_static(b"hi"), ..Default::default() }.into(),
+            pb::Sent { id: 3, seq: 5, time: 1_700_000_000 }.into(),
+            pb::Deliver { inbox: 2, from: 9, seq: 6, ..Default::default() }.into(),
         ];
         assert_eq!(roundtrip(&msgs), msgs);
     }
@@ -338,10 +308,7 @@ mod tests {
         let reencoded = theirs.encode_to_vec();
         let mut back = decode_packet(Bytes::from(reencoded)).unwrap();
         back.sort_by_key(Message::field_number);
-        assert_eq!(
-            back, ours,
-            "each kind round-trips through pb::Packet under the same field"
-        );
+        assert_eq!(back, ours, "each kind round-trips through pb::Packet under the same field");
         for m in &ours {
             assert!(m.encoded_len() > 2, "{} sample is not empty", m.kind());
         }
@@ -365,17 +332,8 @@ mod tests {
 
     #[test]
     fn malformed_packets_are_errors() {
-        for bad in [
-            &[0x0a, 0x05, 1][..],
-            &[0x0b][..],
-            &[0x00, 0x00][..],
-            &[0x0a][..],
-            &[0xff; 11][..],
-        ] {
-            assert!(
-                decode_packet(Bytes::copy_from_slice(bad)).is_err(),
-                "{bad:?}"
-            );
+        for bad in [&[0x0a, 0x05, 1][..], &[0x0b][..], &[0x00, 0x00][..], &[0x0a][..], &[0xff; 11][..]] {
+            assert!(decode_packet(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
         }
     }
 

@@ -57,21 +57,13 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
-            .field("role", &self.role)
-            .field("remote", &self.remote)
-            .finish_non_exhaustive()
+        f.debug_struct("Session").field("role", &self.role).field("remote", &self.remote).finish_non_exhaustive()
     }
 }
 
 impl Session {
     pub(crate) fn new(transport: snow::TransportState, role: Role, remote: PublicKey) -> Self {
-        Self {
-            transport,
-            role,
-            remote,
-            decoder: FrameDecoder::new(MAX_FRAME_LEN),
-        }
+        Self { transport, role, remote, decoder: FrameDecoder::new(MAX_FRAME_LEN) }
     }
 
     /// This side's role.
@@ -106,10 +98,7 @@ impl Session {
                 n += 1;
             }
             if n == 0 {
-                return Err(MessageError::TooLarge {
-                    len: rest[0].encoded_len(),
-                }
-                .into());
+                return Err(MessageError::TooLarge { len: rest[0].encoded_len() }.into());
             }
             let mut plain = Vec::with_capacity(len);
             crate::message::encode_packet(&rest[..n], &mut plain);
@@ -158,19 +147,12 @@ impl Session {
             return Err(Error::Decrypt);
         }
         let mut plain = vec![0u8; body.len() - TAG_LEN];
-        let n = self
-            .transport
-            .read_message(body, &mut plain)
-            .map_err(|_| Error::Decrypt)?;
+        let n = self.transport.read_message(body, &mut plain).map_err(|_| Error::Decrypt)?;
         plain.truncate(n);
         let messages = decode_packet(Bytes::from(plain))?;
         let sender = self.role.peer();
         if let Some(bad) = messages.iter().find(|m| !m.allowed_in_session_from(sender)) {
-            return Err(MessageError::WrongDirection {
-                kind: bad.kind(),
-                sender: sender.name(),
-            }
-            .into());
+            return Err(MessageError::WrongDirection { kind: bad.kind(), sender: sender.name() }.into());
         }
         Ok(Incoming::Messages(messages))
     }

@@ -16,13 +16,7 @@ use std::time::Instant;
 const SEND_OVERHEAD_BUDGET: usize = 36;
 
 fn send(id: u64, to: u64) -> Message {
-    pb::Send {
-        id,
-        to,
-        payload: Bytes::from(vec![0x5A; 100]),
-        ..Default::default()
-    }
-    .into()
+    pb::Send { id, to, payload: Bytes::from(vec![0x5A; 100]), ..Default::default() }.into()
 }
 
 fn frame_len(msgs: &[Message]) -> usize {
@@ -64,16 +58,9 @@ fn report_sizes() {
     // IK with a typical login, answered by LoginOk and one queued message.
     let mut c2s = BytesMut::new();
     let hs = ClientHandshake::ik(&device, keys.current().public(), hello(), &mut c2s).unwrap();
-    rows.push((
-        "IK message 1 (preamble + login), client -> server",
-        c2s.len(),
-    ));
+    rows.push(("IK message 1 (preamble + login), client -> server", c2s.len()));
     let mut s2c = BytesMut::new();
-    let acc = accepted(server_feed(
-        ServerHandshake::new(keys.clone(), Instant::now(), TIMEOUT),
-        &mut c2s,
-        &mut s2c,
-    ));
+    let acc = accepted(server_feed(ServerHandshake::new(keys.clone(), Instant::now(), TIMEOUT), &mut c2s, &mut s2c));
     let ok = login_ok(123_456);
     acc.finish(std::slice::from_ref(&ok), &mut s2c).unwrap();
     rows.push(("IK message 2 (login result), server -> client", s2c.len()));
@@ -81,11 +68,7 @@ fn report_sizes() {
     let mut c2s = BytesMut::new();
     let _ = ClientHandshake::ik(&device, keys.current().public(), hello(), &mut c2s).unwrap();
     let mut s2c = BytesMut::new();
-    let acc = accepted(server_feed(
-        ServerHandshake::new(keys.clone(), Instant::now(), TIMEOUT),
-        &mut c2s,
-        &mut s2c,
-    ));
+    let acc = accepted(server_feed(ServerHandshake::new(keys.clone(), Instant::now(), TIMEOUT), &mut c2s, &mut s2c));
     acc.finish(&[ok.clone(), deliver(1)], &mut s2c).unwrap();
     rows.push(("IK message 2 + one queued 100-byte message", s2c.len()));
 
@@ -94,23 +77,12 @@ fn report_sizes() {
     rows.push(("XX message 1 (preamble + e)", p.flights[0]));
     rows.push(("XX message 2 (e, ee, s, es)", p.flights[1]));
     rows.push(("XX message 3 (s, se + login)", p.flights[2]));
-    rows.push((
-        "XX: server's first frame (login result + 2 queued)",
-        p.flights[3],
-    ));
+    rows.push(("XX: server's first frame (login result + 2 queued)", p.flights[3]));
 
     // Transport.
     let s = send(1_000, 100_000);
     rows.push(("Send, 100-byte payload", frame_len(&[s])));
-    rows.push((
-        "Sent (id, seq, time)",
-        frame_len(&[pb::Sent {
-            id: 1_000,
-            seq: 5_000,
-            time: 1_795_000_000,
-        }
-        .into()]),
-    ));
+    rows.push(("Sent (id, seq, time)", frame_len(&[pb::Sent { id: 1_000, seq: 5_000, time: 1_795_000_000 }.into()])));
     let d: Message = pb::Deliver {
         inbox: 50_000,
         from: 123_456,
@@ -122,41 +94,13 @@ fn report_sizes() {
     }
     .into();
     rows.push(("Deliver, 100-byte payload", frame_len(&[d])));
-    rows.push((
-        "Ack (cumulative)",
-        frame_len(&[pb::Ack {
-            through: 50_000,
-            ids: vec![],
-        }
-        .into()]),
-    ));
-    let r: Message = pb::Receipt {
-        kind: pb::ReceiptKind::Read as i32,
-        peer: 123_456,
-        through: 5_000,
-        ..Default::default()
-    }
-    .into();
-    rows.push((
-        "Receipt (read, cumulative)",
-        frame_len(std::slice::from_ref(&r)),
-    ));
-    rows.push((
-        "Ack + read Receipt coalesced",
-        frame_len(&[
-            pb::Ack {
-                through: 50_000,
-                ids: vec![],
-            }
-            .into(),
-            r,
-        ]),
-    ));
+    rows.push(("Ack (cumulative)", frame_len(&[pb::Ack { through: 50_000, ids: vec![] }.into()])));
+    let r: Message =
+        pb::Receipt { kind: pb::ReceiptKind::Read as i32, peer: 123_456, through: 5_000, ..Default::default() }.into();
+    rows.push(("Receipt (read, cumulative)", frame_len(std::slice::from_ref(&r))));
+    rows.push(("Ack + read Receipt coalesced", frame_len(&[pb::Ack { through: 50_000, ids: vec![] }.into(), r])));
     rows.push(("Keepalive (zero-length frame)", 2));
-    rows.push((
-        "Ping (authenticated)",
-        frame_len(&[pb::Ping { id: 1 }.into()]),
-    ));
+    rows.push(("Ping (authenticated)", frame_len(&[pb::Ping { id: 1 }.into()])));
 
     println!("| what | bytes on the wire (before TCP/IP) |\n|---|---|");
     for (what, n) in &rows {

@@ -11,9 +11,7 @@ use pipit_protocol::message::{encode_packet, pb};
 use pipit_protocol::{ClientHandshake, Message, StaticKeypair};
 
 fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target)
 }
 
 fn write_seeds() {
@@ -41,27 +39,13 @@ fn write_seeds() {
     ClientHandshake::xx(&device, &mut xx).unwrap();
     seed("server_handshake", "xx", &[&[0u8][..], &xx].concat());
     let mut stale = BytesMut::new();
-    ClientHandshake::ik(
-        &device,
-        &StaticKeypair::from_private([9; 32]).public().clone(),
-        login,
-        &mut stale,
-    )
-    .unwrap();
-    seed(
-        "server_handshake",
-        "stale",
-        &[&[255u8][..], &stale, &stale[4..]].concat(),
-    );
+    ClientHandshake::ik(&device, &StaticKeypair::from_private([9; 32]).public().clone(), login, &mut stale).unwrap();
+    seed("server_handshake", "stale", &[&[255u8][..], &stale, &stale[4..]].concat());
     seed("server_handshake", "http", b"\x05GET / HTTP/1.1\r\n\r\n");
     seed("server_handshake", "version", b"\x00pip\x09");
 
     // Frames: keepalives, a small frame, an oversized length.
-    seed(
-        "frame_decoder",
-        "mixed",
-        &[255, 0, 0, 0, 3, 1, 2, 3, 0, 0, 0, 1, 9],
-    );
+    seed("frame_decoder", "mixed", &[255, 0, 0, 0, 3, 1, 2, 3, 0, 0, 0, 1, 9]);
     seed("frame_decoder", "toolong", &[1, 0xff, 0xff, 1, 2]);
 
     // Packets: one of each kind, and a coalesced cycle.
@@ -70,26 +54,10 @@ fn write_seeds() {
     seed("packet", "one_of_each", &all);
     let mut cycle = Vec::new();
     let msgs: Vec<Message> = vec![
-        pb::Ack {
-            through: 5,
-            ids: vec![7, 9],
-        }
-        .into(),
-        pb::Receipt {
-            kind: 2,
-            peer: 4,
-            through: 3,
-            ..Default::default()
-        }
-        .into(),
-        pb::Deliver {
-            inbox: 6,
-            from: 4,
-            seq: 3,
-            payload: bytes::Bytes::from_static(b"x"),
-            ..Default::default()
-        }
-        .into(),
+        pb::Ack { through: 5, ids: vec![7, 9] }.into(),
+        pb::Receipt { kind: 2, peer: 4, through: 3, ..Default::default() }.into(),
+        pb::Deliver { inbox: 6, from: 4, seq: 3, payload: bytes::Bytes::from_static(b"x"), ..Default::default() }
+            .into(),
     ];
     encode_packet(&msgs, &mut cycle);
     seed("packet", "cycle", &cycle);
@@ -113,9 +81,7 @@ fn corpus_replays_without_panics() {
         write_seeds();
     }
     let frames = replay("frame_decoder", fuzz::frame_decoder);
-    let handshakes = replay("server_handshake", |d| {
-        fuzz::server_handshake(d, std::time::Instant::now())
-    });
+    let handshakes = replay("server_handshake", |d| fuzz::server_handshake(d, std::time::Instant::now()));
     let packets = replay("packet", fuzz::packet);
     println!("replayed {frames} frame, {handshakes} handshake, {packets} packet inputs");
 }

@@ -22,27 +22,22 @@ fn client_message() -> impl Strategy<Value = Message> {
             ..Default::default()
         }
         .into()),
-        (
-            any::<u64>(),
-            any::<u64>(),
-            proptest::collection::vec((any::<u64>(), any::<u32>(), bytes_upto(64)), 0..4)
-        )
+        (any::<u64>(), any::<u64>(), proptest::collection::vec((any::<u64>(), any::<u32>(), bytes_upto(64)), 0..4))
             .prop_map(|(id, group, pd)| pb::Send {
                 id,
                 group,
                 per_device: pd
                     .into_iter()
-                    .map(|(account, device, payload)| pb::DeviceCiphertext {
-                        account,
-                        device,
-                        payload
-                    })
+                    .map(|(account, device, payload)| pb::DeviceCiphertext { account, device, payload })
                     .collect(),
                 ..Default::default()
             }
             .into()),
-        (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..20))
-            .prop_map(|(through, ids)| pb::Ack { through, ids }.into()),
+        (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..20)).prop_map(|(through, ids)| pb::Ack {
+            through,
+            ids
+        }
+        .into()),
         (0i32..3, any::<u64>(), any::<u64>()).prop_map(|(kind, peer, through)| pb::Receipt {
             kind,
             peer,
@@ -50,27 +45,14 @@ fn client_message() -> impl Strategy<Value = Message> {
             ..Default::default()
         }
         .into()),
-        (any::<u64>(), any::<bool>()).prop_map(|(peer, typing)| pb::Typing {
-            peer,
-            typing,
-            ..Default::default()
-        }
-        .into()),
-        proptest::collection::vec(any::<u64>(), 0..50)
-            .prop_map(|accounts| pb::PresenceSubscribe { accounts }.into()),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(peer, typing)| pb::Typing { peer, typing, ..Default::default() }.into()),
+        proptest::collection::vec(any::<u64>(), 0..50).prop_map(|accounts| pb::PresenceSubscribe { accounts }.into()),
         any::<u64>().prop_map(|id| pb::Ping { id }.into()),
-        (
-            any::<u64>(),
-            bytes_upto(40),
-            proptest::collection::vec(any::<u64>(), 0..30)
-        )
+        (any::<u64>(), bytes_upto(40), proptest::collection::vec(any::<u64>(), 0..30))
             .prop_map(|(req, name, members)| pb::GroupCreate { req, name, members }.into()),
-        (
-            any::<u64>(),
-            bytes_upto(33),
-            proptest::collection::vec((any::<u32>(), bytes_upto(33)), 0..5)
-        )
-            .prop_map(|(req, identity, otks)| pb::KeysUpload {
+        (any::<u64>(), bytes_upto(33), proptest::collection::vec((any::<u32>(), bytes_upto(33)), 0..5)).prop_map(
+            |(req, identity, otks)| pb::KeysUpload {
                 req,
                 identity,
                 signed: Some(pb::SignedPreKey {
@@ -78,57 +60,31 @@ fn client_message() -> impl Strategy<Value = Message> {
                     key: Bytes::from_static(&[9; 32]),
                     signature: Bytes::from_static(&[8; 64])
                 }),
-                one_time: otks
-                    .into_iter()
-                    .map(|(id, key)| pb::PreKey { id, key })
-                    .collect(),
+                one_time: otks.into_iter().map(|(id, key)| pb::PreKey { id, key }).collect(),
             }
-            .into()),
+            .into()
+        ),
     ]
 }
 
 fn server_message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, seq, time)| pb::Sent {
-            id,
-            seq,
-            time
-        }
-        .into()),
-        (
-            any::<u64>(),
-            any::<u64>(),
-            any::<u32>(),
-            any::<u64>(),
-            bytes_upto(300),
-            any::<u64>()
-        )
-            .prop_map(
-                |(inbox, from, from_device, seq, payload, group)| pb::Deliver {
-                    inbox,
-                    from,
-                    from_device,
-                    seq,
-                    payload,
-                    group,
-                    ..Default::default()
-                }
-                .into()
-            ),
-        (any::<u64>(), any::<bool>(), any::<u64>()).prop_map(|(account, online, last_seen)| {
-            pb::Presence {
-                account,
-                online,
-                last_seen,
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, seq, time)| pb::Sent { id, seq, time }.into()),
+        (any::<u64>(), any::<u64>(), any::<u32>(), any::<u64>(), bytes_upto(300), any::<u64>()).prop_map(
+            |(inbox, from, from_device, seq, payload, group)| pb::Deliver {
+                inbox,
+                from,
+                from_device,
+                seq,
+                payload,
+                group,
+                ..Default::default()
             }
             .into()
-        }),
-        (0i32..17, any::<u64>()).prop_map(|(code, req)| pb::Error {
-            code,
-            req,
-            ..Default::default()
-        }
-        .into()),
+        ),
+        (any::<u64>(), any::<bool>(), any::<u64>())
+            .prop_map(|(account, online, last_seen)| { pb::Presence { account, online, last_seen }.into() }),
+        (0i32..17, any::<u64>()).prop_map(|(code, req)| pb::Error { code, req, ..Default::default() }.into()),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(peer, seq, group)| pb::Expired {
             peer,
             seq,

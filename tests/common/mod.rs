@@ -30,19 +30,11 @@ impl TestServer {
         };
         tweak(&mut cfg);
         let running = pipit::start(cfg).unwrap();
-        Self {
-            addr: running.local_addr,
-            key: running.public_key,
-            running: Some(running),
-            dir,
-        }
+        Self { addr: running.local_addr, key: running.public_key, running: Some(running), dir }
     }
 
     pub fn opts(&self) -> ConnectOptions {
-        ConnectOptions {
-            server_key: Some(self.key),
-            ..ConnectOptions::default()
-        }
+        ConnectOptions { server_key: Some(self.key), ..ConnectOptions::default() }
     }
 }
 
@@ -65,19 +57,9 @@ pub struct Device {
 /// Registers a new account over XX (first contact) and returns its device.
 pub async fn register(addr: std::net::SocketAddr) -> (Device, Connection) {
     let key = StaticKeypair::generate();
-    let conn = Connection::connect(
-        addr,
-        &key,
-        pipit_client::register("", "phone"),
-        &ConnectOptions::default(),
-    )
-    .await
-    .unwrap();
-    let d = Device {
-        key,
-        account: conn.login().account,
-        device: conn.login().device,
-    };
+    let conn =
+        Connection::connect(addr, &key, pipit_client::register("", "phone"), &ConnectOptions::default()).await.unwrap();
+    let d = Device { key, account: conn.login().account, device: conn.login().device };
     (d, conn)
 }
 
@@ -87,67 +69,39 @@ pub async fn login(server: &TestServer, d: &Device) -> Connection {
 }
 
 pub async fn login_at(addr: std::net::SocketAddr, key: PublicKey, d: &Device) -> Connection {
-    let opts = ConnectOptions {
-        server_key: Some(key),
-        ..ConnectOptions::default()
-    };
-    Connection::connect(
-        addr,
-        &d.key,
-        pipit_client::login(d.account, d.device, 0),
-        &opts,
-    )
-    .await
-    .unwrap()
+    let opts = ConnectOptions { server_key: Some(key), ..ConnectOptions::default() };
+    Connection::connect(addr, &d.key, pipit_client::login(d.account, d.device, 0), &opts).await.unwrap()
 }
 
 /// Links a new device to `owner`'s account and returns it.
 pub async fn link(server: &TestServer, owner: &mut Connection, req: u64) -> Device {
     let key = StaticKeypair::generate();
     owner
-        .send(&[pb::LinkDevice {
-            req,
-            key: Bytes::copy_from_slice(key.public().as_bytes()),
-            name: "tablet".into(),
-        }
-        .into()])
+        .send(&[
+            pb::LinkDevice { req, key: Bytes::copy_from_slice(key.public().as_bytes()), name: "tablet".into() }.into()
+        ])
         .await
         .unwrap();
     let device = match owner.recv_timeout(T).await.unwrap() {
         Message::Linked(l) if l.req == req => l.device,
         other => panic!("expected Linked, got {other:?}"),
     };
-    let d = Device {
-        key,
-        account: owner.login().account,
-        device,
-    };
+    let d = Device { key, account: owner.login().account, device };
     // The new device logs in knowing only its key.
     let opts = server.opts();
-    let c = Connection::connect(server.addr, &d.key, pipit_client::login(0, 0, 0), &opts)
-        .await
-        .unwrap();
+    let c = Connection::connect(server.addr, &d.key, pipit_client::login(0, 0, 0), &opts).await.unwrap();
     assert_eq!((c.login().account, c.login().device), (d.account, d.device));
     d
 }
 
 pub fn text(id: u64, to: u64, body: &str) -> Message {
-    pb::Send {
-        id,
-        to,
-        payload: Bytes::copy_from_slice(body.as_bytes()),
-        ..Default::default()
-    }
-    .into()
+    pb::Send { id, to, payload: Bytes::copy_from_slice(body.as_bytes()), ..Default::default() }.into()
 }
 
 /// Receives until `pick` returns something, skipping what it declines.
 pub async fn expect<T>(c: &mut Connection, mut pick: impl FnMut(Message) -> Option<T>) -> T {
     loop {
-        let m = c
-            .recv_timeout(T)
-            .await
-            .unwrap_or_else(|e| panic!("waiting: {e}"));
+        let m = c.recv_timeout(T).await.unwrap_or_else(|e| panic!("waiting: {e}"));
         if let Some(t) = pick(m) {
             return t;
         }
@@ -172,13 +126,7 @@ pub async fn expect_sent(c: &mut Connection, id: u64) -> pb::Sent {
 }
 
 pub async fn ack(c: &mut Connection, through: u64) {
-    c.send(&[pb::Ack {
-        through,
-        ids: vec![],
-    }
-    .into()])
-        .await
-        .unwrap();
+    c.send(&[pb::Ack { through, ids: vec![] }.into()]).await.unwrap();
 }
 
 /// Nothing arrives within `d` (besides what `allow` accepts).

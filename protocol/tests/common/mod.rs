@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pipit_protocol::handshake::{
-    Accepted, Hello, IkStep, ServerHandshake, ServerKeys, ServerStep, XxStep,
-};
+use pipit_protocol::handshake::{Accepted, Hello, IkStep, ServerHandshake, ServerKeys, ServerStep, XxStep};
 use pipit_protocol::message::pb;
 use pipit_protocol::session::Incoming;
 use pipit_protocol::{ClientHandshake, Message, Session, StaticKeypair};
@@ -54,8 +52,7 @@ pub fn deliver(inbox: u64) -> Message {
 
 /// Drives a server handshake over `input` until it needs more or accepts.
 pub fn server_feed(hs: ServerHandshake, input: &mut BytesMut, out: &mut BytesMut) -> ServerStep {
-    hs.read(input, Instant::now(), out)
-        .expect("server handshake step")
+    hs.read(input, Instant::now(), out).expect("server handshake step")
 }
 
 pub fn accepted(step: ServerStep) -> Accepted {
@@ -101,22 +98,11 @@ pub fn ik_pair(client: &StaticKeypair, keys: &Arc<ServerKeys>) -> Pair {
     let acc = accepted(server_feed(server, &mut c2s, &mut s2c));
     assert_eq!(acc.client_key, *client.public());
     let pattern = acc.pattern;
-    let server = acc
-        .finish(&[login_ok(4_711), deliver(1), deliver(2)], &mut s2c)
-        .unwrap();
+    let server = acc.finish(&[login_ok(4_711), deliver(1), deliver(2)], &mut s2c).unwrap();
     flights.push(s2c.len());
-    let IkStep::Established { session, messages } = hs.read(&mut s2c).unwrap() else {
-        panic!("IK not established")
-    };
+    let IkStep::Established { session, messages } = hs.read(&mut s2c).unwrap() else { panic!("IK not established") };
     assert!(s2c.is_empty());
-    Pair {
-        client: session,
-        server,
-        first_messages: messages,
-        round_trips: 1,
-        accepted_pattern: pattern,
-        flights,
-    }
+    Pair { client: session, server, first_messages: messages, round_trips: 1, accepted_pattern: pattern, flights }
 }
 
 /// Full XX: the server's login answer is its first transport frame.
@@ -129,33 +115,20 @@ pub fn xx_pair(client: &StaticKeypair, keys: &Arc<ServerKeys>) -> Pair {
     let server = ServerHandshake::new(keys.clone(), Instant::now(), TIMEOUT);
     let server = need_more(server_feed(server, &mut c2s, &mut s2c));
     flights.push(s2c.len());
-    let XxStep::ServerKnown(known) = hs.read(&mut s2c).unwrap() else {
-        panic!("no XX reply")
-    };
+    let XxStep::ServerKnown(known) = hs.read(&mut s2c).unwrap() else { panic!("no XX reply") };
     assert_eq!(known.server_key(), keys.current().public());
     let mut client = known.finish(login(), &mut c2s).unwrap();
     flights.push(c2s.len());
     let acc = accepted(server_feed(server, &mut c2s, &mut s2c));
     let pattern = acc.pattern;
-    let server = acc
-        .finish(&[login_ok(4_711), deliver(1), deliver(2)], &mut s2c)
-        .unwrap();
+    let server = acc.finish(&[login_ok(4_711), deliver(1), deliver(2)], &mut s2c).unwrap();
     flights.push(s2c.len());
     let mut first = Vec::new();
     while let Some(inc) = client.open(&mut s2c).unwrap() {
-        let Incoming::Messages(m) = inc else {
-            panic!("keepalive")
-        };
+        let Incoming::Messages(m) = inc else { panic!("keepalive") };
         first.extend(m);
     }
-    Pair {
-        client,
-        server,
-        first_messages: first,
-        round_trips: 2,
-        accepted_pattern: pattern,
-        flights,
-    }
+    Pair { client, server, first_messages: first, round_trips: 2, accepted_pattern: pattern, flights }
 }
 
 /// Seals `msgs` on `from` and opens them on `to`.
