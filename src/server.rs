@@ -193,6 +193,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         shards.push(handle);
     }
     crate::admin::spawn(shared.clone()).context("starting the admin socket")?;
+    spawn_gauges(shared.clone());
     tracing::info!(%local_addr, shards = n, server_key = %public_key, "listening");
     Ok(Running { local_addr, public_key, shared, shards, writer_thread: Some(writer_thread) })
 }
@@ -236,4 +237,23 @@ fn run_shard(index: usize, listener: std::net::TcpListener, shared: Arc<Shared>)
         tracker.close();
         tracker.wait().await;
     });
+}
+
+/// Refreshes gauges that are cheaper to sample than to keep exact.
+fn spawn_gauges(shared: Arc<Shared>) {
+    let spawned = std::thread::Builder::new().name("pipit-gauges".into()).spawn(move || {
+        while !shared.shutdown.is_cancelled() {
+            metrics::gauge!("pipit_inbox_entries").set(shared.store.inbox_estimate() as f64);
+            metrics::gauge!("pipit_online_devices").set(shared.registry.online() as f64);
+            for _ in 0..50 {
+                if shared.shutdown.is_cancelled() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no gauge thread; inbox depth will not be reported");
+    }
 }

@@ -3,50 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
 use common::*;
-use pipit_client::pipit_protocol::PublicKey;
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    key: PublicKey,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(dir: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pipit"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1", "--data-dir"])
-        .arg(dir)
-        .env("PIPIT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start pipit");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    // "pipit listening on ADDR server key KEY"
-    let words: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(&words[..3], ["pipit", "listening", "on"], "{line}");
-    Server { addr: words[3].parse().unwrap(), key: words[6].parse().unwrap(), child }
-}
 
 #[tokio::test]
 async fn nothing_acknowledged_is_lost_across_repeated_sigkills() {
     const ROUNDS: u64 = 3;
     const PER_ROUND: u64 = 10;
     let dir = tempfile::tempdir().unwrap();
-    let mut server = spawn(dir.path());
+    let mut server = BinaryServer::spawn(dir.path(), &[], &[]);
     let (a, ca) = register(server.addr).await;
     let (b, cb) = register(server.addr).await;
     drop((ca, cb));
@@ -64,7 +28,7 @@ async fn nothing_acknowledged_is_lost_across_repeated_sigkills() {
         server.child.kill().unwrap();
         server.child.wait().unwrap();
         drop(server);
-        server = spawn(dir.path());
+        server = BinaryServer::spawn(dir.path(), &[], &[]);
         // A retry after the crash is still recognised.
         let mut ca = login_at(server.addr, server.key, &a).await;
         let last = *ids.last().unwrap();

@@ -136,3 +136,50 @@ pub async fn quiet(c: &mut Connection, d: Duration) {
         other => panic!("expected silence, got {other:?}"),
     }
 }
+
+/// The real `pipit` binary, started on 127.0.0.1 with a data directory.
+pub struct BinaryServer {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    pub key: PublicKey,
+}
+
+impl BinaryServer {
+    pub fn spawn(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead as _;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pipit"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--shards", "1", "--data-dir"])
+            .arg(dir)
+            .args(args)
+            .env("PIPIT_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start pipit");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // "pipit listening on ADDR server key KEY"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&words[..3], ["pipit", "listening", "on"], "{line}");
+        Self { addr: words[3].parse().unwrap(), key: words[6].parse().unwrap(), child }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

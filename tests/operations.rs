@@ -1,0 +1,91 @@
+//! What operators rely on, checked against the real binary: metrics,
+//! graceful shutdown on SIGTERM, systemd readiness.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+use pipit_client::pipit_protocol::message::pb;
+use pipit_client::ClientError;
+
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_handshakes_messages_and_group_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = BinaryServer::spawn(dir.path(), &["--metrics-listen", &format!("127.0.0.1:{port}")], &[]);
+    let (_a, mut ca) = register(server.addr).await;
+    let (b, mut cb) = register(server.addr).await;
+    for i in 1..=5 {
+        ca.send(&[text(i, b.account, "x")]).await.unwrap();
+        expect_sent(&mut ca, i).await;
+    }
+    for _ in 0..5 {
+        let d = expect_deliver(&mut cb).await;
+        ack(&mut cb, d.inbox).await;
+    }
+    let m = tokio::task::spawn_blocking(move || scrape(port)).await.unwrap();
+    assert_eq!(value(&m, "pipit_messages_sent_total"), 5.0, "{m}");
+    assert_eq!(value(&m, "pipit_messages_stored_total"), 5.0);
+    assert_eq!(value(&m, "pipit_messages_delivered_total"), 5.0);
+    assert!(m.contains("pipit_handshakes_total{pattern=\"xx\",result=\"ok\"} 2"), "{m}");
+    assert!(value(&m, "pipit_group_commit_ops_count") >= 1.0);
+    assert!(m.contains("pipit_group_commit_seconds"));
+    assert_eq!(value(&m, "pipit_connections"), 2.0);
+    assert!(value(&m, "pipit_bytes_in_total") > 0.0 && value(&m, "pipit_frames_out_total") > 0.0);
+    assert!(m.contains("pipit_inbox_entries"), "{m}");
+}
+
+#[tokio::test]
+async fn sigterm_tells_clients_and_exits_cleanly_within_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = BinaryServer::spawn(dir.path(), &[], &[]);
+    let (_a, mut ca) = register(server.addr).await;
+    let started = Instant::now();
+    server.signal("-TERM");
+    match ca.recv_timeout(T).await {
+        Err(ClientError::Refused(pb::ErrorCode::ShuttingDown)) => {}
+        other => panic!("expected SHUTTING_DOWN, got {other:?}"),
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let s = server.child.wait().unwrap();
+        (s, server)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "exited within the grace period");
+}
+
+#[test]
+fn readiness_is_reported_to_systemd_once_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    let data = dir.path().join("data");
+    let server = BinaryServer::spawn(&data, &[], &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim_end(), "READY=1");
+    // Ready means accepting: a connection works right away.
+    std::net::TcpStream::connect(server.addr).unwrap();
+}
