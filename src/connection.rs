@@ -300,7 +300,8 @@ impl Conn {
             inflight.push_back(acked_meta(addr.account, id, &m));
             outq.push(m);
         }
-        metrics::counter!("pipit_messages_delivered_total").increment(outq.len() as u64);
+        let messages = outq.iter().filter(|m| matches!(m, Message::Deliver(_))).count();
+        metrics::counter!("pipit_messages_delivered_total").increment(messages as u64);
         Ok(Self {
             shared: shared.clone(),
             addr,
@@ -577,8 +578,10 @@ impl Conn {
     fn deliver(&mut self, id: u64, m: Message) {
         self.inflight.push_back(acked_meta(self.addr.account, id, &m));
         self.cursor = id;
+        if matches!(m, Message::Deliver(_)) {
+            metrics::counter!("pipit_messages_delivered_total").increment(1);
+        }
         self.outq.push(m);
-        metrics::counter!("pipit_messages_delivered_total").increment(1);
     }
 
     fn push(&mut self, (id, m): Push) {
@@ -586,7 +589,7 @@ impl Conn {
             return;
         }
         if id == self.cursor + 1 && !self.behind && self.inflight.len() < self.window {
-            self.deliver(id, m);
+            self.deliver(id, *m);
         } else {
             // A gap or a full window: the entry is in the inbox; read it
             // from there when the window opens.

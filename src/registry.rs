@@ -17,8 +17,9 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::storage::{Deliveries, DeviceAddr};
 
-/// A new inbox entry for a connection.
-pub type Push = (u64, Message);
+/// A new inbox entry for a connection: its inbox id and the message,
+/// boxed so an idle connection's channel block stays small.
+pub type Push = (u64, Box<Message>);
 
 /// How to reach one connection.
 #[derive(Clone)]
@@ -82,7 +83,7 @@ impl Deliveries for Registry {
     fn push(&self, to: DeviceAddr, id: u64, msg: &Message) {
         let handle = self.stripe(to).get(&to).cloned();
         if let Some(h) = handle {
-            if h.tx.try_send((id, msg.clone())).is_err() {
+            if h.tx.try_send((id, Box::new(msg.clone()))).is_err() {
                 h.overflow.store(true, Ordering::Release);
             }
         }

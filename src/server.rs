@@ -164,7 +164,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     };
     let (writer, writer_thread) = Writer::start(store.clone(), writer_cfg, registry.clone(), 65_536);
     let shutdown = CancellationToken::new();
-    spawn_sweeper(writer.clone(), Duration::from_secs(config.expiry_sweep_secs), config.max_batch, shutdown.clone());
+    spawn_sweeper(writer.clone(), Duration::from_secs(config.expiry_sweep_secs), shutdown.clone());
 
     let n = config.shard_count();
     let first = listener(config.listen)?;

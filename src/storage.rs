@@ -328,8 +328,8 @@ pub enum Op {
     Expire {
         /// Current time, seconds.
         now: u64,
-        /// Count of expired entries.
-        reply: Option<oneshot::Sender<usize>>,
+        /// What the round did.
+        reply: Option<oneshot::Sender<ExpiryRound>>,
     },
     /// Called once everything queued before it is durable.
     Barrier(Box<dyn FnOnce() + Send>),
@@ -417,7 +417,7 @@ enum Effect {
     Sent(oneshot::Sender<Result<pb::Sent, SendFailure>>, Result<pb::Sent, SendFailure>, Option<Instant>),
     Push(DeviceAddr, u64, Message),
     Invite(oneshot::Sender<String>, String),
-    Expired(Option<oneshot::Sender<usize>>, usize),
+    Expired(Option<oneshot::Sender<ExpiryRound>>, ExpiryRound),
     Barrier(Box<dyn FnOnce() + Send>),
 }
 
@@ -433,7 +433,21 @@ struct WriterThread {
     /// Account device lists read or written in this batch.
     batch_accounts: HashMap<u64, pb::DeviceList>,
     batch_keys: HashMap<PublicKey, DeviceAddr>,
+    /// Where the next expiry round resumes its inbox scan.
+    expiry_cursor: Vec<u8>,
     sync_opts: WriteOptions,
+}
+
+/// Most inbox entries one expiry round reads.
+const EXPIRY_SCAN_MAX: usize = 50_000;
+
+/// What one expiry round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryRound {
+    /// Entries deleted.
+    pub expired: usize,
+    /// The scan reached the end of the inbox.
+    pub finished: bool,
 }
 
 const COUNTER_CACHE_MAX: usize = 1 << 20;
@@ -450,6 +464,7 @@ impl WriterThread {
             batch_dedup: HashMap::new(),
             batch_accounts: HashMap::new(),
             batch_keys: HashMap::new(),
+            expiry_cursor: Vec::new(),
             sync_opts,
         }
     }
@@ -723,6 +738,8 @@ impl WriterThread {
             .devices
             .iter()
             .map(|d| (DeviceAddr { account: send.to, device: d.device }, false))
+            // A note to self reaches the account's other devices only.
+            .filter(|(a, _)| *a != from)
             .chain(
                 own.devices
                     .iter()
@@ -862,13 +879,25 @@ impl WriterThread {
     /// Deletes entries older than the TTL and tells senders. Runs in this
     /// thread, so it is bounded: at most `max_batch` deletions per round;
     /// the sweeper calls again while entries keep expiring.
-    fn expire(&mut self, now: u64, batch: &mut WriteBatch, fx: &mut Vec<Effect>) -> Result<usize, StorageError> {
+    fn expire(&mut self, now: u64, batch: &mut WriteBatch, fx: &mut Vec<Effect>) -> Result<ExpiryRound, StorageError> {
         let cutoff = now.saturating_sub(self.cfg.ttl_secs);
         let mut notices: HashMap<(u64, u64, u64), u32> = HashMap::new();
         let mut n = 0;
-        let iter = self.store.db.iterator_cf(self.store.cf(CF_INBOX), IteratorMode::Start);
+        let mut scanned = 0;
+        // Resume where the last round stopped: one round never scans more
+        // than EXPIRY_SCAN_MAX entries, so writes wait at most that long.
+        let start = std::mem::take(&mut self.expiry_cursor);
+        let mode = if start.is_empty() { IteratorMode::Start } else { IteratorMode::From(&start, Direction::Forward) };
+        let iter = self.store.db.iterator_cf(self.store.cf(CF_INBOX), mode);
+        let mut finished = true;
         for item in iter {
             let (k, v) = item?;
+            scanned += 1;
+            if scanned > EXPIRY_SCAN_MAX || n >= self.cfg.max_batch {
+                self.expiry_cursor = k.to_vec();
+                finished = false;
+                break;
+            }
             let Ok(msg) = decode_entry(&v, 0) else {
                 continue;
             };
@@ -883,9 +912,6 @@ impl WriterThread {
                     *notices.entry((d.from, owner.account, d.seq)).or_default() += 1;
                 }
             }
-            if n >= self.cfg.max_batch {
-                break;
-            }
         }
         for ((sender, peer, seq), devices) in notices {
             let Some(account) = self.account(sender)? else {
@@ -897,7 +923,7 @@ impl WriterThread {
             }
         }
         metrics::counter!("pipit_messages_expired_total").increment(n as u64);
-        Ok(n)
+        Ok(ExpiryRound { expired: n, finished })
     }
 }
 
@@ -924,9 +950,9 @@ fn invite_code() -> String {
     s
 }
 
-/// Runs an expiry sweep every `every` until `stop`. A sweep round deletes
-/// at most `max_batch` entries; full rounds are repeated at once.
-pub fn spawn_sweeper(writer: Writer, every: Duration, max_batch: usize, stop: tokio_util::sync::CancellationToken) {
+/// Runs an expiry sweep every `every` until `stop`. A sweep is a series of
+/// bounded rounds (see [`ExpiryRound`]) until the scan reaches the end.
+pub fn spawn_sweeper(writer: Writer, every: Duration, stop: tokio_util::sync::CancellationToken) {
     std::thread::Builder::new()
         .name("pipit-expiry".into())
         .spawn(move || loop {
@@ -943,11 +969,11 @@ pub fn spawn_sweeper(writer: Writer, every: Duration, max_batch: usize, stop: to
                     break;
                 }
                 match rx.blocking_recv() {
-                    Ok(n) => {
-                        if n > 0 {
-                            tracing::info!(expired = n, "expiry sweep");
+                    Ok(round) => {
+                        if round.expired > 0 {
+                            tracing::info!(expired = round.expired, "expiry sweep");
                         }
-                        if n < max_batch || stop.is_cancelled() {
+                        if round.finished || stop.is_cancelled() {
                             break;
                         }
                     }
@@ -1048,7 +1074,7 @@ mod tests {
         let s = send(&w, a, 1, b.account).unwrap();
         let (tx, rx) = oneshot::channel();
         w.submit(Op::Expire { now: unix_now() + 101, reply: Some(tx) }).unwrap();
-        assert_eq!(rx.blocking_recv().unwrap(), 1);
+        assert_eq!(rx.blocking_recv().unwrap(), ExpiryRound { expired: 1, finished: true });
         assert!(store.inbox_after(b, 0, 10).unwrap().is_empty());
         let notices = store.inbox_after(a, 0, 10).unwrap();
         let Message::Expired(e) = &notices[0].1 else { panic!("{notices:?}") };
