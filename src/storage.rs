@@ -435,6 +435,8 @@ struct WriterThread {
     batch_keys: HashMap<PublicKey, DeviceAddr>,
     /// Where the next expiry round resumes its inbox scan.
     expiry_cursor: Vec<u8>,
+    /// Where it resumes its dedup scan.
+    dedup_cursor: Vec<u8>,
     sync_opts: WriteOptions,
 }
 
@@ -465,6 +467,7 @@ impl WriterThread {
             batch_accounts: HashMap::new(),
             batch_keys: HashMap::new(),
             expiry_cursor: Vec::new(),
+            dedup_cursor: Vec::new(),
             sync_opts,
         }
     }
@@ -877,8 +880,9 @@ impl WriterThread {
     }
 
     /// Deletes entries older than the TTL and tells senders. Runs in this
-    /// thread, so it is bounded: at most `max_batch` deletions per round;
-    /// the sweeper calls again while entries keep expiring.
+    /// thread, so it is bounded: at most `max_batch` deletions and
+    /// EXPIRY_SCAN_MAX reads per round; the sweeper calls again until a
+    /// round finishes.
     fn expire(&mut self, now: u64, batch: &mut WriteBatch, fx: &mut Vec<Effect>) -> Result<ExpiryRound, StorageError> {
         let cutoff = now.saturating_sub(self.cfg.ttl_secs);
         let mut notices: HashMap<(u64, u64, u64), u32> = HashMap::new();
@@ -923,7 +927,27 @@ impl WriterThread {
             }
         }
         metrics::counter!("pipit_messages_expired_total").increment(n as u64);
-        Ok(ExpiryRound { expired: n, finished })
+        let dedup_finished = self.expire_dedup(cutoff, batch)?;
+        Ok(ExpiryRound { expired: n, finished: finished && dedup_finished })
+    }
+
+    /// Forgets dedup records older than the TTL: a retry is expected within
+    /// the time a message may wait, not after. Bounded like the inbox scan.
+    fn expire_dedup(&mut self, cutoff: u64, batch: &mut WriteBatch) -> Result<bool, StorageError> {
+        let start = std::mem::take(&mut self.dedup_cursor);
+        let mode = if start.is_empty() { IteratorMode::Start } else { IteratorMode::From(&start, Direction::Forward) };
+        for (i, item) in self.store.db.iterator_cf(self.store.cf(CF_DEDUP), mode).enumerate() {
+            let (k, v) = item?;
+            if i >= EXPIRY_SCAN_MAX {
+                self.dedup_cursor = k.to_vec();
+                return Ok(false);
+            }
+            let time = v.get(8..16).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+            if time <= cutoff {
+                batch.delete_cf(self.store.cf(CF_DEDUP), &k);
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -1079,5 +1103,8 @@ mod tests {
         let notices = store.inbox_after(a, 0, 10).unwrap();
         let Message::Expired(e) = &notices[0].1 else { panic!("{notices:?}") };
         assert_eq!((e.peer, e.seq, e.devices), (b.account, s.seq, 1));
+        // The dedup record went with it: the same id is now a new message.
+        let again = send(&w, a, 1, b.account).unwrap();
+        assert_ne!(again.seq, s.seq);
     }
 }
