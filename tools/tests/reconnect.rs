@@ -1,0 +1,253 @@
+//! The client library against a real server (in-process, RocksDB in a temp
+//! dir) behind a link emulator the test controls: cuts, restarts, a
+//! changed server key, an app restart with a file-backed outbox.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pipit_client::pipit_protocol::message::pb;
+use pipit_client::{Backoff, Client, Config, Event, Events, FileStore, MemoryStore};
+use pipit_tools::linkem::{Link, Proxy};
+
+const T: Duration = Duration::from_secs(20);
+
+fn server(dir: &std::path::Path) -> pipit::Running {
+    pipit::start(pipit::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        shards: 2,
+        ..pipit::Config::default()
+    })
+    .unwrap()
+}
+
+async fn proxy_to(upstream: SocketAddr) -> Proxy {
+    Proxy::start("127.0.0.1:0".parse().unwrap(), upstream, Link::default(), Link::default()).await.unwrap()
+}
+
+fn config(addr: SocketAddr) -> Config {
+    let mut c = Config::new(addr.to_string());
+    c.backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) };
+    c.connect_timeout = Duration::from_secs(5);
+    c
+}
+
+/// Waits for the first `Connected` and returns the account.
+async fn account(events: &mut Events) -> u64 {
+    loop {
+        match tokio::time::timeout(T, events.next()).await.expect("connected in time") {
+            Some(Event::Connected { account, .. }) => return account,
+            Some(Event::Stopped { reason }) => panic!("stopped: {reason}"),
+            Some(_) => {}
+            None => panic!("client ended"),
+        }
+    }
+}
+
+/// What one side saw.
+#[derive(Default, Debug)]
+struct Seen {
+    /// Payload index of every message received, in arrival order.
+    received: Vec<u64>,
+    seqs: Vec<u64>,
+    sent: BTreeMap<u64, pb::Sent>,
+}
+
+fn index(d: &pb::Deliver) -> u64 {
+    u64::from_be_bytes(d.payload[..8].try_into().unwrap())
+}
+
+/// Drains events until `want_received` messages and `want_sent` "sent"s,
+/// failing on duplicates the library should have dropped.
+async fn collect(events: &mut Events, seen: &mut Seen, want_received: usize, want_sent: usize) {
+    while seen.received.len() < want_received || seen.sent.len() < want_sent {
+        let e = tokio::time::timeout(T, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("stuck at {} received, {} sent", seen.received.len(), seen.sent.len()));
+        match e {
+            Some(Event::Message(d)) => {
+                seen.received.push(index(&d));
+                seen.seqs.push(d.seq);
+            }
+            Some(Event::Sent(s)) => assert!(seen.sent.insert(s.id, s).is_none(), "Sent twice for {}", s.id),
+            Some(Event::Stopped { reason }) => panic!("stopped: {reason}"),
+            Some(_) => {}
+            None => panic!("client ended"),
+        }
+    }
+}
+
+fn payload(i: u64) -> bytes::Bytes {
+    let mut v = i.to_be_bytes().to_vec();
+    v.extend_from_slice(&[0x77; 92]);
+    v.into()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn twenty_cuts_during_a_thousand_message_exchange_lose_and_double_nothing() {
+    const EACH: u64 = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let running = server(dir.path());
+    let proxy = proxy_to(running.local_addr).await;
+    let (a, mut ea) = Client::start(config(proxy.addr()), MemoryStore::new()).unwrap();
+    let (b, mut eb) = Client::start(config(proxy.addr()), MemoryStore::new()).unwrap();
+    let (acc_a, acc_b) = (account(&mut ea).await, account(&mut eb).await);
+
+    let mut seen_a = Seen::default();
+    let mut seen_b = Seen::default();
+    let mut cuts = 0;
+    for i in 0..EACH {
+        a.send(acc_b, payload(i)).await.unwrap();
+        b.send(acc_a, payload(i)).await.unwrap();
+        // Cut the link every 25 messages, while traffic is in flight.
+        if i % 25 == 12 {
+            proxy.cut();
+            cuts += 1;
+        }
+        // Keep both event streams moving (the library must not stall on
+        // a slow app, but the test should not make it wait needlessly).
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(1), ea.next()).await {
+            record(e, &mut seen_a);
+        }
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(1), eb.next()).await {
+            record(e, &mut seen_b);
+        }
+    }
+    assert_eq!(cuts, 20);
+    collect(&mut ea, &mut seen_a, EACH as usize, EACH as usize).await;
+    collect(&mut eb, &mut seen_b, EACH as usize, EACH as usize).await;
+
+    for (name, seen, client) in [("a", &seen_a, &a), ("b", &seen_b, &b)] {
+        assert_eq!(seen.received, (0..EACH).collect::<Vec<_>>(), "{name}: every message once, in order");
+        assert!(seen.seqs.windows(2).all(|w| w[0] < w[1]), "{name}: per-conversation order");
+        assert_eq!(seen.sent.len(), EACH as usize, "{name}: every send reached sent");
+        let s = client.stats();
+        println!(
+            "{name}: sent {} received {} duplicates dropped {} resent {} reconnects {}",
+            s.sent.load(Ordering::Relaxed),
+            s.received.load(Ordering::Relaxed),
+            s.duplicates_dropped.load(Ordering::Relaxed),
+            s.resent.load(Ordering::Relaxed),
+            s.reconnects.load(Ordering::Relaxed),
+        );
+        assert!(s.reconnects.load(Ordering::Relaxed) >= 20, "{name} reconnected after every cut");
+    }
+    // Sequence numbers are shared by the conversation: together the two
+    // directions used 1..=1000 exactly once.
+    let mut all: Vec<u64> = seen_a.seqs.iter().chain(&seen_b.seqs).copied().collect();
+    all.sort();
+    assert_eq!(all, (1..=2 * EACH).collect::<Vec<_>>());
+    drop((a, b));
+    running.shutdown(Duration::from_secs(2));
+}
+
+fn record(e: Event, seen: &mut Seen) {
+    match e {
+        Event::Message(d) => {
+            seen.received.push(index(&d));
+            seen.seqs.push(d.seq);
+        }
+        Event::Sent(s) => assert!(seen.sent.insert(s.id, s).is_none(), "Sent twice for {}", s.id),
+        Event::Stopped { reason } => panic!("stopped: {reason}"),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_server_restart_during_sends_loses_and_doubles_nothing() {
+    const N: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let mut running = Some(server(dir.path()));
+    let proxy = proxy_to(running.as_ref().unwrap().local_addr).await;
+    let (a, mut ea) = Client::start(config(proxy.addr()), MemoryStore::new()).unwrap();
+    let (b, mut eb) = Client::start(config(proxy.addr()), MemoryStore::new()).unwrap();
+    let acc_b = {
+        account(&mut ea).await;
+        account(&mut eb).await
+    };
+    let mut seen_a = Seen::default();
+    let mut seen_b = Seen::default();
+    for i in 0..N {
+        a.send(acc_b, payload(i)).await.unwrap();
+        if i == N / 2 {
+            // Restart: SIGTERM-style shutdown, then a new process on the
+            // same data directory (a new port, behind the same proxy).
+            running.take().unwrap().shutdown(Duration::from_secs(2));
+            proxy.cut();
+            let next = server(dir.path());
+            proxy.set_upstream(next.local_addr).unwrap();
+            running = Some(next);
+        }
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(1), ea.next()).await {
+            record(e, &mut seen_a);
+        }
+    }
+    collect(&mut ea, &mut seen_a, 0, N as usize).await;
+    collect(&mut eb, &mut seen_b, N as usize, 0).await;
+    assert_eq!(seen_b.received, (0..N).collect::<Vec<_>>(), "all delivered, once, in order");
+    assert_eq!(seen_a.sent.len(), N as usize);
+    drop((a, b));
+    running.unwrap().shutdown(Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_changed_server_key_stops_the_client_with_a_clear_error() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = server(d1.path());
+    let proxy = proxy_to(first.local_addr).await;
+    let (c, mut events) = Client::start(config(proxy.addr()), MemoryStore::new()).unwrap();
+    account(&mut events).await;
+    // Same address, different server (another key): an impostor or a
+    // reinstalled server. No silent fallback to the new key.
+    let impostor = server(d2.path());
+    proxy.set_upstream(impostor.local_addr).unwrap();
+    proxy.cut();
+    loop {
+        match tokio::time::timeout(T, events.next()).await.unwrap() {
+            Some(Event::Stopped { reason }) => {
+                assert!(reason.contains("server key changed"), "{reason}");
+                break;
+            }
+            Some(Event::Connected { .. }) => panic!("connected to a server with another key"),
+            Some(_) => {}
+            None => panic!("ended without saying why"),
+        }
+    }
+    assert!(events.next().await.is_none(), "the client stopped");
+    assert!(c.send(1, &b"x"[..]).await.is_err());
+    first.shutdown(Duration::from_secs(1));
+    impostor.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_file_outbox_survives_an_app_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = server(dir.path());
+    let proxy = proxy_to(running.local_addr).await;
+    let (b, mut eb) = Client::start(config(proxy.addr()), MemoryStore::new()).unwrap();
+    let acc_b = account(&mut eb).await;
+    let profile = tempfile::tempdir().unwrap();
+    // Register a, then go offline: the link stalls, so sends only reach
+    // the outbox; then the app is closed.
+    let (a, mut ea) = Client::start(config(proxy.addr()), FileStore::open(profile.path()).unwrap()).unwrap();
+    account(&mut ea).await;
+    proxy.stall(true);
+    for i in 0..5 {
+        a.send(acc_b, payload(i)).await.unwrap();
+    }
+    a.close().await;
+    proxy.cut();
+    proxy.stall(false);
+    // The app starts again from the same files: the outbox goes out.
+    let (a, mut ea) = Client::start(config(proxy.addr()), FileStore::open(profile.path()).unwrap()).unwrap();
+    let mut seen_a = Seen::default();
+    let mut seen_b = Seen::default();
+    collect(&mut ea, &mut seen_a, 0, 5).await;
+    collect(&mut eb, &mut seen_b, 5, 0).await;
+    assert_eq!(seen_b.received, vec![0, 1, 2, 3, 4]);
+    assert_eq!(seen_a.sent.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    drop((a, b));
+    running.shutdown(Duration::from_secs(2));
+}
