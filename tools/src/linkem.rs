@@ -37,11 +37,8 @@ impl Link {
     }
 
     fn serialization(&self, bytes: usize) -> Duration {
-        if self.rate_bps == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_nanos((bytes as u64 * 8).saturating_mul(1_000_000_000) / self.rate_bps)
-        }
+        // A zero rate means unlimited: no serialization delay.
+        Duration::from_nanos((bytes as u64 * 8).saturating_mul(1_000_000_000).checked_div(self.rate_bps).unwrap_or(0))
     }
 }
 
