@@ -3,9 +3,9 @@
 //! connection. `pipit admin ...` is its client.
 //!
 //! Commands: `invite [ttl_secs]`, `accounts`, `inbox <account> <device>`,
-//! `stats`. Answers are text lines; errors start with `error:`.
+//! `stats`. Answers are text lines; errors start with `error:`. The client
+//! side is `pipit_client::admin`.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::server::Shared;
 use crate::storage::{DeviceAddr, Op};
 
-/// Where the admin socket lives.
-pub fn socket_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("admin.sock")
-}
+pub use pipit_client::admin::{request, socket_path};
 
 /// Longest command line accepted.
 const MAX_LINE: usize = 256;
@@ -94,18 +91,4 @@ async fn execute(line: &str, shared: &Arc<Shared>) -> anyhow::Result<String> {
         ["stats"] => Ok(format!("online_devices {}\n", shared.registry.online())),
         _ => anyhow::bail!("unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats"),
     }
-}
-
-/// Sends one command to a running server's admin socket.
-pub fn request(data_dir: &Path, command: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let path = socket_path(data_dir);
-    let mut s = std::os::unix::net::UnixStream::connect(&path)
-        .map_err(|e| anyhow::anyhow!("cannot reach the server at {}: {e} (is it running?)", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(15)))?;
-    s.write_all(command.as_bytes())?;
-    s.write_all(b"\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }

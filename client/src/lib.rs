@@ -9,6 +9,7 @@
 //! - [`Store`]: what the client remembers; [`MemoryStore`] and
 //!   [`FileStore`] ship with it.
 
+pub mod admin;
 mod backoff;
 mod client;
 mod connection;

@@ -1,1 +1,317 @@
-fn main() {}
+//! `pipit-cli`: pipit from a terminal, for developers and operators.
+//!
+//! A *profile* is a directory holding one device: its key, its ids, the
+//! pinned server key, its outbox (the client library's `FileStore`) and
+//! the server address.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use pipit_client::pipit_protocol::message::pb;
+use pipit_client::pipit_protocol::{PublicKey, StaticKeypair};
+use pipit_client::{Client, Config, Event, Events, FileStore, Store as _};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(Parser)]
+#[command(name = "pipit-cli", version, about = "pipit from a terminal")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a device key pair; prints the public key.
+    Keygen {
+        /// Write the private key (hex) here, mode 0600.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Create an account for a new profile (a new device).
+    Register {
+        /// Profile directory to create.
+        #[arg(long)]
+        profile: PathBuf,
+        /// Server address.
+        #[arg(long, default_value = "127.0.0.1:5222")]
+        server: String,
+        /// The server's public key (from `pipit key`); learned on first
+        /// contact and pinned when omitted.
+        #[arg(long)]
+        server_key: Option<PublicKey>,
+        /// Invite code, when the server requires one.
+        #[arg(long, default_value = "")]
+        invite: String,
+        /// Device name.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// Show a profile's account, device and keys.
+    Whoami {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+    },
+    /// Send one message and wait until the server has it.
+    Send {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+        /// Recipient account.
+        #[arg(long)]
+        to: u64,
+        /// The text.
+        text: String,
+    },
+    /// Print incoming messages, then exit.
+    Recv {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+        /// Stop after this many messages.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Chat with one account: type lines to send; incoming messages and the
+    /// state of yours (sent, delivered, read) are printed as they happen.
+    Chat {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+        /// The other account.
+        #[arg(long)]
+        to: u64,
+    },
+    /// Administer a running server on this machine (its admin socket).
+    Admin {
+        /// The server's data directory.
+        #[arg(long, default_value = "pipit-data")]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Issue a single-use invite code.
+    Invite {
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 7 * 86_400)]
+        ttl_secs: u64,
+    },
+    /// Accounts and their devices.
+    Accounts,
+    /// A device's inbox depth and whether it is online.
+    Inbox {
+        /// Account.
+        account: u64,
+        /// Device.
+        device: u32,
+    },
+    /// Server statistics.
+    Stats,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run(cli.command))
+}
+
+fn server_file(profile: &Path) -> PathBuf {
+    profile.join("server")
+}
+
+fn start(profile: &Path) -> anyhow::Result<(Client, Events)> {
+    let server = std::fs::read_to_string(server_file(profile))
+        .with_context(|| format!("{} is not a profile (run `pipit-cli register` first)", profile.display()))?;
+    let store = FileStore::open(profile)?;
+    Ok(Client::start(Config::new(server.trim()), store)?)
+}
+
+/// Waits for the login; a stop (refused device, changed key) is an error.
+async fn connected(events: &mut Events) -> anyhow::Result<(u64, u32)> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
+            Err(_) => bail!("could not reach the server within 30 s"),
+            Ok(None) => bail!("client stopped"),
+            Ok(Some(Event::Connected { account, device, .. })) => return Ok((account, device)),
+            Ok(Some(Event::Stopped { reason })) => bail!("{reason}"),
+            Ok(Some(Event::Disconnected { reason })) => eprintln!("(connection failed: {reason}; retrying)"),
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
+fn text(d: &pb::Deliver) -> String {
+    String::from_utf8_lossy(&d.payload).into_owned()
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Keygen { out } => {
+            let kp = StaticKeypair::generate();
+            if let Some(path) = out {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+                writeln!(f, "{}", kp.to_hex())?;
+            }
+            println!("{}", kp.public());
+        }
+        Command::Register { profile, server, server_key, invite, name } => {
+            if server_file(&profile).exists() {
+                bail!("{} already holds a device", profile.display());
+            }
+            let mut store = FileStore::open(&profile)?;
+            let mut state = pipit_client::State::new(StaticKeypair::generate());
+            state.server_key = server_key;
+            store.save_state(&state)?;
+            std::fs::write(server_file(&profile), &server)?;
+            let mut config = Config::new(server);
+            config.invite = invite;
+            config.device_name = name;
+            let (client, mut events) = Client::start(config, store)?;
+            let (account, device) = connected(&mut events).await?;
+            println!("account {account} device {device}");
+            client.close().await;
+        }
+        Command::Whoami { profile } => {
+            let state = FileStore::open(&profile)?.load_state()?.context("empty profile")?;
+            println!("account {} device {}", state.account, state.device);
+            println!("device key {}", state.identity.public());
+            println!("server key {}", state.server_key.map(|k| k.to_string()).unwrap_or_else(|| "(not pinned)".into()));
+        }
+        Command::Send { profile, to, text } => {
+            let (client, mut events) = start(&profile)?;
+            connected(&mut events).await?;
+            let id = client.send(to, text.into_bytes()).await?;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
+                    Err(_) => bail!("no answer from the server; the message stays in the outbox"),
+                    Ok(Some(Event::Sent(s))) if s.id == id => {
+                        println!("sent seq {}", s.seq);
+                        break;
+                    }
+                    Ok(Some(Event::SendFailed { id: f, code })) if f == id => bail!("refused: {code:?}"),
+                    Ok(Some(Event::Stopped { reason })) => bail!("{reason}"),
+                    Ok(None) => bail!("client stopped"),
+                    Ok(Some(_)) => {}
+                }
+            }
+            client.close().await;
+        }
+        Command::Recv { profile, count, timeout } => {
+            let (client, mut events) = start(&profile)?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+            let mut got = 0;
+            while got < count {
+                match tokio::time::timeout_at(deadline, events.next()).await {
+                    Err(_) => bail!("received {got} of {count} messages"),
+                    Ok(Some(Event::Message(d))) => {
+                        println!("{}: {}", d.from, text(&d));
+                        got += 1;
+                    }
+                    Ok(Some(Event::Stopped { reason })) => bail!("{reason}"),
+                    Ok(None) => bail!("client stopped"),
+                    Ok(Some(_)) => {}
+                }
+            }
+            client.close().await;
+        }
+        Command::Chat { profile, to } => chat(&profile, to).await?,
+        Command::Admin { data_dir, command } => {
+            let line = match command {
+                AdminCommand::Invite { ttl_secs } => format!("invite {ttl_secs}"),
+                AdminCommand::Accounts => "accounts".into(),
+                AdminCommand::Inbox { account, device } => format!("inbox {account} {device}"),
+                AdminCommand::Stats => "stats".into(),
+            };
+            let answer = tokio::task::spawn_blocking(move || pipit_client::admin::request(&data_dir, &line)).await??;
+            print!("{answer}");
+            if answer.starts_with("error:") {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What happened to one of my messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Status {
+    Queued,
+    Sent,
+    Delivered,
+    Read,
+}
+
+async fn chat(profile: &Path, to: u64) -> anyhow::Result<()> {
+    let (client, mut events) = start(profile)?;
+    let (me, _) = connected(&mut events).await?;
+    println!("* chatting as {me} with {to}; type a line to send, Ctrl-D to quit");
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    // My messages: client id -> (seq once sent, status).
+    let mut mine: BTreeMap<u64, (u64, Status)> = BTreeMap::new();
+    loop {
+        // After Ctrl-D, stay until everything typed reached the server.
+        if !stdin_open && mine.values().all(|(_, s)| *s >= Status::Sent) {
+            break;
+        }
+        tokio::select! {
+            line = stdin.next_line(), if stdin_open => match line? {
+                None => stdin_open = false,
+                Some(l) if l.trim().is_empty() => {}
+                Some(l) => {
+                    let id = client.send(to, l.into_bytes()).await?;
+                    mine.insert(id, (0, Status::Queued));
+                    println!("* [{id}] queued");
+                }
+            },
+            e = events.next() => match e {
+                None => bail!("client stopped"),
+                Some(Event::Message(d)) if d.from == to => {
+                    println!("{to}: {}", text(&d));
+                    // The chat is open: what is shown is read.
+                    client.mark_read(to, d.seq).await?;
+                }
+                Some(Event::Message(d)) if d.peer == to => println!("me (other device): {}", text(&d)),
+                Some(Event::Message(d)) => println!("* message from {} (not this chat): {}", d.from, text(&d)),
+                Some(Event::Sent(s)) => {
+                    if let Some(m) = mine.get_mut(&s.id) {
+                        *m = (s.seq, m.1.max(Status::Sent));
+                    }
+                    println!("* [{}] sent", s.id);
+                }
+                Some(Event::Receipt(r)) if r.peer == to => {
+                    let status = if r.kind == pb::ReceiptKind::Read as i32 { Status::Read } else { Status::Delivered };
+                    for (id, (seq, st)) in mine.iter_mut() {
+                        if *seq != 0 && *seq <= r.through && *st < status {
+                            *st = status;
+                            println!("* [{id}] {}", if status == Status::Read { "read" } else { "delivered" });
+                        }
+                    }
+                }
+                Some(Event::SendFailed { id, code }) => {
+                    mine.remove(&id);
+                    println!("* [{id}] failed: {code:?}");
+                }
+                Some(Event::Disconnected { reason }) => println!("* offline ({reason}); reconnecting"),
+                Some(Event::Connected { .. }) => println!("* online"),
+                Some(Event::Stopped { reason }) => bail!("{reason}"),
+                Some(Event::Expired(e)) => println!("* message seq {} expired undelivered", e.seq),
+                Some(_) => {}
+            },
+        }
+    }
+    client.close().await;
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! `pipit-cli` processes against a real server: register, send, receive,
+//! an interactive chat between two "terminals", and admin commands.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const CLI: &str = env!("CARGO_BIN_EXE_pipit-cli");
+
+struct Server {
+    running: Option<pipit::Running>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(2));
+        }
+    }
+}
+
+fn server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let running = pipit::start(pipit::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        shards: 1,
+        ..pipit::Config::default()
+    })
+    .unwrap();
+    Server { running: Some(running), dir }
+}
+
+fn cli(args: &[&str]) -> String {
+    let out = Command::new(CLI).args(args).output().unwrap();
+    assert!(out.status.success(), "pipit-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn register(s: &Server, profile: &Path) -> u64 {
+    let r = s.running.as_ref().unwrap();
+    let out = cli(&[
+        "register",
+        "--profile",
+        profile.to_str().unwrap(),
+        "--server",
+        &r.local_addr.to_string(),
+        "--server-key",
+        &r.public_key.to_string(),
+    ]);
+    // "account N device D"
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A running interactive process whose output lines arrive on a channel.
+struct Terminal {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Terminal {
+    fn chat(profile: &Path, to: u64) -> Self {
+        let mut child = Command::new(CLI)
+            .args(["chat", "--profile", profile.to_str().unwrap(), "--to", &to.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    fn type_line(&mut self, text: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{text}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for a line containing `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.seen.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => panic!("no line with {needle:?}; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Closes stdin (Ctrl-D) and waits for a clean exit.
+    fn quit(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status:?}; saw {:?}", self.seen);
+    }
+}
+
+#[test]
+fn two_cli_processes_exchange_a_message() {
+    let s = server();
+    let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = register(&s, pa.path());
+    let b = register(&s, pb.path());
+    assert_ne!(a, b);
+    let out = cli(&["send", "--profile", pa.path().to_str().unwrap(), "--to", &b.to_string(), "hello from the cli"]);
+    assert!(out.starts_with("sent seq 1"), "{out}");
+    let out = cli(&["recv", "--profile", pb.path().to_str().unwrap(), "--count", "1"]);
+    assert_eq!(out.trim(), format!("{a}: hello from the cli"));
+    let whoami = cli(&["whoami", "--profile", pb.path().to_str().unwrap()]);
+    assert!(whoami.contains(&format!("account {b} device 0")), "{whoami}");
+    assert!(whoami.contains(&s.running.as_ref().unwrap().public_key.to_string()), "the server key is pinned");
+
+    // Admin commands against the running server.
+    let data = s.dir.path().to_str().unwrap();
+    let accounts = cli(&["admin", "--data-dir", data, "accounts"]);
+    assert_eq!(accounts.lines().count(), 2, "{accounts}");
+    let inbox = cli(&["admin", "--data-dir", data, "inbox", &b.to_string(), "0"]);
+    assert!(inbox.starts_with("0 waiting"), "{inbox}");
+    let code = cli(&["admin", "--data-dir", data, "invite", "--ttl-secs", "60"]);
+    assert_eq!(code.trim().len(), 9, "{code}");
+}
+
+#[test]
+fn a_chat_between_two_terminals_shows_sent_delivered_and_read() {
+    let s = server();
+    let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = register(&s, pa.path());
+    let b = register(&s, pb.path());
+    let mut ta = Terminal::chat(pa.path(), b);
+    let mut tb = Terminal::chat(pb.path(), a);
+    ta.wait_for("chatting as");
+    tb.wait_for("chatting as");
+    ta.type_line("hi b, it's a");
+    ta.wait_for("] sent");
+    tb.wait_for(&format!("{a}: hi b, it's a"));
+    ta.wait_for("] delivered");
+    ta.wait_for("] read");
+    tb.type_line("hello a");
+    ta.wait_for(&format!("{b}: hello a"));
+    tb.wait_for("] read");
+    ta.quit();
+    tb.quit();
+}
