@@ -201,7 +201,9 @@ impl Client {
     /// outbox (durable if the store is); the `Sent` event follows when the
     /// server has it, after however many reconnects that takes.
     pub async fn send(&self, to: u64, payload: impl Into<Bytes>) -> Result<u64, ClientError> {
-        let send = pb::Send { id: 0, to, payload: payload.into(), ..Default::default() };
+        // Room for the largest id the counter will reach.
+        let send = pb::Send { id: u64::MAX, to, payload: payload.into(), ..Default::default() };
+        check_size(&[Message::from(send.clone())])?;
         let (tx, rx) = oneshot::channel();
         self.cmds.send(Cmd::Send(send, tx)).await.map_err(|_| ClientError::Stopped)?;
         rx.await.map_err(|_| ClientError::Stopped)?
@@ -216,6 +218,7 @@ impl Client {
     /// Sends other protocol messages (requests, typing) if connected; they
     /// are not queued across reconnects.
     pub async fn request(&self, messages: Vec<Message>) -> Result<(), ClientError> {
+        check_size(&messages)?;
         self.cmds.send(Cmd::Raw(messages)).await.map_err(|_| ClientError::Stopped)
     }
 
@@ -536,6 +539,16 @@ impl Task {
             return Ok(true);
         }
         Ok(false)
+    }
+}
+
+/// Refuses a message that could never be sent: it would fail on every
+/// connection and, in the outbox, be retried forever.
+fn check_size(messages: &[Message]) -> Result<(), ClientError> {
+    let max = pipit_protocol::limits::MAX_PACKET_LEN;
+    match messages.iter().map(Message::encoded_len).find(|l| *l > max) {
+        Some(len) => Err(ClientError::TooLarge { len, max }),
+        None => Ok(()),
     }
 }
 

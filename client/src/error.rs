@@ -37,6 +37,14 @@ pub enum ClientError {
     /// The app's store failed; nothing was sent.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// A message too large for one frame; nothing was queued.
+    #[error("message of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Its encoded size.
+        len: usize,
+        /// The most one message may take.
+        max: usize,
+    },
     /// The client has stopped.
     #[error("client stopped")]
     Stopped,

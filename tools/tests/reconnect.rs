@@ -251,3 +251,57 @@ async fn the_file_outbox_survives_an_app_restart() {
     drop((a, b));
     running.shutdown(Duration::from_secs(2));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn keepalives_flow_at_the_negotiated_interval_and_a_stalled_link_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = pipit::start(pipit::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        shards: 1,
+        keepalive_min_secs: 1,
+        ..pipit::Config::default()
+    })
+    .unwrap();
+    let proxy = proxy_to(running.local_addr).await;
+    let mut cfg = config(proxy.addr());
+    cfg.keepalive_secs = 1;
+    cfg.response_timeout = Duration::from_secs(1);
+    let (c, mut events) = Client::start(cfg, MemoryStore::new()).unwrap();
+    account(&mut events).await;
+    let (up0, down0) =
+        (proxy.stats().up.bytes.load(Ordering::Relaxed), proxy.stats().down.bytes.load(Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let up = proxy.stats().up.bytes.load(Ordering::Relaxed) - up0;
+    let down = proxy.stats().down.bytes.load(Ordering::Relaxed) - down0;
+    // Idle: only 2-byte keepalives each way, about one a second.
+    assert!((4..=10).contains(&up) && up % 2 == 0, "{up} bytes up");
+    assert_eq!(up, down, "every keepalive answered");
+    // The link stalls: no answer within the response timeout, so the
+    // client gives up on the connection and makes a new one.
+    proxy.stall(true);
+    let mut reason = None;
+    while reason.is_none() {
+        if let Some(Event::Disconnected { reason: r }) = tokio::time::timeout(T, events.next()).await.unwrap() {
+            reason = Some(r);
+        }
+    }
+    assert!(reason.unwrap().contains("timed out"));
+    proxy.stall(false);
+    proxy.cut();
+    loop {
+        if let Some(Event::Connected { .. }) = tokio::time::timeout(T, events.next()).await.unwrap() {
+            break;
+        }
+    }
+    drop(c);
+    running.shutdown(Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_oversized_message_is_refused_before_it_reaches_the_outbox() {
+    let (c, _events) = Client::start(config("127.0.0.1:9".parse().unwrap()), MemoryStore::new()).unwrap();
+    let err = c.send(1, vec![0u8; 70_000]).await.unwrap_err();
+    assert!(matches!(err, pipit_client::ClientError::TooLarge { .. }), "{err}");
+    assert_eq!(c.send(1, vec![0u8; 60_000]).await.unwrap(), 1, "a large but valid one is queued");
+}
