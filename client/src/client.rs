@@ -361,6 +361,7 @@ impl Task {
             server_key: self.state.server_key,
             accept_new_server_key: self.config.accept_server_key_change,
             timeout: self.config.connect_timeout,
+            local_ip: None,
         }
     }
 

@@ -25,11 +25,14 @@ pub struct ConnectOptions {
     pub accept_new_server_key: bool,
     /// Time allowed for connect, handshake and login.
     pub timeout: Duration,
+    /// Local address to connect from (load tools spread connections over
+    /// several loopback addresses); `None` lets the kernel choose.
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        Self { server_key: None, accept_new_server_key: false, timeout: Duration::from_secs(30) }
+        Self { server_key: None, accept_new_server_key: false, timeout: Duration::from_secs(30), local_ip: None }
     }
 }
 
@@ -83,7 +86,19 @@ impl Connection {
         hello: Hello,
         opts: &ConnectOptions,
     ) -> Result<Self, ClientError> {
-        let mut stream = TcpStream::connect(addr).await?;
+        let mut stream = match opts.local_ip {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let target = tokio::net::lookup_host(addr)
+                    .await?
+                    .next()
+                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+                let socket =
+                    if target.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                socket.connect(target).await?
+            }
+        };
         stream.set_nodelay(true)?;
         let mut inbuf = BytesMut::with_capacity(4096);
         let mut out = BytesMut::new();
@@ -139,6 +154,11 @@ impl Connection {
         let server_key = *session.remote_key();
         let (login, queue) = take_login(first)?;
         Ok(Self { stream, session, inbuf, out, queue, login, server_key })
+    }
+
+    /// This end's socket address (for per-socket measurements).
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.stream.local_addr()
     }
 
     /// The login result.
