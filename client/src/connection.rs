@@ -156,6 +156,12 @@ impl Connection {
         Ok(Self { stream, session, inbuf, out, queue, login, server_key })
     }
 
+    /// Gives up the session and keeps only the socket: an idle connection
+    /// held open by a load tool needs nothing else.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// This end's socket address (for per-socket measurements).
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.stream.local_addr()
