@@ -114,9 +114,18 @@ impl Store {
         opts.set_compression_type(rocksdb::DBCompressionType::None);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
+        // Most point lookups on the send path are for keys that do not
+        // exist (a dedup record for a new message): bloom filters answer
+        // those without touching table files.
+        let cache = rocksdb::Cache::new_lru_cache(64 << 20);
         let cfs = FAMILIES.iter().map(|name| {
+            let mut block = rocksdb::BlockBasedOptions::default();
+            block.set_bloom_filter(10.0, false);
+            block.set_block_cache(&cache);
+            block.set_cache_index_and_filter_blocks(true);
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::None);
+            o.set_block_based_table_factory(&block);
             ColumnFamilyDescriptor::new(*name, o)
         });
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
@@ -433,6 +442,9 @@ struct WriterThread {
     /// Account device lists read or written in this batch.
     batch_accounts: HashMap<u64, pb::DeviceList>,
     batch_keys: HashMap<PublicKey, DeviceAddr>,
+    /// Committed account device lists: this thread is their only writer,
+    /// so the cache is exact. Bounded by clearing.
+    accounts: HashMap<u64, pb::DeviceList>,
     /// Where the next expiry round resumes its inbox scan.
     expiry_cursor: Vec<u8>,
     /// Where it resumes its dedup scan.
@@ -453,6 +465,7 @@ pub struct ExpiryRound {
 }
 
 const COUNTER_CACHE_MAX: usize = 1 << 20;
+const ACCOUNT_CACHE_MAX: usize = 1 << 18;
 
 impl WriterThread {
     fn new(store: Arc<Store>, cfg: WriterConfig, deliveries: Arc<dyn Deliveries>) -> Self {
@@ -466,6 +479,7 @@ impl WriterThread {
             batch_dedup: HashMap::new(),
             batch_accounts: HashMap::new(),
             batch_keys: HashMap::new(),
+            accounts: HashMap::new(),
             expiry_cursor: Vec::new(),
             dedup_cursor: Vec::new(),
             sync_opts,
@@ -509,6 +523,7 @@ impl WriterThread {
             tracing::error!(error = %e, "group commit failed");
             metrics::counter!("pipit_storage_errors_total").increment(1);
             self.counters.clear();
+            self.accounts.clear();
             for effect in effects {
                 match effect {
                     Effect::Register(tx, _) => drop(tx.send(Err(pb::ErrorCode::Internal))),
@@ -556,10 +571,17 @@ impl WriterThread {
     }
 
     fn account(&mut self, account: u64) -> Result<Option<pb::DeviceList>, StorageError> {
-        if let Some(a) = self.batch_accounts.get(&account) {
+        if let Some(a) = self.batch_accounts.get(&account).or_else(|| self.accounts.get(&account)) {
             return Ok(Some(a.clone()));
         }
-        self.store.account(account)
+        let found = self.store.account(account)?;
+        if let Some(list) = &found {
+            if self.accounts.len() >= ACCOUNT_CACHE_MAX {
+                self.accounts.clear();
+            }
+            self.accounts.insert(account, list.clone());
+        }
+        Ok(found)
     }
 
     fn apply(&mut self, op: Op, now: u64, batch: &mut WriteBatch, fx: &mut Vec<Effect>) -> Result<(), StorageError> {
@@ -676,6 +698,8 @@ impl WriterThread {
         use prost::Message as _;
         batch.put_cf(self.store.cf(CF_ACCOUNTS), list.account.to_be_bytes(), list.encode_to_vec());
         self.batch_accounts.insert(list.account, list.clone());
+        // Not durable yet: the committed cache learns it after the commit.
+        self.accounts.remove(&list.account);
     }
 
     /// Appends `msg` to `to`'s inbox.
