@@ -25,6 +25,15 @@ struct Args {
     /// Extra random one-way delay, milliseconds.
     #[arg(long, default_value_t = 0)]
     jitter_ms: u64,
+    /// Cut every connection this often, seconds (0 = never).
+    #[arg(long, default_value_t = 0)]
+    cut_every_secs: u64,
+    /// Stall (forward nothing, close nothing) this often, seconds (0 = never).
+    #[arg(long, default_value_t = 0)]
+    stall_every_secs: u64,
+    /// How long each stall lasts, seconds.
+    #[arg(long, default_value_t = 10)]
+    stall_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,7 +44,35 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let proxy = Proxy::start(args.listen, args.upstream, link, link).await?;
         eprintln!("pipit-linkem: {} -> {} ({} ms RTT, {} kbit/s)", proxy.addr(), args.upstream, args.rtt_ms, args.kbps);
-        tokio::signal::ctrl_c().await?;
+        let schedule = async {
+            let every = |s: u64| (s > 0).then(|| tokio::time::interval(Duration::from_secs(s)));
+            let (mut cuts, mut stalls) = (every(args.cut_every_secs), every(args.stall_every_secs));
+            if let Some(c) = cuts.as_mut() {
+                c.tick().await;
+            }
+            if let Some(s) = stalls.as_mut() {
+                s.tick().await;
+            }
+            loop {
+                tokio::select! {
+                    _ = async { cuts.as_mut().unwrap().tick().await }, if cuts.is_some() => {
+                        eprintln!("pipit-linkem: cut");
+                        proxy.cut();
+                    }
+                    _ = async { stalls.as_mut().unwrap().tick().await }, if stalls.is_some() => {
+                        eprintln!("pipit-linkem: stall for {} s", args.stall_secs);
+                        proxy.stall(true);
+                        tokio::time::sleep(Duration::from_secs(args.stall_secs)).await;
+                        proxy.stall(false);
+                    }
+                    else => std::future::pending::<()>().await,
+                }
+            }
+        };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = schedule => {}
+        }
         let s = proxy.stats();
         eprintln!(
             "up {} bytes in {} writes, down {} bytes in {} writes, {} connections",
