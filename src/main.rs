@@ -141,16 +141,19 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
     }
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+    // Take over SIGTERM and SIGINT before anyone can learn we are up: a
+    // signal that arrived between "ready" and installing the handlers
+    // would kill the process without draining.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut term, mut int) = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    })?;
     let running = pipit::start(cfg)?;
     // One line on stdout that scripts and tests can read.
     println!("pipit listening on {} server key {}", running.local_addr, running.public_key);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let fast = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
             _ = term.recv() => false,
             _ = int.recv() => true,
