@@ -7,7 +7,7 @@
 //! into as few frames and `write` calls as possible per turn.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,9 +22,9 @@ use pipit_protocol::session::Incoming;
 use pipit_protocol::{Message, Session};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::oneshot;
 
-use crate::registry::{ConnHandle, Push};
+use crate::registry::{ConnHandle, Mailbox, Push};
 use crate::server::Shared;
 use crate::storage::{unix_now, Acked, DeviceAddr, Op, SendFailure, Store};
 
@@ -104,7 +104,26 @@ async fn blocking<T: Send + 'static>(
         .map_err(ConnError::from)
 }
 
-async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), ConnError> {
+/// A connection past its handshake and login.
+struct Established {
+    stream: TcpStream,
+    session: Session,
+    inbuf: BytesMut,
+    conn: Conn,
+    keepalive: Duration,
+}
+
+async fn serve(stream: TcpStream, shared: &Arc<Shared>) -> Result<(), ConnError> {
+    // The handshake and the login hold state an established connection no
+    // longer needs; run them in their own allocation so it is freed once
+    // they are done instead of sizing every idle connection's future.
+    let Established { stream, session, inbuf, mut conn, keepalive } = Box::pin(establish(stream, shared)).await?;
+    let result = conn.run(stream, session, inbuf, keepalive).await;
+    shared.registry.remove(conn.addr, conn.handle.id);
+    result
+}
+
+async fn establish(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<Established, ConnError> {
     let cfg = &shared.config;
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + cfg.handshake_timeout());
@@ -194,18 +213,12 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), ConnEr
     // Become the device's connection before reading the inbox, so that
     // every entry committed from now on is pushed to us, and every earlier
     // one is in the read below.
-    let (tx, rx) = mpsc::channel(window * 2);
-    let handle = ConnHandle {
-        id: shared.next_conn_id(),
-        tx,
-        overflow: Arc::new(AtomicBool::new(false)),
-        kick: Arc::new(Notify::new()),
-    };
+    let handle = ConnHandle { id: shared.next_conn_id(), mailbox: Arc::new(Mailbox::new(window * 2)) };
     let conn_id = handle.id;
     if let Some(old) = shared.registry.insert(addr, handle.clone()) {
-        old.kick.notify_one();
+        old.mailbox.kick.notify_one();
     }
-    let mut conn = match Conn::login(shared, addr, handle, rx, window, acked_through).await {
+    let mut conn = match Conn::login(shared, addr, handle, window, acked_through).await {
         Ok(c) => c,
         Err(e) => {
             shared.registry.remove(addr, conn_id);
@@ -238,13 +251,11 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), ConnEr
     handshake_metric(pattern, "ok");
     metrics::histogram!("pipit_handshake_seconds").record(started.elapsed().as_secs_f64());
     tracing::debug!(device = %addr, pattern, "logged in");
-    let result = async {
-        write_out(&mut stream, &mut out).await?;
-        conn.run(stream, session, inbuf, Duration::from_secs(u64::from(keepalive_secs))).await
+    if let Err(e) = write_out(&mut stream, &mut out).await {
+        shared.registry.remove(addr, conn.handle.id);
+        return Err(e);
     }
-    .await;
-    shared.registry.remove(addr, conn.handle.id);
-    result
+    Ok(Established { stream, session, inbuf, conn, keepalive: Duration::from_secs(u64::from(keepalive_secs)) })
 }
 
 /// An answer that becomes ready later (a send made durable, a read done).
@@ -254,7 +265,6 @@ struct Conn {
     shared: Arc<Shared>,
     addr: DeviceAddr,
     handle: ConnHandle,
-    rx: mpsc::Receiver<Push>,
     window: usize,
     /// Highest inbox id handed to the client (or known to be acked).
     cursor: u64,
@@ -284,7 +294,6 @@ impl Conn {
         shared: &Arc<Shared>,
         addr: DeviceAddr,
         handle: ConnHandle,
-        rx: mpsc::Receiver<Push>,
         window: usize,
         acked_through: u64,
     ) -> Result<Self, ConnError> {
@@ -306,7 +315,6 @@ impl Conn {
             shared: shared.clone(),
             addr,
             handle,
-            rx,
             window,
             cursor,
             initial_pending: inflight.len() as u32,
@@ -327,7 +335,7 @@ impl Conn {
         let mut ka = Keepalive::server(keepalive, Instant::now());
         let mut out = BytesMut::new();
         let shutdown = self.shared.shutdown.clone();
-        let kick = self.handle.kick.clone();
+        let mailbox = self.handle.mailbox.clone();
         let max_pending = self.shared.config.max_pending_sends;
         // Process bytes that arrived with the hello (pipelined frames).
         self.process_input(&mut session, &mut inbuf, &mut out)?;
@@ -347,7 +355,7 @@ impl Conn {
                     let _ = stream.shutdown().await;
                     return Ok(());
                 }
-                _ = kick.notified() => {
+                _ = mailbox.kick.notified() => {
                     self.outq.push(error(pb::ErrorCode::Replaced));
                     self.drain_pending().await;
                     self.flush(&mut session, &mut stream, &mut out).await?;
@@ -356,8 +364,10 @@ impl Conn {
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => {
                     self.outq.push(answer);
                 }
-                Some(push) = self.rx.recv() => {
-                    self.push(push);
+                _ = mailbox.ready.notified() => {
+                    for push in mailbox.take() {
+                        self.push(push);
+                    }
                 }
                 // Wait for readability rather than in a read call, so an idle
                 // connection holds no buffer. Stop reading while too many
@@ -391,10 +401,10 @@ impl Conn {
                     _ => break,
                 }
             }
-            while let Ok(push) = self.rx.try_recv() {
+            for push in mailbox.take() {
                 self.push(push);
             }
-            if self.handle.overflow.swap(false, Ordering::AcqRel) {
+            if mailbox.overflow.swap(false, Ordering::AcqRel) {
                 self.behind = true;
             }
             if self.behind && self.inflight.len() < self.window {

@@ -1,39 +1,85 @@
 //! Which connection holds which device, and how the storage writer hands
 //! new inbox entries to it.
 //!
-//! Each online device has one [`ConnHandle`]: a bounded channel into its
+//! Each online device has one [`Mailbox`]: a small bounded queue into its
 //! connection task (on whichever shard accepted it). The writer pushes
-//! with `try_send`; a full channel never blocks the writer: the entry is
-//! durable in the inbox already, so the push is dropped, the connection is
-//! flagged, and it reads the inbox to catch up. That keeps memory bounded
-//! per connection however slow its link.
+//! without ever blocking; a full mailbox drops the push, because the entry
+//! is durable in the inbox already, and flags the connection, which then
+//! reads its inbox to catch up. That keeps memory bounded per connection
+//! however slow its link. An idle mailbox holds no buffer at all: most
+//! connections are idle, and a per-connection channel that preallocates
+//! its slots would cost more than the rest of the connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pipit_protocol::Message;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::storage::{Deliveries, DeviceAddr};
 
-/// A new inbox entry for a connection: its inbox id and the message,
-/// boxed so an idle connection's channel block stays small.
+/// A new inbox entry for a connection: its inbox id and the message.
 pub type Push = (u64, Box<Message>);
 
+/// The queue between the storage writer and one connection.
+#[derive(Debug)]
+pub struct Mailbox {
+    queue: Mutex<VecDeque<Push>>,
+    capacity: usize,
+    /// Wakes the connection when something was pushed (or dropped).
+    pub ready: Notify,
+    /// Set when a push was dropped because the mailbox was full: the
+    /// connection must read its inbox to catch up.
+    pub overflow: AtomicBool,
+    /// Wakes the connection when another login of the same device
+    /// replaces it.
+    pub kick: Notify,
+}
+
+impl Mailbox {
+    /// A mailbox holding at most `capacity` pushes.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            capacity,
+            ready: Notify::new(),
+            overflow: AtomicBool::new(false),
+            kick: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Push>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a push, or flags overflow when full. Never blocks on the
+    /// connection.
+    pub fn push(&self, p: Push) {
+        {
+            let mut q = self.lock();
+            if q.len() < self.capacity {
+                q.push_back(p);
+            } else {
+                self.overflow.store(true, Ordering::Release);
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    /// Takes everything queued, in order, and releases the queue's memory.
+    pub fn take(&self) -> VecDeque<Push> {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
 /// How to reach one connection.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ConnHandle {
     /// Unique per connection, so a closing connection removes only itself.
     pub id: u64,
-    /// New inbox entries.
-    pub tx: mpsc::Sender<Push>,
-    /// Set when a push was dropped because `tx` was full: the connection
-    /// must read its inbox to catch up.
-    pub overflow: Arc<AtomicBool>,
-    /// Wakes the connection when another login of the same device
-    /// replaces it.
-    pub kick: Arc<Notify>,
+    /// Its mailbox.
+    pub mailbox: Arc<Mailbox>,
 }
 
 const STRIPES: usize = 64;
@@ -81,11 +127,27 @@ impl Registry {
 
 impl Deliveries for Registry {
     fn push(&self, to: DeviceAddr, id: u64, msg: &Message) {
-        let handle = self.stripe(to).get(&to).cloned();
-        if let Some(h) = handle {
-            if h.tx.try_send((id, Box::new(msg.clone()))).is_err() {
-                h.overflow.store(true, Ordering::Release);
-            }
+        let mailbox = self.stripe(to).get(&to).map(|h| h.mailbox.clone());
+        if let Some(m) = mailbox {
+            m.push((id, Box::new(msg.clone())));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipit_protocol::message::pb;
+
+    #[test]
+    fn a_full_mailbox_drops_and_flags_and_an_empty_one_holds_nothing() {
+        let m = Mailbox::new(2);
+        for id in 1..=3 {
+            m.push((id, Box::new(pb::Ping { id }.into())));
+        }
+        assert!(m.overflow.load(Ordering::Acquire));
+        let got: Vec<u64> = m.take().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(got, vec![1, 2]);
+        assert_eq!(m.lock().capacity(), 0, "taking releases the buffer");
     }
 }
