@@ -1,0 +1,85 @@
+//! The client drops a delivery it has already processed. A scripted server
+//! (the protocol crate's real responder over a real socket) delivers inbox
+//! id 1 twice, then 2; the app must see 1 and 2 once each, and the client
+//! must ack through 2.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pipit_client::pipit_protocol::handshake::{ServerHandshake, ServerKeys, ServerStep};
+use pipit_client::pipit_protocol::message::pb;
+use pipit_client::pipit_protocol::session::Incoming;
+use pipit_client::pipit_protocol::{Message, StaticKeypair};
+use pipit_client::{Client, Config, Event, MemoryStore, State, Store as _};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn deliver(inbox: u64, seq: u64) -> Message {
+    pb::Deliver { inbox, from: 9, seq, payload: Bytes::from(format!("m{seq}")), ..Default::default() }.into()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_redelivered_message_reaches_the_app_once() {
+    let server_kp = StaticKeypair::generate();
+    let keys = Arc::new(ServerKeys::new(server_kp.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut hs = ServerHandshake::new(keys, Instant::now(), Duration::from_secs(5));
+        let mut input = BytesMut::new();
+        let mut out = BytesMut::new();
+        let accepted = loop {
+            s.read_buf(&mut input).await.unwrap();
+            match hs.read(&mut input, Instant::now(), &mut out).unwrap() {
+                ServerStep::NeedMore(h) => hs = h,
+                ServerStep::Accepted(a) => break a,
+            }
+        };
+        let ok: Message = pb::LoginOk { account: 7, keepalive_secs: 60, window: 8, ..Default::default() }.into();
+        // Inbox 1 arrives twice, as after a reconnect before the ack landed.
+        let mut session = accepted.finish(&[ok, deliver(1, 1), deliver(1, 1), deliver(2, 2)], &mut out).unwrap();
+        s.write_all(&out).await.unwrap();
+        // Wait for the client's cumulative ack.
+        let mut acked = 0;
+        while acked < 2 {
+            if s.read_buf(&mut input).await.unwrap() == 0 {
+                break;
+            }
+            while let Some(Incoming::Messages(msgs)) = session.open(&mut input).unwrap() {
+                for m in msgs {
+                    if let Message::Ack(a) = m {
+                        acked = acked.max(a.through);
+                    }
+                }
+            }
+        }
+        acked
+    });
+
+    let mut store = MemoryStore::new();
+    let mut state = State::new(StaticKeypair::generate());
+    state.account = 7;
+    state.server_key = Some(*server_kp.public());
+    store.save_state(&state).unwrap();
+    let (client, mut events) = Client::start(Config::new(addr.to_string()), store).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap() {
+            Some(Event::Message(d)) => seen.push(d.inbox),
+            Some(Event::Stopped { reason }) => panic!("{reason}"),
+            Some(_) => {}
+            None => panic!("client ended"),
+        }
+    }
+    assert_eq!(seen, vec![1, 2]);
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap(), 2, "acked through 2");
+    assert_eq!(client.stats().duplicates_dropped.load(Ordering::Relaxed), 1);
+    // Nothing more reaches the app.
+    assert!(!matches!(
+        tokio::time::timeout(Duration::from_millis(200), events.next()).await,
+        Ok(Some(Event::Message(_)))
+    ));
+}
