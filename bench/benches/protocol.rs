@@ -158,6 +158,38 @@ fn handshakes(c: &mut Criterion) {
             black_box(acc.finish(std::slice::from_ref(&ok), &mut s2c).unwrap())
         })
     });
+    // XX per side: run the whole exchange, time only one side's steps.
+    let xx = |server_side: bool, iters: u64| {
+        let mut timed = Duration::ZERO;
+        for _ in 0..iters {
+            let now = Instant::now();
+            let t = Instant::now();
+            let mut c2s = BytesMut::new();
+            let hs = ClientHandshake::xx(&device, &mut c2s).unwrap();
+            let client_1 = t.elapsed();
+            let t = Instant::now();
+            let mut s2c = BytesMut::new();
+            let ServerStep::NeedMore(sh) =
+                ServerHandshake::new(keys.clone(), now, Duration::from_secs(10)).read(&mut c2s, now, &mut s2c).unwrap()
+            else {
+                unreachable!()
+            };
+            let server_1 = t.elapsed();
+            let t = Instant::now();
+            let XxStep::ServerKnown(known) = hs.read(&mut s2c).unwrap() else { unreachable!() };
+            let client = known.finish(login(), &mut c2s).unwrap();
+            let client_2 = t.elapsed();
+            let t = Instant::now();
+            let ServerStep::Accepted(acc) = sh.read(&mut c2s, now, &mut s2c).unwrap() else { unreachable!() };
+            let server = acc.finish(std::slice::from_ref(&ok), &mut s2c).unwrap();
+            let server_2 = t.elapsed();
+            black_box((client, server));
+            timed += if server_side { server_1 + server_2 } else { client_1 + client_2 };
+        }
+        timed
+    };
+    g.bench_function("xx_client_side", |b| b.iter_custom(|iters| xx(false, iters)));
+    g.bench_function("xx_server_side", |b| b.iter_custom(|iters| xx(true, iters)));
     g.finish();
 }
 
