@@ -636,7 +636,7 @@ impl WriterThread {
         batch: &mut WriteBatch,
     ) -> Result<Result<DeviceAddr, pb::ErrorCode>, StorageError> {
         // A retried registration (its answer was lost) gets the same account.
-        if let Some(addr) = self.batch_keys.get(&key).copied().or(self.store.device_by_key(&key)?) {
+        if let Some(addr) = self.known_device(&key)? {
             return Ok(Ok(addr));
         }
         if self.cfg.registration == Registration::Invite {
@@ -649,21 +649,34 @@ impl WriterThread {
             }
         }
         let account = self.next(b"next_account".to_vec(), batch)?;
-        let addr = DeviceAddr { account, device: 0 };
-        let list = pb::DeviceList {
-            req: 0,
-            account,
-            devices: vec![pb::DeviceInfo {
-                device: 0,
-                name,
-                key: Bytes::copy_from_slice(key.as_bytes()),
-                last_seen: now,
-            }],
-        };
+        let list = pb::DeviceList { req: 0, account, devices: Vec::new() };
+        Ok(Ok(self.add_device(list, key, name, now, batch)))
+    }
+
+    /// The device a key already belongs to, in this batch or on disk.
+    fn known_device(&self, key: &PublicKey) -> Result<Option<DeviceAddr>, StorageError> {
+        match self.batch_keys.get(key) {
+            Some(addr) => Ok(Some(*addr)),
+            None => self.store.device_by_key(key),
+        }
+    }
+
+    /// Adds `key` as the next device of `list`'s account and records both.
+    fn add_device(
+        &mut self,
+        mut list: pb::DeviceList,
+        key: PublicKey,
+        name: String,
+        now: u64,
+        batch: &mut WriteBatch,
+    ) -> DeviceAddr {
+        let device = list.devices.iter().map(|d| d.device + 1).max().unwrap_or(0);
+        list.devices.push(pb::DeviceInfo { device, name, key: Bytes::copy_from_slice(key.as_bytes()), last_seen: now });
         self.put_account(&list, batch);
+        let addr = DeviceAddr { account: list.account, device };
         batch.put_cf(self.store.cf(CF_KEYS), key.as_bytes(), addr.key());
         self.batch_keys.insert(key, addr);
-        Ok(Ok(addr))
+        addr
     }
 
     fn link(
@@ -674,24 +687,18 @@ impl WriterThread {
         now: u64,
         batch: &mut WriteBatch,
     ) -> Result<Result<u32, pb::ErrorCode>, StorageError> {
-        if let Some(addr) = self.batch_keys.get(&key).copied().or(self.store.device_by_key(&key)?) {
+        if let Some(addr) = self.known_device(&key)? {
             // Linking the same key twice is idempotent; another account's
             // key cannot be taken over.
             return Ok(if addr.account == account { Ok(addr.device) } else { Err(pb::ErrorCode::Forbidden) });
         }
-        let Some(mut list) = self.account(account)? else {
+        let Some(list) = self.account(account)? else {
             return Ok(Err(pb::ErrorCode::NotFound));
         };
         if list.devices.len() >= pipit_protocol::limits::MAX_DEVICES_PER_ACCOUNT {
             return Ok(Err(pb::ErrorCode::TooLarge));
         }
-        let device = list.devices.iter().map(|d| d.device + 1).max().unwrap_or(0);
-        list.devices.push(pb::DeviceInfo { device, name, key: Bytes::copy_from_slice(key.as_bytes()), last_seen: now });
-        self.put_account(&list, batch);
-        let addr = DeviceAddr { account, device };
-        batch.put_cf(self.store.cf(CF_KEYS), key.as_bytes(), addr.key());
-        self.batch_keys.insert(key, addr);
-        Ok(Ok(device))
+        Ok(Ok(self.add_device(list, key, name, now, batch).device))
     }
 
     fn put_account(&mut self, list: &pb::DeviceList, batch: &mut WriteBatch) {

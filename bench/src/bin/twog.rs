@@ -74,6 +74,15 @@ async fn until<T>(c: &mut Connection, mut pick: impl FnMut(&Message) -> Option<T
     }
 }
 
+/// Waits for the inbox entry `pick` recognises, acks it, and lets the
+/// ACKs settle.
+async fn ack_next(c: &mut Connection, pick: impl FnMut(&Message) -> Option<u64>) -> anyhow::Result<()> {
+    let inbox = until(c, pick).await?;
+    c.send(&[pb::Ack { through: inbox, ids: vec![] }.into()]).await?;
+    settle().await;
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -153,21 +162,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     until(&mut cs, |m| matches!(m, Message::Sent(_)).then_some(())).await?;
     settle().await;
     let a1 = TcpCounters::of(a_local)?;
-    let inbox = until(&mut cp, |m| match m {
+    ack_next(&mut cp, |m| match m {
         Message::Deliver(d) => Some(d.inbox),
         _ => None,
     })
     .await?;
-    cp.send(&[pb::Ack { through: inbox, ids: vec![] }.into()]).await?;
-    settle().await;
     let b1 = TcpCounters::of(b_local)?;
-    let receipt = until(&mut cs, |m| match m {
+    ack_next(&mut cs, |m| match m {
         Message::Receipt(r) => Some(r.inbox),
         _ => None,
     })
     .await?;
-    cs.send(&[pb::Ack { through: receipt, ids: vec![] }.into()]).await?;
-    settle().await;
     let a2 = TcpCounters::of(a_local)?;
     let cycle = a1.since(&a0).plus(&b1.since(&b0));
     let with_receipt = cycle.plus(&a2.since(&a1));
