@@ -81,7 +81,7 @@ pub fn packet(data: &[u8]) {
         let back = decode_packet(Bytes::from(again)).expect("our own encoding decodes");
         assert_eq!(back, msgs);
         for m in &msgs {
-            let _ = m.allowed_in_session_from(crate::session::Role::Server);
+            let _ = m.allowed_in_session_from(crate::role::Role::Server);
         }
     }
 }

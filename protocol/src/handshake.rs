@@ -20,46 +20,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use snow::params::NoiseParams;
 
 use crate::error::{HandshakeError, MessageError};
-use crate::frame::{preamble, read_preamble, Frame, FrameDecoder};
+use crate::frame::{self, preamble, read_preamble, Frame, FrameDecoder};
 use crate::keys::{PublicKey, StaticKeypair};
 use crate::limits::{KEY_LEN, MAX_CLIENT_HANDSHAKE_FRAME_LEN, MAX_FRAME_LEN, MAX_HANDSHAKE_RETRIES, TAG_LEN};
 use crate::message::{decode_packet, encode_packet, packet_len, pb, Message, Origin};
-use crate::session::{put_frame, Role, Session};
+use crate::noise::builder;
+pub use crate::noise::Pattern;
+use crate::role::Role;
+use crate::session::Session;
 use crate::VERSION;
-
-/// The Noise handshake pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Pattern {
-    /// `Noise_IK_25519_ChaChaPoly_BLAKE2s`: the client knows the server key.
-    IK,
-    /// `Noise_XX_25519_ChaChaPoly_BLAKE2s`: first contact.
-    XX,
-}
-
-impl Pattern {
-    /// The full Noise protocol name.
-    pub fn protocol_name(self) -> &'static str {
-        match self {
-            Pattern::IK => "Noise_IK_25519_ChaChaPoly_BLAKE2s",
-            Pattern::XX => "Noise_XX_25519_ChaChaPoly_BLAKE2s",
-        }
-    }
-
-    /// Lower-case name for logs and metrics labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pattern::IK => "ik",
-            Pattern::XX => "xx",
-        }
-    }
-}
-
-pub(crate) fn noise_params(p: Pattern) -> NoiseParams {
-    p.protocol_name().parse().expect("pattern names are valid Noise protocol names")
-}
 
 /// The first byte of every handshake frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,15 +112,11 @@ fn prologue() -> [u8; 4] {
     preamble(VERSION)
 }
 
-fn builder(p: Pattern, local: &StaticKeypair) -> Result<snow::Builder<'_>, HandshakeError> {
-    snow::Builder::new(noise_params(p)).local_private_key(local.private_bytes()).map_err(HandshakeError::Config)
-}
-
 fn put_handshake_frame(kind: HandshakeKind, body: &[u8], out: &mut BytesMut) {
     let mut b = Vec::with_capacity(1 + body.len());
     b.push(kind as u8);
     b.extend_from_slice(body);
-    put_frame(&b, out);
+    frame::encode(&b, out);
 }
 
 /// Reads one handshake frame and splits off its kind byte.
@@ -225,8 +192,8 @@ impl ClientHandshake {
 
     /// Like [`ClientHandshake::ik`] with a fixed ephemeral key. Only for
     /// reproducing test vectors: a reused ephemeral key forfeits forward
-    /// secrecy.
-    #[doc(hidden)]
+    /// secrecy, so it exists only with the `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn ik_with_fixed_ephemeral(
         local: &StaticKeypair,
         server: &PublicKey,
@@ -244,7 +211,7 @@ impl ClientHandshake {
     }
 
     /// XX with a fixed ephemeral key, for test vectors only.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn xx_with_fixed_ephemeral(
         local: &StaticKeypair,
         ephemeral: &[u8; KEY_LEN],
@@ -259,7 +226,7 @@ impl ClientHandshake {
         out: &mut BytesMut,
     ) -> Result<AwaitXxReply, HandshakeError> {
         let p = prologue();
-        let mut b = builder(Pattern::XX, local)?.prologue(&p).map_err(HandshakeError::Config)?;
+        let mut b = builder(Pattern::XX, local.private_bytes())?.prologue(&p).map_err(HandshakeError::Config)?;
         if let Some(e) = ephemeral {
             b = b.fixed_ephemeral_key_for_testing_only(e);
         }
@@ -314,7 +281,7 @@ impl AwaitIkReply {
         out: &mut BytesMut,
     ) -> Result<Self, HandshakeError> {
         let p = prologue();
-        let mut b = builder(Pattern::IK, &local)?
+        let mut b = builder(Pattern::IK, local.private_bytes())?
             .remote_public_key(server.as_bytes())
             .and_then(|b| b.prologue(&p))
             .map_err(HandshakeError::Config)?;
@@ -386,7 +353,7 @@ impl RetryOffer {
     }
 
     /// [`RetryOffer::retry`] with a fixed ephemeral key, for test vectors.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn retry_with_fixed_ephemeral(
         self,
         ephemeral: &[u8; KEY_LEN],
@@ -508,6 +475,7 @@ pub struct ServerHandshake {
     retries: u8,
     deadline: Instant,
     decoder: FrameDecoder,
+    #[cfg(feature = "testing")]
     ephemeral: Option<[u8; KEY_LEN]>,
 }
 
@@ -537,12 +505,21 @@ impl ServerHandshake {
             retries: 0,
             deadline: now + timeout,
             decoder: FrameDecoder::new(MAX_CLIENT_HANDSHAKE_FRAME_LEN),
+            #[cfg(feature = "testing")]
             ephemeral: None,
         }
     }
 
+    /// The fixed ephemeral key a test vector asked for, if any.
+    fn fixed_ephemeral(&self) -> Option<[u8; KEY_LEN]> {
+        #[cfg(feature = "testing")]
+        return self.ephemeral;
+        #[cfg(not(feature = "testing"))]
+        None
+    }
+
     /// Uses a fixed ephemeral key, for test vectors only.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn with_fixed_ephemeral(mut self, ephemeral: [u8; KEY_LEN]) -> Self {
         self.ephemeral = Some(ephemeral);
         self
@@ -593,10 +570,11 @@ impl ServerHandshake {
                         },
                         HandshakeKind::XxInit => {
                             let p = prologue();
-                            let mut b = builder(Pattern::XX, &self.keys.current)?
+                            let mut b = builder(Pattern::XX, self.keys.current.private_bytes())?
                                 .prologue(&p)
                                 .map_err(HandshakeError::Config)?;
-                            if let Some(e) = &self.ephemeral {
+                            let fixed = self.fixed_ephemeral();
+                            if let Some(e) = &fixed {
                                 b = b.fixed_ephemeral_key_for_testing_only(e);
                             }
                             let mut hs = b.build_responder().map_err(HandshakeError::Config)?;
@@ -642,8 +620,9 @@ impl ServerHandshake {
         let keys = std::iter::once(&self.keys.current).chain(self.keys.retired.iter());
         let mut last = None;
         for (i, key) in keys.enumerate() {
-            let mut b = builder(Pattern::IK, key)?.prologue(&p).map_err(HandshakeError::Config)?;
-            if let Some(e) = &self.ephemeral {
+            let mut b = builder(Pattern::IK, key.private_bytes())?.prologue(&p).map_err(HandshakeError::Config)?;
+            let fixed = self.fixed_ephemeral();
+            if let Some(e) = &fixed {
                 b = b.fixed_ephemeral_key_for_testing_only(e);
             }
             let mut hs = b.build_responder().map_err(HandshakeError::Config)?;

@@ -6,8 +6,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::handshake::noise_params;
 use crate::limits::KEY_LEN;
+use crate::noise;
 
 /// A 32-byte X25519 public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -74,20 +74,14 @@ pub struct StaticKeypair {
 impl StaticKeypair {
     /// A fresh random key pair from the operating system's RNG.
     pub fn generate() -> Self {
-        let kp = snow::Builder::new(noise_params(crate::handshake::Pattern::XX))
-            .generate_keypair()
-            .expect("the built-in resolver has an RNG and X25519");
-        Self::from_parts(&kp.private, &kp.public).expect("snow returns 32-byte keys")
+        let (private, public) = noise::generate_keypair();
+        Self { private, public: PublicKey(public) }
     }
 
     /// The key pair from its private key (the public half is derived).
     pub fn from_private(private: [u8; KEY_LEN]) -> Self {
-        let public = x25519_base(&private);
+        let public = noise::x25519_base(&private);
         Self { private, public: PublicKey(public) }
-    }
-
-    fn from_parts(private: &[u8], public: &[u8]) -> Option<Self> {
-        Some(Self { private: private.try_into().ok()?, public: PublicKey::from_slice(public)? })
     }
 
     /// The public half.
@@ -116,18 +110,6 @@ impl fmt::Debug for StaticKeypair {
         // Never print the private half.
         f.debug_struct("StaticKeypair").field("public", &self.public).finish_non_exhaustive()
     }
-}
-
-/// The X25519 public key of `private`, computed by snow's own DH so this
-/// crate carries no second curve implementation.
-fn x25519_base(private: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
-    use snow::resolvers::{CryptoResolver, DefaultResolver};
-    let mut dh =
-        DefaultResolver.resolve_dh(&snow::params::DHChoice::Curve25519).expect("the default resolver has X25519");
-    dh.set(private);
-    let mut out = [0u8; KEY_LEN];
-    out.copy_from_slice(dh.pubkey());
-    out
 }
 
 #[cfg(test)]

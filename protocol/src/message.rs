@@ -14,6 +14,7 @@ use prost::Message as _;
 
 use crate::error::MessageError;
 use crate::limits::MAX_MESSAGES_PER_PACKET;
+use crate::role::Role;
 
 /// Types generated from `pipit.proto`.
 #[allow(missing_docs, clippy::all, unreachable_pub)]
@@ -76,7 +77,7 @@ macro_rules! messages {
 
             /// One message of every kind, each with a non-default field so
             /// it encodes to at least one byte. For tests and fuzz seeds.
-            #[doc(hidden)]
+            #[cfg(any(test, feature = "testing"))]
             pub fn one_of_each() -> Vec<Message> {
                 vec![ $( Message::$variant(sample::<pb::$ty>()), )* ]
             }
@@ -169,6 +170,7 @@ messages! {
     38 Invite(Invite) Server;
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// A value of `T` whose encoding is not empty: decode a single byte `0x08
 /// 0x01` (field 1 = 1) or, for kinds whose field 1 is not a varint, the
 /// first field that takes one.
@@ -206,8 +208,7 @@ impl Message {
     }
 
     /// Whether `sender` may send this kind inside an established session.
-    pub fn allowed_in_session_from(&self, sender: crate::session::Role) -> bool {
-        use crate::session::Role;
+    pub fn allowed_in_session_from(&self, sender: Role) -> bool {
         matches!(
             (self.origin(), sender),
             (Origin::Either, _) | (Origin::Client, Role::Client) | (Origin::Server, Role::Server)

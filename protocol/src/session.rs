@@ -7,35 +7,11 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::{Error, MessageError};
-use crate::frame::{self, Frame, FrameDecoder, KEEPALIVE, LEN_PREFIX};
+use crate::frame::{Frame, FrameDecoder, KEEPALIVE, LEN_PREFIX};
 use crate::keys::PublicKey;
 use crate::limits::{MAX_FRAME_LEN, MAX_PACKET_LEN, TAG_LEN};
 use crate::message::{decode_packet, Message};
-
-/// Which end of the connection this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The device.
-    Client,
-    /// The server.
-    Server,
-}
-
-impl Role {
-    fn peer(self) -> Role {
-        match self {
-            Role::Client => Role::Server,
-            Role::Server => Role::Client,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Role::Client => "client",
-            Role::Server => "server",
-        }
-    }
-}
+pub use crate::role::Role;
 
 /// What one incoming frame carried.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,18 +132,4 @@ impl Session {
         }
         Ok(Incoming::Messages(messages))
     }
-
-    /// Writes a frame body (no length prefix) for `messages`, for callers
-    /// that measure sizes. Same rules as [`Session::seal`].
-    #[doc(hidden)]
-    pub fn seal_to_vec(&mut self, messages: &[Message]) -> Result<Vec<u8>, Error> {
-        let mut out = BytesMut::new();
-        self.seal(messages, &mut out)?;
-        Ok(out.to_vec())
-    }
-}
-
-/// Appends a plaintext frame; used for handshake frames.
-pub(crate) fn put_frame(body: &[u8], out: &mut BytesMut) {
-    frame::encode(body, out);
 }

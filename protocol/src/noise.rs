@@ -1,0 +1,66 @@
+//! The Noise parameters pipit uses, in one place below the handshake, the
+//! keys and the session: pattern names, the cipher suite and the builder
+//! every handshake starts from.
+
+use snow::params::NoiseParams;
+
+use crate::error::HandshakeError;
+use crate::limits::KEY_LEN;
+
+/// The Noise handshake pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pattern {
+    /// `Noise_IK_25519_ChaChaPoly_BLAKE2s`: the client knows the server key.
+    IK,
+    /// `Noise_XX_25519_ChaChaPoly_BLAKE2s`: first contact.
+    XX,
+}
+
+impl Pattern {
+    /// The full Noise protocol name.
+    pub fn protocol_name(self) -> &'static str {
+        match self {
+            Pattern::IK => "Noise_IK_25519_ChaChaPoly_BLAKE2s",
+            Pattern::XX => "Noise_XX_25519_ChaChaPoly_BLAKE2s",
+        }
+    }
+
+    /// Lower-case name for logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pattern::IK => "ik",
+            Pattern::XX => "xx",
+        }
+    }
+}
+
+pub(crate) fn params(p: Pattern) -> NoiseParams {
+    p.protocol_name().parse().expect("pattern names are valid Noise protocol names")
+}
+
+/// A builder for `pattern` with `private` as the local static key.
+pub(crate) fn builder(p: Pattern, private: &[u8; KEY_LEN]) -> Result<snow::Builder<'_>, HandshakeError> {
+    snow::Builder::new(params(p)).local_private_key(private).map_err(HandshakeError::Config)
+}
+
+/// A fresh X25519 key pair from the operating system's RNG: (private, public).
+pub(crate) fn generate_keypair() -> ([u8; KEY_LEN], [u8; KEY_LEN]) {
+    let kp = snow::Builder::new(params(Pattern::XX))
+        .generate_keypair()
+        .expect("the built-in resolver has an RNG and X25519");
+    let private = kp.private.as_slice().try_into().expect("snow returns 32-byte keys");
+    let public = kp.public.as_slice().try_into().expect("snow returns 32-byte keys");
+    (private, public)
+}
+
+/// The X25519 public key of `private`, computed by the same DH the
+/// handshakes use, so this crate carries no second curve implementation.
+pub(crate) fn x25519_base(private: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
+    use snow::resolvers::{CryptoResolver, DefaultResolver};
+    let mut dh =
+        DefaultResolver.resolve_dh(&snow::params::DHChoice::Curve25519).expect("the default resolver has X25519");
+    dh.set(private);
+    let mut out = [0u8; KEY_LEN];
+    out.copy_from_slice(dh.pubkey());
+    out
+}
