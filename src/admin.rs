@@ -6,23 +6,39 @@
 //! `stats`. Answers are text lines; errors start with `error:`. The client
 //! side is `pipit_client::admin`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
 
-use crate::server::Shared;
-use crate::storage::{DeviceAddr, Op};
+use crate::model::DeviceAddr;
+use crate::route::Registry;
+use crate::service::Services;
 
 pub use pipit_client::admin::{request, socket_path};
 
 /// Longest command line accepted.
 const MAX_LINE: usize = 256;
 
+/// What the admin commands use.
+pub struct AdminCtx {
+    /// Where the socket lives.
+    pub data_dir: PathBuf,
+    /// The services the commands call.
+    pub services: Services,
+    /// Online devices.
+    pub registry: Arc<Registry>,
+    /// Stops the socket.
+    pub shutdown: CancellationToken,
+}
+
 /// Serves the admin socket until shutdown, on its own thread.
-pub fn spawn(shared: Arc<Shared>) -> anyhow::Result<()> {
-    let path = socket_path(&shared.config.data_dir);
+pub fn spawn(ctx: AdminCtx) -> anyhow::Result<()> {
+    let shared = Arc::new(ctx);
+    let path = socket_path(&shared.data_dir);
     let _ = std::fs::remove_file(&path);
     let std_listener = std::os::unix::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -34,12 +50,22 @@ pub fn spawn(shared: Arc<Shared>) -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => break,
-                    Ok((stream, _)) = listener.accept() => {
-                        let shared = shared.clone();
-                        tokio::spawn(async move {
-                            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, shared)).await;
-                        });
-                    }
+                    // Match every result: an arm whose pattern fails is
+                    // disabled for the rest of the select, which would
+                    // leave only shutdown to wait for.
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, shared)).await;
+                            });
+                        }
+                        Err(e) => {
+                            // EMFILE and friends pass; back off, keep serving.
+                            tracing::warn!(error = %e, "admin accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
                 }
             }
             let _ = std::fs::remove_file(&path);
@@ -48,7 +74,7 @@ pub fn spawn(shared: Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn handle(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, shared: Arc<AdminCtx>) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(r).take(MAX_LINE as u64);
@@ -62,18 +88,15 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> 
     w.shutdown().await
 }
 
-async fn execute(line: &str, shared: &Arc<Shared>) -> anyhow::Result<String> {
+async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["invite"] | ["invite", _] => {
             let ttl: u64 = words.get(1).map_or(Ok(7 * 86_400), |s| s.parse())?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            shared.writer.submit(Op::CreateInvite { ttl_secs: ttl, reply: tx })?;
-            Ok(format!("{}\n", rx.await?))
+            Ok(format!("{}\n", shared.services.accounts.create_invite(ttl).await?))
         }
         ["accounts"] => {
-            let store = shared.store.clone();
-            let list = tokio::task::spawn_blocking(move || store.accounts(10_000)).await??;
+            let list = shared.services.accounts.list(10_000).await?;
             let mut out = String::new();
             for a in list {
                 let devices: Vec<String> = a.devices.iter().map(|d| format!("{}:{}", d.device, d.name)).collect();
@@ -83,8 +106,7 @@ async fn execute(line: &str, shared: &Arc<Shared>) -> anyhow::Result<String> {
         }
         ["inbox", account, device] => {
             let addr = DeviceAddr { account: account.parse()?, device: device.parse()? };
-            let store = shared.store.clone();
-            let depth = tokio::task::spawn_blocking(move || store.inbox_depth(addr)).await??;
+            let depth = shared.services.inbox.depth(addr).await?;
             let online = shared.registry.is_online(addr);
             Ok(format!("{depth} waiting, {}\n", if online { "online" } else { "offline" }))
         }

@@ -57,6 +57,13 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// Seconds TCP_USER_TIMEOUT allows unacknowledged data to linger.
     pub tcp_user_timeout_secs: u64,
+    /// Seconds a write to a client may make no progress before the server
+    /// drops it (a peer that stopped reading).
+    pub write_timeout_secs: u64,
+    /// Operations that may wait for the storage writer. When it is full,
+    /// sends are refused with `UNAVAILABLE` (the client retries) and
+    /// connections stop reading until acks and receipts fit.
+    pub storage_queue: usize,
     /// Fsync every commit (never disable outside benchmarks of the rest).
     pub sync_writes: bool,
 }
@@ -81,6 +88,8 @@ impl Default for Config {
             max_batch: 4_096,
             shutdown_grace_secs: 10,
             tcp_user_timeout_secs: 120,
+            write_timeout_secs: 120,
+            storage_queue: 65_536,
             sync_writes: true,
         }
     }
@@ -135,8 +144,11 @@ impl Config {
         if self.message_ttl_secs == 0 || self.expiry_sweep_secs == 0 {
             return bad("message_ttl_secs and expiry_sweep_secs must be positive");
         }
-        if self.handshake_timeout_secs == 0 {
-            return bad("handshake_timeout_secs must be positive");
+        if self.handshake_timeout_secs == 0 || self.write_timeout_secs == 0 {
+            return bad("handshake_timeout_secs and write_timeout_secs must be positive");
+        }
+        if self.storage_queue == 0 {
+            return bad("storage_queue must be positive");
         }
         Ok(())
     }

@@ -1,21 +1,42 @@
 //! The pipit chat server.
 //!
 //! A thin I/O driver around `pipit-protocol`: shards accept TCP
-//! connections and run the protocol's state machines; one storage thread
-//! makes messages durable in RocksDB with group commit before anyone is
-//! told "sent"; a registry routes new inbox entries to whichever shard
-//! holds the recipient's connection. The binary (`pipit`) adds the
-//! command line, signals, metrics and systemd readiness.
+//! connections and run the protocol's state machines; one writer thread
+//! makes every change durable in RocksDB with group commit before anyone
+//! is told; a registry routes new inbox entries to whichever shard holds
+//! the recipient's connection. The binary (`pipit`) adds the command line,
+//! signals, metrics and systemd readiness.
 //!
 //! It does not implement groups, presence, the key directory or push yet;
 //! those message kinds are answered with `UNAVAILABLE`.
+//!
+//! # Layers
+//!
+//! Each module imports only modules on lines above its own:
+//!
+//! ```text
+//! model            ids and time
+//! store/           the only code that names RocksDB: a file per table, Txn
+//! commit           the group-commit engine, generic over its operations
+//! route/           online devices and their mailboxes (never committed)
+//! service/         the product's rules: a file per concern, its operations
+//! net/             listeners, the connection driver, dispatch
+//! config, admin    settings; the admin socket
+//! server           wiring: start and stop
+//! ```
+//!
+//! `config` sits apart: any layer may read its plain types (the
+//! registration policy), and it imports nothing of the server.
 
 pub mod admin;
+pub mod commit;
 pub mod config;
-pub mod connection;
-pub mod registry;
+pub mod model;
+pub mod net;
+pub mod route;
 pub mod server;
-pub mod storage;
+pub mod service;
+pub mod store;
 
 pub use config::Config;
 pub use server::{start, Running};

@@ -139,12 +139,8 @@ async fn a_recipient_that_never_reads_holds_only_a_window_and_then_gets_everythi
     }
     // Every message is durable in b's inbox, not in server memory: the
     // server handed b's connection exactly one window and no more.
-    let shared = s.running.as_ref().unwrap().shared().clone();
-    let depth = tokio::task::spawn_blocking(move || {
-        shared.store.inbox_depth(pipit::storage::DeviceAddr { account: 2, device: 0 }).unwrap()
-    })
-    .await
-    .unwrap();
+    let inbox = s.running.as_ref().unwrap().services().inbox.clone();
+    let depth = inbox.depth(pipit::model::DeviceAddr::new(b.account, 0)).await.unwrap();
     assert_eq!(depth, N as usize);
     let mut got = Vec::new();
     for _ in 0..16 {

@@ -7,30 +7,31 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pipit::commit::EngineConfig;
 use pipit::config::Registration;
-use pipit::storage::{Deliveries, DeviceAddr, Op, Store, Writer, WriterConfig};
+use pipit::model::DeviceAddr;
+use pipit::route::Deliveries;
+use pipit::service::{self, Rules};
+use pipit::store::Store;
 use pipit_protocol::message::pb;
 use pipit_protocol::{Message, PublicKey};
-use tokio::sync::oneshot;
 
 struct Nobody;
 impl Deliveries for Nobody {
-    fn push(&self, _: DeviceAddr, _: u64, _: &Message) {}
-}
-
-fn register(w: &Writer, key: u8) -> DeviceAddr {
-    let (tx, rx) = oneshot::channel();
-    w.submit(Op::Register { key: PublicKey([key; 32]), name: String::new(), invite: Bytes::new(), reply: tx }).unwrap();
-    rx.blocking_recv().unwrap().unwrap()
+    fn push(&self, _: DeviceAddr, _: u64, _: Message) {}
 }
 
 fn group_commit(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let cfg = WriterConfig { max_batch: 4_096, ttl_secs: 86_400, registration: Registration::Open, sync: true };
-    let (w, _thread) = Writer::start(store, cfg, Arc::new(Nobody), 65_536);
-    let a = register(&w, 1);
-    let b = register(&w, 2);
+    let rules = Rules { ttl_secs: 86_400, registration: Registration::Open };
+    let engine = EngineConfig { max_batch: 4_096, capacity: 65_536, sync: true };
+    let (services, writer) = service::start(store, rules, Arc::new(Nobody), engine).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let register =
+        |key: u8| rt.block_on(services.accounts.register(PublicKey([key; 32]), String::new(), Bytes::new())).unwrap();
+    let a = register(1);
+    let b = register(2);
     let payload = Bytes::from(vec![0x5A; 100]);
     let mut next_id = 1u64;
     let mut g = c.benchmark_group("group_commit");
@@ -46,15 +47,13 @@ fn group_commit(c: &mut Criterion) {
                     let mut replies = Vec::with_capacity(n);
                     let t = Instant::now();
                     for _ in 0..n {
-                        let (tx, rx) = oneshot::channel();
                         let send =
                             pb::Send { id: next_id, to: b.account, payload: payload.clone(), ..Default::default() };
                         next_id += 1;
-                        w.submit(Op::Send { from: a, send, received: t, reply: tx }).unwrap();
-                        replies.push(rx);
+                        replies.push(services.messaging.send(a, send).unwrap());
                     }
-                    for rx in replies {
-                        rx.blocking_recv().unwrap().unwrap();
+                    for r in replies {
+                        rt.block_on(r).unwrap();
                     }
                     total += t.elapsed();
                 }
@@ -63,6 +62,9 @@ fn group_commit(c: &mut Criterion) {
         });
     }
     g.finish();
+    // Close the database before its directory goes.
+    drop(services);
+    writer.join().unwrap();
 }
 
 criterion_group!(benches, group_commit);

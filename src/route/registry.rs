@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use pipit_protocol::Message;
 use tokio::sync::Notify;
 
-use crate::storage::{Deliveries, DeviceAddr};
+use super::Deliveries;
+use crate::model::DeviceAddr;
 
 /// A new inbox entry for a connection: its inbox id and the message.
 pub type Push = (u64, Box<Message>);
@@ -126,10 +127,10 @@ impl Registry {
 }
 
 impl Deliveries for Registry {
-    fn push(&self, to: DeviceAddr, id: u64, msg: &Message) {
+    fn push(&self, to: DeviceAddr, id: u64, msg: Message) {
         let mailbox = self.stripe(to).get(&to).map(|h| h.mailbox.clone());
         if let Some(m) = mailbox {
-            m.push((id, Box::new(msg.clone())));
+            m.push((id, Box::new(msg)));
         }
     }
 }

@@ -1,0 +1,153 @@
+//! From accepted socket to logged-in connection: the Noise handshake
+//! (bounded in time and bytes by the protocol crate), then the hello: a
+//! login finds the device by its key, a registration creates an account.
+//! The answer carries the first queued deliveries.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pipit_protocol::handshake::{Hello, ServerHandshake, ServerStep};
+use pipit_protocol::keepalive::negotiate_interval;
+use pipit_protocol::limits::{MAX_INVITE_LEN, MAX_NAME_LEN};
+use pipit_protocol::message::pb;
+use pipit_protocol::{Message, Session};
+use tokio::net::TcpStream;
+
+use super::connection::{error, write_out, Conn};
+use super::{ConnCtx, ConnError};
+use crate::model::unix_now;
+use crate::route::{ConnHandle, Mailbox};
+
+/// A connection past its handshake and login.
+pub(super) struct Established {
+    pub(super) stream: TcpStream,
+    pub(super) session: Session,
+    pub(super) inbuf: BytesMut,
+    pub(super) conn: Conn,
+    pub(super) keepalive: Duration,
+}
+
+fn handshake_metric(pattern: &'static str, result: &'static str) {
+    metrics::counter!("pipit_handshakes_total", "pattern" => pattern, "result" => result).increment(1);
+}
+
+async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ConnError> {
+    use tokio::io::AsyncReadExt;
+    buf.reserve(1024);
+    match stream.read_buf(buf).await? {
+        0 => Err(ConnError::Closed),
+        n => {
+            metrics::counter!("pipit_bytes_in_total").increment(n as u64);
+            Ok(())
+        }
+    }
+}
+
+pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Result<Established, ConnError> {
+    let cfg = &ctx.cfg;
+    let write_timeout = cfg.write_timeout;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + cfg.handshake_timeout);
+    let mut hs = ServerHandshake::new(ctx.keys.clone(), started, cfg.handshake_timeout);
+    let mut inbuf = BytesMut::new();
+    let mut out = BytesMut::new();
+
+    let accepted = loop {
+        match tokio::time::timeout_at(deadline, read_some(&mut stream, &mut inbuf)).await {
+            Err(_) => {
+                handshake_metric("unknown", "timeout");
+                return Err(ConnError::Timeout);
+            }
+            Ok(r) => r?,
+        }
+        match hs.read(&mut inbuf, Instant::now(), &mut out) {
+            Ok(ServerStep::NeedMore(next)) => {
+                hs = next;
+                write_out(&mut stream, &mut out, write_timeout).await?;
+            }
+            Ok(ServerStep::Accepted(a)) => break *a,
+            Err(e) => {
+                let _ = write_out(&mut stream, &mut out, write_timeout).await;
+                handshake_metric("unknown", "error");
+                return Err(e.into());
+            }
+        }
+    };
+    let pattern = accepted.pattern.as_str();
+
+    // Who is this?
+    let verdict = match &accepted.hello {
+        Hello::Login(l) => match ctx.services.accounts.device_by_key(accepted.client_key).await? {
+            Some(addr) => Ok((addr, l.keepalive_secs, l.acked_through)),
+            None => Err(pb::ErrorCode::UnknownDevice),
+        },
+        Hello::Register(r) => {
+            if r.device_name.len() > MAX_NAME_LEN
+                || r.invite.len() > MAX_INVITE_LEN
+                || r.user_agent.len() > MAX_NAME_LEN
+            {
+                Err(pb::ErrorCode::TooLarge)
+            } else {
+                ctx.services
+                    .accounts
+                    .register(accepted.client_key, r.device_name.clone(), r.invite.clone())
+                    .await
+                    .map(|addr| (addr, r.keepalive_secs, 0))
+            }
+        }
+    };
+    let (addr, proposed_keepalive, acked_through) = match verdict {
+        Ok(v) => v,
+        Err(code) => {
+            handshake_metric(pattern, if code == pb::ErrorCode::UnknownDevice { "unknown_device" } else { "refused" });
+            let _ = accepted.finish(&[error(code)], &mut out);
+            let _ = write_out(&mut stream, &mut out, write_timeout).await;
+            return Err(ConnError::Refused(code));
+        }
+    };
+    let keepalive_secs = negotiate_interval(
+        proposed_keepalive,
+        cfg.keepalive_min_secs,
+        cfg.keepalive_max_secs,
+        cfg.keepalive_default_secs,
+    );
+    let window = cfg.delivery_window;
+
+    // Become the device's connection before reading the inbox, so that
+    // every entry committed from now on is pushed to us, and every earlier
+    // one is in the read below.
+    let handle = ConnHandle { id: ctx.next_conn_id(), mailbox: Arc::new(Mailbox::new(window * 2)) };
+    let conn_id = handle.id;
+    if let Some(old) = ctx.registry.insert(addr, handle.clone()) {
+        old.mailbox.kick.notify_one();
+    }
+    let unregister = |e: ConnError| {
+        ctx.registry.remove(addr, conn_id);
+        e
+    };
+    let inbox = ctx.services.inbox.at_login(addr, acked_through, window).await.map_err(|e| unregister(e.into()))?;
+    let mut conn = Conn::new(ctx, addr, handle, inbox);
+    let login_ok: Message = pb::LoginOk {
+        account: addr.account,
+        device: addr.device,
+        server_time: unix_now(),
+        keepalive_secs,
+        pending: conn.inflight() as u32,
+        new_server_key: if accepted.retired_key {
+            bytes::Bytes::copy_from_slice(ctx.keys.current().public().as_bytes())
+        } else {
+            bytes::Bytes::new()
+        },
+        window: window as u32,
+    }
+    .into();
+    let mut first = vec![login_ok];
+    first.append(&mut conn.outq);
+    let session = accepted.finish(&first, &mut out).map_err(|e| unregister(e.into()))?;
+    handshake_metric(pattern, "ok");
+    metrics::histogram!("pipit_handshake_seconds").record(started.elapsed().as_secs_f64());
+    tracing::debug!(device = %addr, pattern, "logged in");
+    write_out(&mut stream, &mut out, write_timeout).await.map_err(unregister)?;
+    Ok(Established { stream, session, inbuf, conn, keepalive: Duration::from_secs(u64::from(keepalive_secs)) })
+}

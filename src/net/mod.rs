@@ -1,0 +1,104 @@
+//! The network layer: listeners, the connection driver around the
+//! protocol crate's state machines, and dispatch from message kind to the
+//! service that handles it. It holds no product rules and no storage.
+
+mod connection;
+mod dispatch;
+mod handshake;
+pub mod listener;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pipit_protocol::handshake::ServerKeys;
+use tokio_util::sync::CancellationToken;
+
+use crate::route::Registry;
+use crate::service::Services;
+
+/// What the network layer needs to know from the configuration.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Most simultaneous connections; more are refused at accept.
+    pub max_connections: usize,
+    /// Time a handshake may take.
+    pub handshake_timeout: Duration,
+    /// Keepalive bounds the server grants within, and its default.
+    pub keepalive_min_secs: u32,
+    /// See `keepalive_min_secs`.
+    pub keepalive_max_secs: u32,
+    /// See `keepalive_min_secs`.
+    pub keepalive_default_secs: u32,
+    /// Unacknowledged deliveries per connection.
+    pub delivery_window: usize,
+    /// Sends a connection may have waiting for storage before it stops
+    /// reading.
+    pub max_pending_sends: usize,
+    /// Time a socket write may stay blocked before the peer is dropped.
+    pub write_timeout: Duration,
+    /// TCP_USER_TIMEOUT.
+    pub tcp_user_timeout: Duration,
+    /// Time a draining connection waits for answers at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// The handles a connection uses, and nothing else.
+pub struct ConnCtx {
+    /// Settings.
+    pub cfg: NetConfig,
+    /// The server's static keys.
+    pub keys: Arc<ServerKeys>,
+    /// The services a connection calls.
+    pub services: Services,
+    /// Online devices.
+    pub registry: Arc<Registry>,
+    /// Cancelled when the server stops.
+    pub shutdown: CancellationToken,
+    conn_ids: AtomicU64,
+    connections: AtomicUsize,
+}
+
+impl ConnCtx {
+    /// A context for the connections of one server.
+    pub fn new(
+        cfg: NetConfig,
+        keys: Arc<ServerKeys>,
+        services: Services,
+        registry: Arc<Registry>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { cfg, keys, services, registry, shutdown, conn_ids: AtomicU64::new(0), connections: AtomicUsize::new(0) }
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Why a connection ended. Logged; the peer saw at most a coarse code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    /// Socket error.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed.
+    #[error("closed by peer")]
+    Closed,
+    /// The handshake failed.
+    #[error("handshake: {0}")]
+    Handshake(#[from] pipit_protocol::HandshakeError),
+    /// The peer broke the protocol after the handshake.
+    #[error("protocol: {0}")]
+    Protocol(#[from] pipit_protocol::Error),
+    /// The peer stayed silent too long, or stopped reading.
+    #[error("timed out")]
+    Timeout,
+    /// Storage failed.
+    #[error("storage: {0}")]
+    Storage(#[from] crate::store::StorageError),
+    /// Refused at login (code sent to the peer).
+    #[error("login refused: {0:?}")]
+    Refused(pipit_protocol::message::pb::ErrorCode),
+}

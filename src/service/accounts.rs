@@ -1,0 +1,241 @@
+//! Accounts and devices: registration (open or by invite), invite codes,
+//! linking a companion device, and device lists. A device's static key is
+//! its identity.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pipit_protocol::message::pb;
+use pipit_protocol::PublicKey;
+use tokio::sync::oneshot;
+
+use super::{Ctx, Writer};
+use crate::commit::{Operation, Outcome, SubmitError};
+use crate::config::Registration;
+use crate::model::{unix_now, DeviceAddr};
+use crate::store::counters::Counter;
+use crate::store::{StorageError, Store, Txn};
+
+/// Registration, invites and devices.
+#[derive(Clone)]
+pub struct Accounts {
+    writer: Writer,
+    store: Arc<Store>,
+}
+
+impl Accounts {
+    pub(crate) fn new(writer: Writer, store: Arc<Store>) -> Self {
+        Self { writer, store }
+    }
+
+    /// The device a static key belongs to.
+    pub async fn device_by_key(&self, key: PublicKey) -> Result<Option<DeviceAddr>, StorageError> {
+        let store = self.store.clone();
+        super::blocking(move || store.device_by_key(&key)).await
+    }
+
+    /// An account's device list.
+    pub async fn device_list(&self, account: u64) -> Result<Option<pb::DeviceList>, StorageError> {
+        let store = self.store.clone();
+        super::blocking(move || store.account(account)).await
+    }
+
+    /// Up to `limit` accounts (admin).
+    pub async fn list(&self, limit: usize) -> Result<Vec<pb::DeviceList>, StorageError> {
+        let store = self.store.clone();
+        super::blocking(move || store.accounts(limit)).await
+    }
+
+    /// Creates an account whose device 0 is `key` (or finds the one it
+    /// already has: a retried registration whose answer was lost).
+    pub async fn register(&self, key: PublicKey, name: String, invite: Bytes) -> Result<DeviceAddr, pb::ErrorCode> {
+        let (tx, rx) = oneshot::channel();
+        let op = Register { key, name, invite, result: None, reply: Some(tx) };
+        if self.writer.try_submit(Box::new(op)).is_err() {
+            return Err(pb::ErrorCode::Unavailable);
+        }
+        rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable))
+    }
+
+    /// Adds `key` as a new device of `account`; the future answers its
+    /// device number.
+    pub fn link(
+        &self,
+        account: u64,
+        key: PublicKey,
+        name: String,
+    ) -> Result<impl Future<Output = Result<u32, pb::ErrorCode>> + Send + 'static, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        let op = Link { account, key, name, result: None, reply: Some(tx) };
+        self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
+        Ok(async move { rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) })
+    }
+
+    /// Issues a single-use invite code valid for `ttl_secs`.
+    pub async fn create_invite(&self, ttl_secs: u64) -> Result<String, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        let op = CreateInvite { ttl_secs, code: invite_code(), reply: Some(tx) };
+        self.writer.submit(Box::new(op)).await?;
+        rx.await.map_err(|_| SubmitError::Stopped)?.ok_or(SubmitError::Stopped)
+    }
+}
+
+/// Adds `key` as the next device of `list`'s account and records both.
+fn add_device(txn: &mut Txn<'_>, mut list: pb::DeviceList, key: PublicKey, name: &str) -> DeviceAddr {
+    let device = list.devices.iter().map(|d| d.device + 1).max().unwrap_or(0);
+    list.devices.push(pb::DeviceInfo {
+        device,
+        name: name.to_string(),
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        last_seen: unix_now(),
+    });
+    let addr = DeviceAddr::new(list.account, device);
+    txn.put_account(list);
+    txn.put_device_key(key, addr);
+    addr
+}
+
+/// Sends `r` to the waiting caller: the result if durable, else INTERNAL.
+fn answer<T>(
+    reply: Option<oneshot::Sender<Result<T, pb::ErrorCode>>>,
+    result: Option<Result<T, pb::ErrorCode>>,
+    outcome: Outcome<'_>,
+) {
+    let r = match outcome {
+        Outcome::Durable => result.unwrap_or(Err(pb::ErrorCode::Internal)),
+        Outcome::Failed(_) => Err(pb::ErrorCode::Internal),
+    };
+    if let Some(tx) = reply {
+        let _ = tx.send(r);
+    }
+}
+
+struct Register {
+    key: PublicKey,
+    name: String,
+    invite: Bytes,
+    result: Option<Result<DeviceAddr, pb::ErrorCode>>,
+    reply: Option<oneshot::Sender<Result<DeviceAddr, pb::ErrorCode>>>,
+}
+
+impl Operation<Ctx> for Register {
+    fn apply(&mut self, ctx: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.result = Some(self.register(ctx.rules.registration, txn)?);
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, _: &mut Ctx, outcome: Outcome<'_>) {
+        answer(self.reply.take(), self.result.take(), outcome);
+    }
+}
+
+impl Register {
+    fn register(
+        &self,
+        policy: Registration,
+        txn: &mut Txn<'_>,
+    ) -> Result<Result<DeviceAddr, pb::ErrorCode>, StorageError> {
+        if let Some(addr) = txn.device_by_key(&self.key)? {
+            return Ok(Ok(addr));
+        }
+        if policy == Registration::Invite {
+            if self.invite.is_empty() {
+                return Ok(Err(pb::ErrorCode::RegistrationClosed));
+            }
+            match txn.invite(&self.invite)? {
+                Some(expires) if expires > unix_now() => txn.delete_invite(&self.invite),
+                _ => return Ok(Err(pb::ErrorCode::InvalidInvite)),
+            }
+        }
+        let account = txn.next(Counter::NextAccount)?;
+        let list = pb::DeviceList { req: 0, account, devices: Vec::new() };
+        Ok(Ok(add_device(txn, list, self.key, &self.name)))
+    }
+}
+
+struct Link {
+    account: u64,
+    key: PublicKey,
+    name: String,
+    result: Option<Result<u32, pb::ErrorCode>>,
+    reply: Option<oneshot::Sender<Result<u32, pb::ErrorCode>>>,
+}
+
+impl Operation<Ctx> for Link {
+    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.result = Some(self.link(txn)?);
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, _: &mut Ctx, outcome: Outcome<'_>) {
+        answer(self.reply.take(), self.result.take(), outcome);
+    }
+}
+
+impl Link {
+    fn link(&self, txn: &mut Txn<'_>) -> Result<Result<u32, pb::ErrorCode>, StorageError> {
+        if let Some(addr) = txn.device_by_key(&self.key)? {
+            // Linking the same key twice is idempotent; another account's
+            // key cannot be taken over.
+            return Ok(if addr.account == self.account { Ok(addr.device) } else { Err(pb::ErrorCode::Forbidden) });
+        }
+        let Some(list) = txn.account(self.account)? else {
+            return Ok(Err(pb::ErrorCode::NotFound));
+        };
+        if list.devices.len() >= pipit_protocol::limits::MAX_DEVICES_PER_ACCOUNT {
+            return Ok(Err(pb::ErrorCode::TooLarge));
+        }
+        Ok(Ok(add_device(txn, (*list).clone(), self.key, &self.name).device))
+    }
+}
+
+struct CreateInvite {
+    ttl_secs: u64,
+    code: String,
+    reply: Option<oneshot::Sender<Option<String>>>,
+}
+
+impl Operation<Ctx> for CreateInvite {
+    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        txn.put_invite(self.code.as_bytes(), unix_now().saturating_add(self.ttl_secs));
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, _: &mut Ctx, outcome: Outcome<'_>) {
+        let code = matches!(outcome, Outcome::Durable).then(|| std::mem::take(&mut self.code));
+        if let Some(tx) = self.reply.take() {
+            let _ = tx.send(code);
+        }
+    }
+}
+
+fn invite_code() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::rng();
+    let mut s = String::with_capacity(9);
+    for i in 0..8 {
+        if i == 4 {
+            s.push('-');
+        }
+        s.push(ALPHABET[rng.random_range(0..ALPHABET.len())] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::testing::setup;
+
+    #[test]
+    fn invites_are_single_use() {
+        let s = setup(Registration::Invite);
+        assert_eq!(s.register(1, ""), Err(pb::ErrorCode::RegistrationClosed));
+        assert_eq!(s.register(1, "NOPE-NOPE"), Err(pb::ErrorCode::InvalidInvite));
+        let code = s.rt.block_on(s.services().accounts.create_invite(60)).unwrap();
+        assert!(s.register(1, &code).is_ok());
+        assert_eq!(s.register(2, &code), Err(pb::ErrorCode::InvalidInvite));
+    }
+}

@@ -1,0 +1,215 @@
+//! Expiry: an inbox entry undelivered after the TTL is deleted and its
+//! sender told (`Expired`); dedup records go after the same time (a retry
+//! is expected within the time a message may wait, not after).
+//!
+//! A sweep is a series of bounded rounds, each one writer operation that
+//! reads at most [`SCAN_MAX`] entries and deletes at most
+//! [`DELETE_MAX`], so writes queued behind it wait only that long.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pipit_protocol::message::pb;
+use pipit_protocol::Message;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::inbox::{enqueue, Pushes};
+use super::{Ctx, Writer};
+use crate::commit::{Operation, Outcome};
+use crate::model::{unix_now, DeviceAddr};
+use crate::store::inbox::entry_time;
+use crate::store::{StorageError, Txn};
+
+/// Most entries one round reads (inbox and dedup each).
+pub const SCAN_MAX: usize = 50_000;
+/// Most entries one round deletes.
+pub const DELETE_MAX: usize = 4_096;
+
+/// Where the next round resumes each scan.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Cursor {
+    inbox: Option<(DeviceAddr, u64)>,
+    dedup: Option<(DeviceAddr, u64)>,
+}
+
+/// What one expiry round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryRound {
+    /// Entries deleted.
+    pub expired: usize,
+    /// Both scans reached the end.
+    pub finished: bool,
+}
+
+/// One round of a sweep at time `now`.
+pub(crate) struct ExpireOp {
+    now: u64,
+    next: Cursor,
+    round: ExpiryRound,
+    pushes: Pushes,
+    reply: Option<oneshot::Sender<ExpiryRound>>,
+}
+
+impl ExpireOp {
+    pub(crate) fn new(now: u64, reply: oneshot::Sender<ExpiryRound>) -> Self {
+        Self {
+            now,
+            next: Cursor::default(),
+            round: ExpiryRound { expired: 0, finished: false },
+            pushes: Pushes::default(),
+            reply: Some(reply),
+        }
+    }
+}
+
+impl Operation<Ctx> for ExpireOp {
+    fn apply(&mut self, ctx: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.pushes = Pushes::default();
+        let cutoff = self.now.saturating_sub(ctx.rules.ttl_secs);
+        let (expired, inbox_next) = expire_inbox(txn, ctx.expiry.inbox, cutoff, &mut self.pushes)?;
+        let dedup_next = expire_dedup(txn, ctx.expiry.dedup, cutoff)?;
+        self.next = Cursor { inbox: inbox_next, dedup: dedup_next };
+        self.round = ExpiryRound { expired, finished: inbox_next.is_none() && dedup_next.is_none() };
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, ctx: &mut Ctx, outcome: Outcome<'_>) {
+        if let Outcome::Durable = outcome {
+            ctx.expiry = self.next;
+            metrics::counter!("pipit_messages_expired_total").increment(self.round.expired as u64);
+            std::mem::take(&mut self.pushes).release(&*ctx.deliveries);
+        } else {
+            self.round = ExpiryRound { expired: 0, finished: true };
+        }
+        if let Some(tx) = self.reply.take() {
+            let _ = tx.send(self.round);
+        }
+    }
+}
+
+/// Deletes inbox entries older than `cutoff`; returns how many and where
+/// the next round resumes (`None`: the scan reached the end).
+fn expire_inbox(
+    txn: &mut Txn<'_>,
+    from: Option<(DeviceAddr, u64)>,
+    cutoff: u64,
+    pushes: &mut Pushes,
+) -> Result<(usize, Option<(DeviceAddr, u64)>), StorageError> {
+    let mut notices: HashMap<(u64, u64, u64), u32> = HashMap::new();
+    let mut doomed = Vec::new();
+    let mut resume = None;
+    for (scanned, item) in txn.store().inbox_scan(from).enumerate() {
+        let item = item?;
+        if scanned >= SCAN_MAX || doomed.len() >= DELETE_MAX {
+            resume = Some((item.addr, item.id));
+            break;
+        }
+        let Ok(msg) = item.entry else {
+            continue;
+        };
+        let time = entry_time(&msg);
+        if time == 0 || time > cutoff {
+            continue;
+        }
+        doomed.push((item.addr, item.id));
+        if let Message::Deliver(d) = &msg {
+            if d.from != item.addr.account {
+                *notices.entry((d.from, item.addr.account, d.seq)).or_default() += 1;
+            }
+        }
+    }
+    for &(addr, id) in &doomed {
+        txn.delete_inbox(addr, id);
+    }
+    for ((sender, peer, seq), devices) in notices {
+        let Some(account) = txn.account(sender)? else {
+            continue;
+        };
+        for d in &account.devices {
+            let e = pb::Expired { peer, group: 0, seq, devices, inbox: 0 };
+            enqueue(txn, DeviceAddr::new(sender, d.device), e.into(), pushes)?;
+        }
+    }
+    Ok((doomed.len(), resume))
+}
+
+fn expire_dedup(
+    txn: &mut Txn<'_>,
+    from: Option<(DeviceAddr, u64)>,
+    cutoff: u64,
+) -> Result<Option<(DeviceAddr, u64)>, StorageError> {
+    let mut doomed = Vec::new();
+    let mut resume = None;
+    for (i, item) in txn.store().dedup_scan(from).enumerate() {
+        let (k, r) = item?;
+        if i >= SCAN_MAX {
+            resume = Some(k);
+            break;
+        }
+        if r.time <= cutoff {
+            doomed.push(k);
+        }
+    }
+    for (addr, id) in doomed {
+        txn.delete_dedup(addr, id);
+    }
+    Ok(resume)
+}
+
+/// Runs an expiry sweep every `every` until `stop`, on its own thread.
+pub fn spawn_sweeper(writer: Writer, every: Duration, stop: CancellationToken) -> std::io::Result<()> {
+    std::thread::Builder::new().name("pipit-expiry".into()).spawn(move || loop {
+        let deadline = Instant::now() + every;
+        while Instant::now() < deadline {
+            if stop.is_cancelled() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100).min(every));
+        }
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let op = Box::new(ExpireOp::new(unix_now(), tx));
+            if writer.submit_blocking(op, Duration::from_secs(60)).is_err() {
+                break;
+            }
+            match rx.blocking_recv() {
+                Ok(round) => {
+                    if round.expired > 0 {
+                        tracing::info!(expired = round.expired, "expiry sweep");
+                    }
+                    if round.finished || stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Registration;
+    use crate::service::testing::setup;
+
+    #[test]
+    fn expiry_deletes_old_entries_and_tells_the_sender() {
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let b = s.register(2, "").unwrap();
+        let sent = s.send(a, 1, b.account).unwrap();
+        let (tx, rx) = oneshot::channel();
+        s.rt.block_on(s.services().writer.submit(Box::new(ExpireOp::new(unix_now() + 101, tx)))).unwrap();
+        assert_eq!(rx.blocking_recv().unwrap(), ExpiryRound { expired: 1, finished: true });
+        assert!(s.store.inbox_after(b, 0, 10).unwrap().is_empty());
+        let notices = s.store.inbox_after(a, 0, 10).unwrap();
+        let Message::Expired(e) = &notices[0].1 else { panic!("{notices:?}") };
+        assert_eq!((e.peer, e.seq, e.devices), (b.account, sent.seq, 1));
+        // The dedup record went with it: the same id is now a new message.
+        let again = s.send(a, 1, b.account).unwrap();
+        assert_ne!(again.seq, sent.seq);
+    }
+}

@@ -1,0 +1,127 @@
+//! Each device's inbox: appending an entry (inside a writer operation),
+//! and reading it (at login, and when a connection has fallen behind what
+//! was pushed to it).
+
+use std::sync::Arc;
+
+use pipit_protocol::Message;
+
+use super::receipts::{acked_meta, Acked};
+use crate::model::DeviceAddr;
+use crate::route::Deliveries;
+use crate::store::counters::Counter;
+use crate::store::inbox::set_inbox_id;
+use crate::store::{StorageError, Store, Txn};
+
+/// Inbox entries an operation wrote, handed to their devices' connections
+/// once they are durable, never before.
+#[derive(Default)]
+pub(crate) struct Pushes(Vec<(DeviceAddr, u64, Message)>);
+
+impl Pushes {
+    pub(crate) fn release(self, to: &dyn Deliveries) {
+        for (addr, id, msg) in self.0 {
+            to.push(addr, id, msg);
+        }
+    }
+}
+
+/// Appends `msg` to `to`'s inbox under its next inbox id.
+pub(crate) fn enqueue(
+    txn: &mut Txn<'_>,
+    to: DeviceAddr,
+    mut msg: Message,
+    pushes: &mut Pushes,
+) -> Result<(), StorageError> {
+    let id = txn.next(Counter::InboxNext(to))?;
+    set_inbox_id(&mut msg, id);
+    txn.put_inbox(to, id, &msg);
+    pushes.0.push((to, id, msg));
+    Ok(())
+}
+
+/// What a device finds in its inbox when it logs in.
+#[derive(Debug, Default)]
+pub struct LoginInbox {
+    /// Entries the login itself acknowledged (`Login.acked_through`).
+    pub acked: Vec<Acked>,
+    /// Up to a window of entries to send now, in order.
+    pub send: Vec<(u64, Message)>,
+    /// The highest inbox id handed out or acknowledged: later entries
+    /// arrive as pushes.
+    pub cursor: u64,
+    /// More entries wait past `send`.
+    pub behind: bool,
+}
+
+/// Reads inboxes for the network layer (on blocking threads).
+#[derive(Clone)]
+pub struct InboxReader {
+    store: Arc<Store>,
+}
+
+impl InboxReader {
+    pub(crate) fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+
+    /// The inbox at login: what `acked_through` acknowledged and up to
+    /// `window` entries to send.
+    pub async fn at_login(
+        &self,
+        addr: DeviceAddr,
+        acked_through: u64,
+        window: usize,
+    ) -> Result<LoginInbox, StorageError> {
+        let store = self.store.clone();
+        super::blocking(move || login_inbox(&store, addr, acked_through, window)).await
+    }
+
+    /// Up to `limit` entries after `after`.
+    pub async fn after(&self, addr: DeviceAddr, after: u64, limit: usize) -> Result<Vec<(u64, Message)>, StorageError> {
+        let store = self.store.clone();
+        super::blocking(move || store.inbox_after(addr, after, limit)).await
+    }
+
+    /// Entries waiting for a device (admin).
+    pub async fn depth(&self, addr: DeviceAddr) -> Result<usize, StorageError> {
+        let store = self.store.clone();
+        super::blocking(move || store.inbox_depth(addr)).await
+    }
+
+    /// Entries waiting in all inboxes, estimated (metrics).
+    pub fn estimate(&self) -> u64 {
+        self.store.inbox_estimate()
+    }
+}
+
+fn login_inbox(store: &Store, addr: DeviceAddr, acked_through: u64, window: usize) -> Result<LoginInbox, StorageError> {
+    // Read the counter first: entries below it are committed and in the
+    // scan below; later ones reach the connection as pushes.
+    let next = store.counter(Counter::InboxNext(addr))?;
+    let mut out = LoginInbox::default();
+    let mut after = 0;
+    'scan: loop {
+        let chunk = store.inbox_after(addr, after, 1024)?;
+        let full = chunk.len() == 1024;
+        for (id, m) in chunk {
+            after = id;
+            if id <= acked_through {
+                out.acked.push(acked_meta(addr.account, id, &m));
+            } else if out.send.len() < window {
+                out.send.push((id, m));
+            } else {
+                out.behind = true;
+                break 'scan;
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    out.cursor = match out.send.last() {
+        Some((id, _)) => *id,
+        None => out.acked.last().map_or(0, |a| a.id).max(next - 1),
+    };
+    Ok(out)
+}

@@ -1,0 +1,222 @@
+//! 1:1 sends: a send is recognised if it was stored before (same sending
+//! device and client id: the original answer, never a second copy), gets
+//! the conversation's next sequence number, and lands in the inbox of
+//! every device of the recipient and every other device of the sender.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Instant;
+
+use bytes::Bytes;
+use pipit_protocol::message::pb;
+
+use super::inbox::{enqueue, Pushes};
+use super::{Ctx, Writer};
+use crate::commit::{Operation, Outcome, SubmitError};
+use crate::model::{unix_now, DeviceAddr};
+use crate::store::counters::Counter;
+use crate::store::dedup::DedupRecord;
+use crate::store::{StorageError, Txn};
+
+/// Why a send was not stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendFailure {
+    /// A coarse error for the client.
+    Code(pb::ErrorCode),
+    /// Per-device ciphertexts did not match the devices.
+    Mismatch(pb::DeviceMismatch),
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<pb::Sent, SendFailure>>;
+
+/// Queues sends.
+#[derive(Clone)]
+pub struct Messaging {
+    writer: Writer,
+}
+
+impl Messaging {
+    pub(crate) fn new(writer: Writer) -> Self {
+        Self { writer }
+    }
+
+    /// Queues `send` from `from`; the future answers once it is durable
+    /// (or refused). A full queue is refused at once: nothing was stored
+    /// and the client retries.
+    pub fn send(
+        &self,
+        from: DeviceAddr,
+        send: pb::Send,
+    ) -> Result<impl Future<Output = Result<pb::Sent, SendFailure>> + Send + 'static, SubmitError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let op = SendOp { from, send, received: Instant::now(), result: None, pushes: Pushes::default(), reply: tx };
+        self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
+        Ok(async move { rx.await.unwrap_or(Err(SendFailure::Code(pb::ErrorCode::Unavailable))) })
+    }
+}
+
+struct SendOp {
+    from: DeviceAddr,
+    send: pb::Send,
+    received: Instant,
+    result: Option<Result<pb::Sent, SendFailure>>,
+    pushes: Pushes,
+    reply: Reply,
+}
+
+impl Operation<Ctx> for SendOp {
+    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.pushes = Pushes::default();
+        self.result = Some(store_send(txn, self.from, &self.send, &mut self.pushes)?);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, ctx: &mut Ctx, outcome: Outcome<'_>) {
+        let result = match outcome {
+            Outcome::Durable => {
+                let r = self.result.unwrap_or(Err(SendFailure::Code(pb::ErrorCode::Internal)));
+                if r.is_ok() {
+                    metrics::histogram!("pipit_send_durable_seconds").record(self.received.elapsed().as_secs_f64());
+                }
+                self.pushes.release(&*ctx.deliveries);
+                r
+            }
+            Outcome::Failed(_) => Err(SendFailure::Code(pb::ErrorCode::Internal)),
+        };
+        let _ = self.reply.send(result);
+    }
+}
+
+fn store_send(
+    txn: &mut Txn<'_>,
+    from: DeviceAddr,
+    send: &pb::Send,
+    pushes: &mut Pushes,
+) -> Result<Result<pb::Sent, SendFailure>, StorageError> {
+    let fail = |c| Ok(Err(SendFailure::Code(c)));
+    // Dedup first: a retry must get the original answer even if the
+    // request would now be refused.
+    if let Some(r) = txn.dedup(from, send.id)? {
+        metrics::counter!("pipit_messages_deduplicated_total").increment(1);
+        return Ok(Ok(pb::Sent { id: send.id, seq: r.seq, time: r.time }));
+    }
+    if send.group != 0 {
+        // Groups are served by a later version of this server.
+        return fail(pb::ErrorCode::Unavailable);
+    }
+    if send.to == 0 {
+        return fail(pb::ErrorCode::BadRequest);
+    }
+    let Some(recipient) = txn.account(send.to)? else {
+        return fail(pb::ErrorCode::NotFound);
+    };
+    let Some(own) = txn.account(from.account)? else {
+        return fail(pb::ErrorCode::UnknownDevice);
+    };
+    let targets: Vec<(DeviceAddr, bool)> = recipient
+        .devices
+        .iter()
+        .map(|d| (DeviceAddr::new(send.to, d.device), false))
+        // A note to self reaches the account's other devices only.
+        .filter(|(a, _)| *a != from)
+        .chain(
+            own.devices
+                .iter()
+                .filter(|d| d.device != from.device && from.account != send.to)
+                .map(|d| (DeviceAddr::new(from.account, d.device), true)),
+        )
+        .collect();
+    // Per-device ciphertexts must name exactly the target devices.
+    let mut per_device: HashMap<DeviceAddr, Bytes> = HashMap::new();
+    if !send.per_device.is_empty() {
+        for c in &send.per_device {
+            let account = if c.account == 0 { send.to } else { c.account };
+            per_device.insert(DeviceAddr::new(account, c.device), c.payload.clone());
+        }
+        let missing: Vec<pb::DeviceRef> = targets
+            .iter()
+            .filter(|(a, _)| !per_device.contains_key(a))
+            .map(|(a, _)| pb::DeviceRef { account: a.account, device: a.device })
+            .collect();
+        let extra: Vec<pb::DeviceRef> = per_device
+            .keys()
+            .filter(|a| !targets.iter().any(|(t, _)| t == *a))
+            .map(|a| pb::DeviceRef { account: a.account, device: a.device })
+            .collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            return Ok(Err(SendFailure::Mismatch(pb::DeviceMismatch { id: send.id, missing, extra })));
+        }
+    }
+    let now = unix_now();
+    let seq = txn.next(Counter::conversation(from.account, send.to))?;
+    for (to, own_copy) in targets {
+        let payload = per_device.remove(&to).unwrap_or_else(|| send.payload.clone());
+        let deliver = pb::Deliver {
+            inbox: 0,
+            from: from.account,
+            from_device: from.device,
+            seq,
+            time: now,
+            payload,
+            peer: if own_copy { send.to } else { 0 },
+            group: 0,
+        };
+        enqueue(txn, to, deliver.into(), pushes)?;
+    }
+    txn.put_dedup(from, send.id, DedupRecord { seq, time: now });
+    metrics::counter!("pipit_messages_stored_total").increment(1);
+    Ok(Ok(pb::Sent { id: send.id, seq, time: now }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Registration;
+    use crate::service::testing::setup;
+    use crate::store::Table;
+
+    #[test]
+    fn sends_get_sequence_numbers_inbox_ids_and_dedup() {
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let b = s.register(2, "").unwrap();
+        assert_eq!((a.account, b.account), (1, 2));
+        assert_eq!(s.register(1, "").unwrap(), a, "re-registration is idempotent");
+        let s1 = s.send(a, 10, b.account).unwrap();
+        let s2 = s.send(b, 10, a.account).unwrap();
+        assert_eq!((s1.seq, s2.seq), (1, 2), "one sequence per conversation, both directions");
+        assert_eq!(s.send(a, 10, b.account).unwrap(), s1, "a retry gets the original answer");
+        let inbox = s.store.inbox_after(b, 0, 10).unwrap();
+        assert_eq!(inbox.len(), 1, "stored once");
+        assert_eq!(inbox[0].0, 1);
+        assert_eq!(s.pushed.0.lock().unwrap().len(), 2);
+        assert_eq!(s.send(a, 11, 999), Err(SendFailure::Code(pb::ErrorCode::NotFound)));
+    }
+
+    /// A send that fails half way through its fan-out (here: a corrupt
+    /// inbox counter of the recipient's second device) must leave nothing
+    /// behind, so that its retry is stored exactly once, with the first
+    /// sequence number.
+    #[test]
+    fn a_send_that_fails_part_way_leaves_nothing_and_its_retry_is_stored_once() {
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let b = s.register(2, "").unwrap();
+        let link = s.services().accounts.link(b.account, pipit_protocol::PublicKey([3; 32]), "tablet".into());
+        let b2 = DeviceAddr::new(b.account, s.rt.block_on(link.unwrap()).unwrap());
+        // Plant a corrupt counter for b's second device: reading it fails
+        // after the first device's entry was already staged.
+        let mut key = b"i".to_vec();
+        key.extend_from_slice(&b2.account.to_be_bytes());
+        key.extend_from_slice(&b2.device.to_be_bytes());
+        s.store.put_raw(Table::Counters, &key, b"bad");
+        assert_eq!(s.send(a, 1, b.account), Err(SendFailure::Code(pb::ErrorCode::Internal)));
+        // The disk is repaired; the client retries the same message.
+        s.store.put_raw(Table::Counters, &key, &1u64.to_be_bytes());
+        let sent = s.send(a, 1, b.account).unwrap();
+        assert_eq!(sent.seq, 1, "the failed attempt consumed no sequence number");
+        let first = s.store.inbox_after(b, 0, 10).unwrap();
+        assert_eq!(first.len(), 1, "stored once on the first device: {first:?}");
+        assert_eq!(s.store.inbox_after(b2, 0, 10).unwrap().len(), 1);
+    }
+}

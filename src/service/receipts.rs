@@ -1,0 +1,167 @@
+//! Acks and receipts: an ack deletes inbox entries and tells each sender
+//! "delivered"; a read receipt from a reader tells the sender "read".
+//! Receipts are cumulative per conversation, and a high-water mark per
+//! (kind, sender, peer) keeps a repeated or older one from being stored
+//! again.
+
+use std::collections::HashMap;
+
+use pipit_protocol::message::pb;
+use pipit_protocol::Message;
+
+use super::inbox::{enqueue, Pushes};
+use super::{Ctx, Submission};
+use crate::commit::{Operation, Outcome};
+use crate::model::{unix_now, DeviceAddr};
+use crate::store::counters::Counter;
+use crate::store::{StorageError, Txn};
+
+/// What a delivery that a device acked was, for receipts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acked {
+    /// The inbox id.
+    pub id: u64,
+    /// Sender account of a 1:1 message from someone else, else 0.
+    pub sender: u64,
+    /// Its sequence number.
+    pub seq: u64,
+}
+
+/// What acking inbox entry `id` (holding `m`) of a device of `own_account`
+/// means for receipts.
+pub fn acked_meta(own_account: u64, id: u64, m: &Message) -> Acked {
+    match m {
+        Message::Deliver(d) if d.from != own_account && d.group == 0 && d.peer == 0 => {
+            Acked { id, sender: d.from, seq: d.seq }
+        }
+        _ => Acked { id, sender: 0, seq: 0 },
+    }
+}
+
+/// Builds acks and read receipts. Neither may be dropped once accepted,
+/// so each is a [`Submission`] the caller queues without losing it.
+#[derive(Clone, Default)]
+pub struct Receipts;
+
+impl Receipts {
+    /// `device` processed the entries `acked`.
+    pub fn ack(&self, device: DeviceAddr, acked: Vec<Acked>) -> Submission {
+        Submission(Box::new(AckOp { device, acked, pushes: Pushes::default() }))
+    }
+
+    /// `from` read `peer`'s messages up to seq `through`.
+    pub fn read(&self, from: DeviceAddr, peer: u64, through: u64) -> Submission {
+        Submission(Box::new(ReadOp { from, peer, through, pushes: Pushes::default() }))
+    }
+}
+
+/// Sends `receipt` to every device of `to`, unless a receipt of this kind
+/// already covered `through` for this conversation.
+fn receipt(txn: &mut Txn<'_>, to: u64, receipt: pb::Receipt, pushes: &mut Pushes) -> Result<(), StorageError> {
+    let mark = Counter::ReceiptMark { kind: receipt.kind as u8, to, peer: receipt.peer };
+    if receipt.through <= txn.counter(mark)? {
+        return Ok(());
+    }
+    txn.set_counter(mark, receipt.through);
+    let Some(account) = txn.account(to)? else {
+        return Ok(());
+    };
+    for d in &account.devices {
+        enqueue(txn, DeviceAddr::new(to, d.device), receipt.into(), pushes)?;
+    }
+    Ok(())
+}
+
+struct AckOp {
+    device: DeviceAddr,
+    acked: Vec<Acked>,
+    pushes: Pushes,
+}
+
+impl Operation<Ctx> for AckOp {
+    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.pushes = Pushes::default();
+        let now = unix_now();
+        let mut delivered: HashMap<u64, u64> = HashMap::new();
+        for a in &self.acked {
+            txn.delete_inbox(self.device, a.id);
+            if a.sender != 0 && a.sender != self.device.account {
+                let e = delivered.entry(a.sender).or_default();
+                *e = (*e).max(a.seq);
+            }
+        }
+        for (sender, seq) in delivered {
+            let r = pb::Receipt {
+                kind: pb::ReceiptKind::Delivered as i32,
+                peer: self.device.account,
+                through: seq,
+                time: now,
+                ..Default::default()
+            };
+            receipt(txn, sender, r, &mut self.pushes)?;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, ctx: &mut Ctx, outcome: Outcome<'_>) {
+        if let Outcome::Durable = outcome {
+            metrics::counter!("pipit_inbox_acked_total").increment(self.acked.len() as u64);
+            self.pushes.release(&*ctx.deliveries);
+        }
+    }
+}
+
+struct ReadOp {
+    from: DeviceAddr,
+    peer: u64,
+    through: u64,
+    pushes: Pushes,
+}
+
+impl Operation<Ctx> for ReadOp {
+    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.pushes = Pushes::default();
+        if self.peer == 0 || self.peer == self.from.account || self.through == 0 {
+            return Ok(());
+        }
+        let r = pb::Receipt {
+            kind: pb::ReceiptKind::Read as i32,
+            peer: self.from.account,
+            through: self.through,
+            time: unix_now(),
+            ..Default::default()
+        };
+        receipt(txn, self.peer, r, &mut self.pushes)
+    }
+
+    fn finish(self: Box<Self>, ctx: &mut Ctx, outcome: Outcome<'_>) {
+        if let Outcome::Durable = outcome {
+            self.pushes.release(&*ctx.deliveries);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Registration;
+    use crate::service::testing::setup;
+
+    #[test]
+    fn acks_delete_and_produce_one_delivered_receipt() {
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let b = s.register(2, "").unwrap();
+        let sent = s.send(a, 1, b.account).unwrap();
+        let acked = vec![Acked { id: 1, sender: a.account, seq: sent.seq }];
+        for _ in 0..2 {
+            assert!(s.services().receipts.ack(b, acked.clone()).try_submit(&s.services().writer).is_ok());
+        }
+        s.barrier();
+        assert!(s.store.inbox_after(b, 0, 10).unwrap().is_empty());
+        let receipts = s.store.inbox_after(a, 0, 10).unwrap();
+        assert_eq!(receipts.len(), 1, "the second ack adds no receipt");
+        let Message::Receipt(r) = &receipts[0].1 else { panic!() };
+        assert_eq!((r.kind, r.peer, r.through), (pb::ReceiptKind::Delivered as i32, b.account, sent.seq));
+    }
+}

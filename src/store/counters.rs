@@ -1,0 +1,108 @@
+//! `counters`: every number the server hands out in order (account ids,
+//! inbox ids, sequence numbers) and the receipt high-water marks. The
+//! writer is their only writer, so its overlay caches them exactly.
+
+use super::overlay::Lookup;
+use super::{be_u64, StorageError, Store, Table, Txn};
+use crate::model::DeviceAddr;
+
+/// One counter. Its key bytes are fixed by data already on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Counter {
+    /// The next account id (`next_account`).
+    NextAccount,
+    /// The next inbox id of a device (`i` account device).
+    InboxNext(DeviceAddr),
+    /// The next sequence number of the 1:1 conversation between two
+    /// accounts (`s` low high), the same for both directions.
+    Conversation(u64, u64),
+    /// The highest seq a receipt of `kind` already told `to` about for
+    /// its conversation with `peer` (`r` kind to peer).
+    ReceiptMark {
+        /// The receipt kind.
+        kind: u8,
+        /// The account told.
+        to: u64,
+        /// The conversation partner.
+        peer: u64,
+    },
+}
+
+impl Counter {
+    /// The 1:1 conversation between `a` and `b`, in either direction.
+    pub fn conversation(a: u64, b: u64) -> Self {
+        if a <= b {
+            Counter::Conversation(a, b)
+        } else {
+            Counter::Conversation(b, a)
+        }
+    }
+
+    fn key(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(18);
+        match *self {
+            Counter::NextAccount => k.extend_from_slice(b"next_account"),
+            Counter::InboxNext(addr) => {
+                k.push(b'i');
+                k.extend_from_slice(&addr.account.to_be_bytes());
+                k.extend_from_slice(&addr.device.to_be_bytes());
+            }
+            Counter::Conversation(lo, hi) => {
+                k.push(b's');
+                k.extend_from_slice(&lo.to_be_bytes());
+                k.extend_from_slice(&hi.to_be_bytes());
+            }
+            Counter::ReceiptMark { kind, to, peer } => {
+                k.push(b'r');
+                k.push(kind);
+                k.extend_from_slice(&to.to_be_bytes());
+                k.extend_from_slice(&peer.to_be_bytes());
+            }
+        }
+        k
+    }
+
+    /// The value before anything was stored: ids start at 1, marks at 0.
+    fn initial(&self) -> u64 {
+        match self {
+            Counter::ReceiptMark { .. } => 0,
+            _ => 1,
+        }
+    }
+}
+
+impl Store {
+    /// A counter's committed value.
+    pub fn counter(&self, c: Counter) -> Result<u64, StorageError> {
+        match self.get(Table::Counters, &c.key())? {
+            None => Ok(c.initial()),
+            Some(v) => be_u64(&v, "counters"),
+        }
+    }
+}
+
+impl Txn<'_> {
+    /// A counter's value as this round sees it.
+    pub fn counter(&mut self, c: Counter) -> Result<u64, StorageError> {
+        if let Lookup::Known(v) = self.state.counters.get(&c) {
+            return Ok(v.unwrap_or(c.initial()));
+        }
+        let v = self.store.counter(c)?;
+        self.state.counters.remember(c, Some(v));
+        Ok(v)
+    }
+
+    /// Sets a counter.
+    pub fn set_counter(&mut self, c: Counter, v: u64) {
+        self.put(Table::Counters, &c.key(), &v.to_be_bytes());
+        self.state.counters.set(c, Some(v));
+    }
+
+    /// Hands out the counter's current value and advances it.
+    pub fn next(&mut self, c: Counter) -> Result<u64, StorageError> {
+        let v = self.counter(c)?;
+        self.set_counter(c, v + 1);
+        Ok(v)
+    }
+}

@@ -1,0 +1,46 @@
+//! The column families: one per kind of durable state.
+
+/// A column family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Table {
+    /// Account id to its device list.
+    Accounts,
+    /// Device static key to the device's address.
+    DeviceKeys,
+    /// Per-device inbox entries.
+    Inbox,
+    /// Per-sending-device client message ids already stored.
+    Dedup,
+    /// Counters: next ids, sequence numbers, receipt high-water marks.
+    Counters,
+    /// Invite codes.
+    Invites,
+}
+
+impl Table {
+    /// Every family, created at open.
+    pub const ALL: [Table; 6] =
+        [Table::Accounts, Table::DeviceKeys, Table::Inbox, Table::Dedup, Table::Counters, Table::Invites];
+
+    /// The family's name in RocksDB (never change one: it names data on
+    /// disk).
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Accounts => "accounts",
+            Table::DeviceKeys => "keys",
+            Table::Inbox => "inbox",
+            Table::Dedup => "dedup",
+            Table::Counters => "counters",
+            Table::Invites => "invites",
+        }
+    }
+
+    pub(crate) fn from_u8(b: u8) -> Option<Table> {
+        Table::ALL.get(usize::from(b)).copied()
+    }
+
+    pub(crate) fn as_u8(self) -> u8 {
+        Table::ALL.iter().position(|t| *t == self).expect("every table is in ALL") as u8
+    }
+}
