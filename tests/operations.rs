@@ -89,3 +89,32 @@ fn readiness_is_reported_to_systemd_once_listening() {
     // Ready means accepting: a connection works right away.
     std::net::TcpStream::connect(server.addr).unwrap();
 }
+
+/// One failed `accept` (here: out of file descriptors) used to disable
+/// the admin socket until shutdown. It must keep serving once
+/// descriptors are free again.
+#[test]
+fn the_admin_socket_keeps_serving_after_running_out_of_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Half-open connections are held, not timed out, during the test.
+    let config = dir.path().join("pipit.toml");
+    std::fs::write(&config, "handshake_timeout_secs = 300\n").unwrap();
+    let server = BinaryServer::spawn_with_fd_limit(&data, 64, &["--config", config.to_str().unwrap()]);
+    assert_eq!(pipit::admin::request(&data, "stats").unwrap().split_whitespace().next(), Some("online_devices"));
+    // Exhaust the server's descriptors with connections it accepts and
+    // holds (they never send a byte).
+    let hold: Vec<std::net::TcpStream> = (0..80).map(|_| std::net::TcpStream::connect(server.addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // This admin request finds no descriptor to accept with.
+    let starved = {
+        let data = data.clone();
+        std::thread::spawn(move || pipit::admin::request(&data, "stats"))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    drop(hold);
+    let starved = starved.join().unwrap();
+    let later = pipit::admin::request(&data, "stats");
+    assert!(later.as_ref().is_ok_and(|a| a.starts_with("online_devices")), "after the shortage: {later:?}");
+    assert!(starved.as_ref().is_ok_and(|a| a.starts_with("online_devices")), "during the shortage: {starved:?}");
+}

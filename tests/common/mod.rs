@@ -146,8 +146,18 @@ pub struct BinaryServer {
 
 impl BinaryServer {
     pub fn spawn(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_cmd(std::process::Command::new(env!("CARGO_BIN_EXE_pipit")), dir, args, env)
+    }
+
+    /// The binary with its file-descriptor limit lowered to `nofile`.
+    pub fn spawn_with_fd_limit(dir: &std::path::Path, nofile: u32, args: &[&str]) -> Self {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_pipit")]);
+        Self::spawn_cmd(cmd, dir, args, &[])
+    }
+
+    fn spawn_cmd(mut cmd: std::process::Command, dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead as _;
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pipit"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--shards", "1", "--data-dir"])
             .arg(dir)
             .args(args)
