@@ -22,8 +22,8 @@ pub enum ClientError {
     Refused(pb::ErrorCode),
     /// The server presented a key other than the pinned one.
     #[error(
-        "the server's key is not the one this device trusts (pinned {pinned}, offered {offered}); \
-         if the operator replaced the key without keeping the old one, allow the change, else this may be an impostor"
+        "server key changed: this device trusts {pinned}, the server offered {offered}; if the operator \
+         replaced the key without keeping the old one, allow the change, otherwise this may be an impostor"
     )]
     ServerKeyChanged {
         /// The key we trust.
