@@ -3,8 +3,9 @@
 //! connection. `pipit admin ...` is its client.
 //!
 //! Commands: `invite [ttl_secs]`, `accounts`, `inbox <account> <device>`,
-//! `stats`. Answers are text lines; errors start with `error:`. The client
-//! side is `pipit_client::admin`.
+//! `stats`, `keys reload` (read the key files again after a rotation).
+//! Answers are text lines; errors start with `error:`. The client side is
+//! `pipit_client::admin`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct AdminCtx {
     pub services: Services,
     /// Online devices.
     pub registry: Arc<Registry>,
+    /// The keys handshakes use, reloaded by `keys reload`.
+    pub keys: Arc<crate::keys::KeyRing>,
     /// Stops the socket.
     pub shutdown: CancellationToken,
 }
@@ -111,6 +114,17 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
             Ok(format!("{depth} waiting, {}\n", if online { "online" } else { "offline" }))
         }
         ["stats"] => Ok(format!("online_devices {}\n", shared.registry.online())),
-        _ => anyhow::bail!("unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats"),
+        ["keys", "reload"] => {
+            // Read the files again (after `pipit key rotate` or
+            // `drop-retired`); handshakes from now on use them.
+            let dir = shared.data_dir.clone();
+            let files = tokio::task::spawn_blocking(move || crate::keys::load_or_create(&dir)).await??;
+            shared.keys.set(files.server_keys());
+            tracing::info!(current = %files.current.public(), retired = files.retired.len(), "server keys reloaded");
+            Ok(format!("current {} retired {}\n", files.current.public(), files.retired.len()))
+        }
+        _ => anyhow::bail!(
+            "unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats | keys reload"
+        ),
     }
 }

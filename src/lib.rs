@@ -7,8 +7,10 @@
 //! the recipient's connection. The binary (`pipit`) adds the command line,
 //! signals, metrics and systemd readiness.
 //!
-//! It does not implement groups, presence, the key directory or push yet;
-//! those message kinds are answered with `UNAVAILABLE`.
+//! It does not implement groups, presence, typing, the key directory or
+//! push yet: `LoginOk.features` does not list them, and their requests are
+//! answered `NOT_SUPPORTED` (`service::features` is the one list of what
+//! is offered).
 //!
 //! # Layers
 //!
@@ -25,12 +27,13 @@
 //! server           wiring: start and stop
 //! ```
 //!
-//! `config` sits apart: any layer may read its plain types (the
-//! registration policy), and it imports nothing of the server.
+//! `config` and `keys` (the server's key files and their rotation) sit
+//! apart: any layer may use them, and they import nothing of the server.
 
 pub mod admin;
 pub mod commit;
 pub mod config;
+pub mod keys;
 pub mod model;
 pub mod net;
 pub mod route;

@@ -1,7 +1,7 @@
 //! `pipit`: the chat server binary.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -42,11 +42,13 @@ enum Command {
         invite_only: bool,
     },
     /// Print the server's public key (generating the key pair if needed),
-    /// for clients to pin.
+    /// for clients to pin; or rotate it.
     Key {
         /// Data directory.
-        #[arg(long, default_value = "pipit-data")]
+        #[arg(long, default_value = "pipit-data", global = true)]
         data_dir: PathBuf,
+        #[command(subcommand)]
+        action: Option<KeyAction>,
     },
     /// Administer a running server through its admin socket.
     Admin {
@@ -56,6 +58,18 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Make a new server key; the old one stays accepted as retired, so
+    /// devices that pinned it log in as before and learn the new one.
+    Rotate,
+    /// The current key and the retired ones.
+    List,
+    /// Forget the retired keys, once devices have moved to the current one
+    /// (`pipit_retired_key_logins_total` stopped growing).
+    DropRetired,
 }
 
 #[derive(Subcommand)]
@@ -79,7 +93,7 @@ enum AdminCommand {
     Stats,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PIPIT_LOG")
@@ -87,7 +101,19 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    // The error and its causes in one line, never Debug output or a
+    // backtrace: operators read this.
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pipit: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve { config, listen, data_dir, shards, metrics_listen, invite_only } => {
             let mut cfg = match config {
                 Some(path) => Config::load(&path)?,
@@ -110,12 +136,7 @@ fn main() -> anyhow::Result<()> {
             }
             serve(cfg)
         }
-        Command::Key { data_dir } => {
-            std::fs::create_dir_all(&data_dir)?;
-            let key = pipit::server::load_or_create_key(&data_dir)?;
-            println!("{}", key.public());
-            Ok(())
-        }
+        Command::Key { data_dir, action } => key(&data_dir, action),
         Command::Admin { data_dir, command } => {
             let line = match command {
                 AdminCommand::Invite { ttl_secs } => format!("invite {ttl_secs}"),
@@ -130,6 +151,58 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn key(data_dir: &Path, action: Option<KeyAction>) -> anyhow::Result<()> {
+    use pipit::keys;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    match action {
+        None => println!("{}", keys::load_or_create(data_dir)?.current.public()),
+        Some(KeyAction::List) => {
+            let files = keys::load_or_create(data_dir)?;
+            let now = pipit::model::unix_now();
+            println!("current {}", files.current.public());
+            for r in files.retired.iter().rev() {
+                let days = now.saturating_sub(r.since) / 86_400;
+                println!("retired {} ({days} days ago)", r.key.public());
+            }
+        }
+        Some(KeyAction::Rotate) => {
+            let before = keys::load_or_create(data_dir)?.current;
+            let after = keys::rotate(data_dir, pipit::model::unix_now())?;
+            println!("new server key {}", after.current.public());
+            println!(
+                "the old key {} stays accepted: devices that pinned it log in as before and are given the new one",
+                before.public()
+            );
+            reload(data_dir);
+        }
+        Some(KeyAction::DropRetired) => {
+            let dropped = keys::drop_retired(data_dir)?;
+            if dropped.is_empty() {
+                println!("no retired keys");
+                return Ok(());
+            }
+            for k in &dropped {
+                println!("dropped {k}");
+            }
+            println!("devices still pinning a dropped key get a Retry and must accept the current key to log in");
+            reload(data_dir);
+        }
+    }
+    Ok(())
+}
+
+/// Tells a running server to read its key files again; says what to do
+/// when that is not possible.
+fn reload(data_dir: &Path) {
+    match pipit::admin::request(data_dir, "keys reload") {
+        Ok(answer) if answer.starts_with("error:") => {
+            eprintln!("the running server did not reload its keys ({}); restart it", answer.trim());
+        }
+        Ok(_) => println!("the running server uses the new keys now"),
+        Err(_) => println!("no server is running on {}; it uses these keys when it starts", data_dir.display()),
     }
 }
 

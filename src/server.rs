@@ -2,13 +2,10 @@
 //! shards and the admin socket, and stops them in order.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use pipit_protocol::handshake::ServerKeys;
-use pipit_protocol::StaticKeypair;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::EngineConfig;
@@ -17,34 +14,6 @@ use crate::net::{listener, ConnCtx, NetConfig};
 use crate::route::Registry;
 use crate::service::{self, Rules, Services};
 use crate::store::Store;
-
-/// Loads the server key from `data_dir/server.key`, creating it (mode
-/// 0600) on first start.
-pub fn load_or_create_key(data_dir: &Path) -> anyhow::Result<StaticKeypair> {
-    let path = data_dir.join("server.key");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => StaticKeypair::from_hex(&text).with_context(|| format!("{} is not a valid key", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let kp = StaticKeypair::generate();
-            write_private(&path, &kp.to_hex())?;
-            tracing::info!(path = %path.display(), "generated a new server key");
-            Ok(kp)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
 
 /// A running server.
 pub struct Running {
@@ -105,9 +74,9 @@ impl Running {
 pub fn start(config: Config) -> anyhow::Result<Running> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let key = load_or_create_key(&config.data_dir)?;
-    let public_key = *key.public();
-    let keys = Arc::new(ServerKeys::new(key));
+    let key_files = crate::keys::load_or_create(&config.data_dir)?;
+    let public_key = *key_files.current.public();
+    let keys = Arc::new(crate::keys::KeyRing::new(key_files.server_keys()));
     let store = Store::open(&config.data_dir.join("db")).context("opening the database")?;
     let registry = Arc::new(Registry::default());
     let rules = Rules { ttl_secs: config.message_ttl_secs, registration: config.registration };
@@ -143,11 +112,12 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         data_dir: config.data_dir.clone(),
         services: services.clone(),
         registry: registry.clone(),
+        keys: ctx.keys.clone(),
         shutdown: shutdown.clone(),
     };
     crate::admin::spawn(admin).context("starting the admin socket")?;
     spawn_gauges(services.clone(), registry.clone(), shutdown.clone());
-    tracing::info!(%local_addr, shards = n, server_key = %public_key, "listening");
+    tracing::info!(%local_addr, shards = n, server_key = %public_key, retired_keys = key_files.retired.len(), "listening");
     Ok(Running { local_addr, public_key, services, registry, shutdown, shards, writer_thread: Some(writer_thread) })
 }
 

@@ -50,7 +50,9 @@ fn group_commit(c: &mut Criterion) {
                         let send =
                             pb::Send { id: next_id, to: b.account, payload: payload.clone(), ..Default::default() };
                         next_id += 1;
-                        replies.push(services.messaging.send(a, send).unwrap());
+                        // The digest is part of a send's cost (on the shard).
+                        let digest = pipit::service::messaging::content_digest(&send);
+                        replies.push(services.messaging.send(a, send, digest).unwrap());
                     }
                     for r in replies {
                         rt.block_on(r).unwrap();

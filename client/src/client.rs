@@ -79,8 +79,11 @@ pub enum Event {
         account: u64,
         /// Device number.
         device: u32,
-        /// Deliveries waiting at login.
+        /// Inbox entries waiting at login (up to the server's count cap).
         pending: u32,
+        /// The optional features this server offers (groups, presence,
+        /// ...). Requests of others are answered `NOT_SUPPORTED`.
+        features: Vec<pb::Feature>,
     },
     /// The connection dropped; the client reconnects by itself.
     Disconnected {
@@ -129,6 +132,9 @@ pub struct Stats {
     pub sent: AtomicU64,
     /// Sends transmitted again after a reconnect.
     pub resent: AtomicU64,
+    /// Sends the server refused for now (busy, rate limit) and that were
+    /// transmitted again after its pause, on the same connection.
+    pub deferred: AtomicU64,
 }
 
 enum Cmd {
@@ -181,8 +187,16 @@ impl Client {
         let (ev_tx, ev_rx) = mpsc::channel(config.event_buffer.max(1));
         let stats = Arc::new(Stats::default());
         let identity = *state.identity.public();
-        let task =
-            Task { config, store: Box::new(store), state, outbox, events: ev_tx, cmds: cmd_rx, stats: stats.clone() };
+        let task = Task {
+            config,
+            store: Box::new(store),
+            state,
+            outbox,
+            events: ev_tx,
+            cmds: cmd_rx,
+            stats: stats.clone(),
+            deferred: BTreeMap::new(),
+        };
         tokio::spawn(task.run());
         Ok((Client { cmds: cmd_tx, stats, identity }, Events { rx: ev_rx }))
     }
@@ -240,6 +254,30 @@ struct Task {
     events: mpsc::Sender<Event>,
     cmds: mpsc::Receiver<Cmd>,
     stats: Arc<Stats>,
+    /// Outbox entries the server asked us to send again later, on this
+    /// connection: when, and how often in a row it has refused them.
+    deferred: BTreeMap<u64, Deferred>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Deferred {
+    at: Instant,
+    refusals: u32,
+}
+
+/// The longest pause before sending a refused message again, whatever
+/// the server asks: a bound on how long a busy server can park a message.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// The pause before the `refusals`-th attempt of a send the server refused
+/// for now: at least what it asked (at least a second), doubling with each
+/// refusal in a row, capped, plus up to a quarter of jitter so refused
+/// clients do not come back in step.
+fn retry_delay(retry_after_secs: u32, refusals: u32) -> Duration {
+    let base = Duration::from_secs(u64::from(retry_after_secs.max(1)));
+    let d = base.saturating_mul(1 << refusals.saturating_sub(1).min(10)).min(MAX_RETRY_DELAY);
+    let jitter = rand::Rng::random_range(&mut rand::rng(), 0..=d.as_millis() as u64 / 4);
+    d + Duration::from_millis(jitter)
 }
 
 enum End {
@@ -392,14 +430,18 @@ impl Task {
 
     async fn online(&mut self, mut conn: Connection) -> End {
         let login = conn.login().clone();
+        let features = login.features().collect();
         if !emit(
             &self.events,
-            Event::Connected { account: login.account, device: login.device, pending: login.pending },
+            Event::Connected { account: login.account, device: login.device, pending: login.pending, features },
         )
         .await
         {
             return End::Closed(None);
         }
+        // Everything goes again below; pauses asked on an old connection
+        // do not carry over.
+        self.deferred.clear();
         // Everything not yet confirmed goes again, same ids, in order.
         let unsent: Vec<Message> = self.outbox.values().cloned().map(Message::from).collect();
         if !unsent.is_empty() {
@@ -425,7 +467,31 @@ impl Task {
                 ack_due = false;
             }
             let deadline = tokio::time::Instant::from_std(ka.next_deadline());
+            let retry_at = self.deferred.values().map(|d| d.at).min();
             tokio::select! {
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(retry_at.unwrap_or_else(Instant::now))),
+                    if retry_at.is_some() =>
+                {
+                    let now = Instant::now();
+                    let due: Vec<Message> = self
+                        .deferred
+                        .iter_mut()
+                        .filter(|(id, d)| d.at <= now && self.outbox.contains_key(id))
+                        .map(|(id, d)| {
+                            // Parked until the server answers this attempt.
+                            d.at = now + MAX_RETRY_DELAY * 4;
+                            Message::from(self.outbox[id].clone())
+                        })
+                        .collect();
+                    self.deferred.retain(|id, _| self.outbox.contains_key(id));
+                    if !due.is_empty() {
+                        self.stats.deferred.fetch_add(due.len() as u64, Ordering::Relaxed);
+                        if let Err(e) = conn.send(&due).await {
+                            return End::Lost(e);
+                        }
+                        ka.on_send(Instant::now());
+                    }
+                }
                 cmd = self.cmds.recv() => {
                     let out = match cmd {
                         None => return End::Closed(None),
@@ -497,6 +563,7 @@ impl Task {
             Message::Receipt(r) => Event::Receipt(r),
             Message::Expired(e) => Event::Expired(e),
             Message::Sent(s) => {
+                self.deferred.remove(&s.id);
                 if self.outbox.remove(&s.id).is_none() {
                     // A second answer to a resent message: already reported.
                     return Ok(false);
@@ -508,10 +575,21 @@ impl Task {
             Message::Error(e) if e.id != 0 => {
                 let code = pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified);
                 if matches!(code, pb::ErrorCode::Unavailable | pb::ErrorCode::RateLimited | pb::ErrorCode::Internal) {
-                    // Not stored; it stays in the outbox and goes again on
-                    // the next connection.
-                    return Err(End::Lost(ClientError::Refused(code)));
+                    // Not stored, not final: it stays in the outbox and goes
+                    // again on this connection after the pause the server
+                    // asked for, longer with each refusal in a row. Dropping
+                    // the connection instead would turn an overloaded server
+                    // into a reconnect storm.
+                    if self.outbox.contains_key(&e.id) {
+                        let refusals = self.deferred.get(&e.id).map_or(0, |d| d.refusals) + 1;
+                        let at = Instant::now() + retry_delay(e.retry_after_secs, refusals);
+                        self.deferred.insert(e.id, Deferred { at, refusals });
+                    }
+                    return Ok(false);
                 }
+                // Final (NOT_SUPPORTED, ID_REUSED, NOT_FOUND, ...): the
+                // message leaves the outbox and the app is told why.
+                self.deferred.remove(&e.id);
                 if self.outbox.remove(&e.id).is_some() {
                     self.store.remove_outbox(e.id).map_err(|e| End::Lost(e.into()))?;
                 }

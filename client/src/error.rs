@@ -18,10 +18,13 @@ pub enum ClientError {
     #[error("protocol: {0}")]
     Protocol(#[from] pipit_protocol::Error),
     /// The server refused the login or closed with an error code.
-    #[error("server refused: {0:?}")]
+    #[error("server refused: {} ({})", explain(*.0), .0.as_str_name())]
     Refused(pb::ErrorCode),
     /// The server presented a key other than the pinned one.
-    #[error("server key changed: pinned {pinned}, server offered {offered}")]
+    #[error(
+        "server key changed: this device trusts {pinned}, the server offered {offered}; if the operator \
+         replaced the key without keeping the old one, allow the change, otherwise this may be an impostor"
+    )]
     ServerKeyChanged {
         /// The key we trust.
         pinned: PublicKey,
@@ -66,5 +69,49 @@ impl ClientError {
                 )
                 | ClientError::Store(_)
         )
+    }
+}
+
+/// What an error code means to a person, and what to do about it: for
+/// error messages, logs and an app's own text.
+pub fn explain(code: pb::ErrorCode) -> &'static str {
+    use pb::ErrorCode::*;
+    match code {
+        Unspecified => "the server gave no reason",
+        BadRequest => "the server rejected a malformed request (a bug in the app or the library)",
+        UnknownDevice => {
+            "this device is not registered on the server (or not under these ids); register again or link it from another device"
+        }
+        UnsupportedVersion => "the server does not speak this protocol version; update the app",
+        RegistrationClosed => "registration on this server needs an invite code; ask its operator for one",
+        InvalidInvite => "the invite code is unknown, used or expired; ask for a new one",
+        NotFound => "no such account, device or group; check the number",
+        Forbidden => "this device is not allowed to do that",
+        TooLarge => "over one of the server's limits (too large or too many)",
+        RateLimited => "too many requests; the client tries again after the pause the server asked for",
+        DeviceMismatch => "the recipient's devices changed; encrypt for the current devices and send again",
+        Unavailable => "the server is busy; the client tries again after the pause the server asked for",
+        Replaced => "this device logged in on another connection",
+        ShuttingDown => "the server is restarting; the client reconnects",
+        Timeout => "the server stopped waiting for this device",
+        WrongNode => "the account lives on another server node",
+        Internal => "the server failed; nothing was stored; the client tries again",
+        NotSupported => "this server does not offer that feature",
+        IdReused => {
+            "the message id was already used for another message (the device's message counter went back, \
+             as after restoring a backup); send the message again"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_read_as_sentences_with_the_code() {
+        let e = ClientError::Refused(pb::ErrorCode::NotFound);
+        assert_eq!(e.to_string(), "server refused: no such account, device or group; check the number (NOT_FOUND)");
+        assert!(!e.to_string().contains("NotFound"), "no Debug output");
     }
 }

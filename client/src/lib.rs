@@ -19,7 +19,7 @@ pub mod store;
 pub use backoff::Backoff;
 pub use client::{Client, Config, Event, Events, Stats};
 pub use connection::{ConnectOptions, Connection, Received};
-pub use error::ClientError;
+pub use error::{explain, ClientError};
 pub use pipit_protocol;
 pub use store::{FileStore, MemoryStore, State, Store, StoreError};
 

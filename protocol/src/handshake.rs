@@ -43,7 +43,8 @@ pub enum HandshakeKind {
     IkReply = 2,
     /// Client: XX message 1 (`e`), empty payload.
     XxInit = 3,
-    /// Server: XX message 2 (`e, ee, s, es`), empty payload.
+    /// Server: XX message 2 (`e, ee, s, es`), empty payload (reserved:
+    /// clients ignore it).
     XxReply = 4,
     /// Client: XX message 3 (`s, se`), payload: Login or Register.
     XxFinish = 5,
@@ -392,10 +393,10 @@ impl AwaitXxReply {
         };
         match kind {
             HandshakeKind::XxReply => {
-                let payload = read_message(&mut self.hs, &body)?;
-                if !payload.is_empty() {
-                    server_messages(payload)?;
-                }
+                // The payload is reserved (SPEC.md 3.1): a server sends it
+                // empty, and a client ignores whatever a later revision may
+                // put there. It is still authenticated by read_message.
+                let _reserved = read_message(&mut self.hs, &body)?;
                 let server_key = remote_static(&self.hs)?;
                 Ok(XxStep::ServerKnown(XxServerKnown { hs: self.hs, server_key }))
             }

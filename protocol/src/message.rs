@@ -68,6 +68,14 @@ macro_rules! messages {
                 match self { $( Message::$variant(m) => m.encode_raw(buf), )* }
             }
 
+            /// Whether `field` is a kind this version knows.
+            // The numbers happen to be contiguous today; a range would
+            // silently claim numbers a later removal frees.
+            #[allow(clippy::manual_range_patterns)]
+            pub fn is_known_field(field: u64) -> bool {
+                matches!(field, $( $field )|*)
+            }
+
             fn decode_field(field: u32, body: Bytes) -> Result<Option<Message>, prost::DecodeError> {
                 Ok(Some(match field {
                     $( $field => Message::$variant(pb::$ty::decode(body)?), )*
@@ -193,6 +201,63 @@ fn sample<T: prost::Message + Default>() -> T {
 }
 
 impl Message {
+    /// The request id of a kind that expects an answer echoing it (`Done`,
+    /// `Error`, or its specific result); `None` for kinds that carry none
+    /// (`Send` is answered by its client message id instead, see
+    /// [`Message::send_id`]). A client request whose id is 0 cannot be
+    /// answered attributably and is a protocol error (SPEC.md 7.1).
+    pub fn request_id(&self) -> Option<u64> {
+        Some(match self {
+            Message::GroupCreate(x) => x.req,
+            Message::GroupAdd(x) => x.req,
+            Message::GroupRemove(x) => x.req,
+            Message::GroupLeave(x) => x.req,
+            Message::GroupListRequest(x) => x.req,
+            Message::KeysUpload(x) => x.req,
+            Message::KeysFetch(x) => x.req,
+            Message::PushToken(x) => x.req,
+            Message::LinkDevice(x) => x.req,
+            Message::DeviceListRequest(x) => x.req,
+            Message::UnlinkDevice(x) => x.req,
+            Message::PrivacySet(x) => x.req,
+            Message::PresenceSubscribe(x) => x.req,
+            Message::InviteCreate(x) => x.req,
+            _ => return None,
+        })
+    }
+
+    /// The client message id of a `Send`.
+    pub fn send_id(&self) -> Option<u64> {
+        match self {
+            Message::Send(s) => Some(s.id),
+            _ => None,
+        }
+    }
+
+    /// The optional feature (`LoginOk.features`) a client message belongs
+    /// to; `None` for the core every server offers. A `Send`, `Receipt` or
+    /// `Typing` naming a group belongs to groups.
+    pub fn feature(&self) -> Option<pb::Feature> {
+        use pb::Feature::*;
+        Some(match self {
+            Message::Send(x) if x.group != 0 => Groups,
+            Message::Receipt(x) if x.group != 0 => Groups,
+            Message::Typing(x) if x.group != 0 => Groups,
+            Message::Typing(_) => Typing,
+            Message::GroupCreate(_)
+            | Message::GroupAdd(_)
+            | Message::GroupRemove(_)
+            | Message::GroupLeave(_)
+            | Message::GroupListRequest(_) => Groups,
+            Message::PresenceSubscribe(_) | Message::PrivacySet(_) => Presence,
+            Message::KeysUpload(_) | Message::KeysFetch(_) => KeyDirectory,
+            Message::PushToken(_) => Push,
+            Message::UnlinkDevice(_) => UnlinkDevice,
+            Message::InviteCreate(_) => Invites,
+            _ => return None,
+        })
+    }
+
     /// Bytes this message adds to a packet: key, length and body.
     pub fn encoded_len(&self) -> usize {
         let body = self.body_len();
@@ -227,7 +292,10 @@ pub fn encode_packet(messages: &[Message], buf: &mut impl BufMut) {
 ///
 /// Unknown field numbers are skipped (a newer peer may send kinds this
 /// version does not know); unknown fields inside known messages are
-/// ignored by prost. Payload bytes are sliced out of `packet`, not copied.
+/// ignored by prost. A known field number with any wire type but
+/// length-delimited is malformed, as a known field of the wrong wire type
+/// inside a message is to prost: one rule at both levels (SPEC.md 4).
+/// Payload bytes are sliced out of `packet`, not copied.
 pub fn decode_packet(mut packet: Bytes) -> Result<Vec<Message>, MessageError> {
     let malformed = |e: prost::DecodeError| MessageError::Malformed(e.to_string());
     let mut out = Vec::new();
@@ -236,6 +304,9 @@ pub fn decode_packet(mut packet: Bytes) -> Result<Vec<Message>, MessageError> {
         let (field, wire) = (key >> 3, key & 7);
         if field == 0 || field > u64::from(u32::MAX) {
             return Err(MessageError::Malformed(format!("invalid field number {field}")));
+        }
+        if wire != WireType::LengthDelimited as u64 && Message::is_known_field(field) {
+            return Err(MessageError::Malformed(format!("field {field} with wire type {wire}")));
         }
         match wire {
             0 => {
@@ -329,6 +400,50 @@ mod tests {
         let ping: Message = pb::Ping { id: 7 }.into();
         ping.encode(&mut buf);
         assert_eq!(decode_packet(Bytes::from(buf)).unwrap(), vec![ping]);
+    }
+
+    #[test]
+    fn a_known_field_with_the_wrong_wire_type_is_malformed_at_both_levels() {
+        // Packet level: Ping (field 8) as a varint, and as fixed32.
+        for bad in [&[0x40, 0x01][..], &[0x45, 0, 0, 0, 0][..]] {
+            assert!(decode_packet(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+        }
+        // Message level: Ping { id (field 1, a varint) as length-delimited }.
+        let inner = [0x0a, 0x01, 0x07];
+        let mut buf = vec![0x42, inner.len() as u8];
+        buf.extend_from_slice(&inner);
+        assert!(decode_packet(Bytes::from(buf)).is_err());
+        // An unknown field number keeps any wire type, at both levels.
+        let mut buf = vec![0xc0, 0x3e, 0x01]; // field 1000, varint
+        buf.extend_from_slice(&[0x42, 0x04, 0x08, 0x07, 0x10, 0x01]); // Ping{id 7, field 2 = 1}
+        assert_eq!(decode_packet(Bytes::from(buf)).unwrap(), vec![pb::Ping { id: 7 }.into()]);
+    }
+
+    #[test]
+    fn every_client_request_has_a_request_id_and_every_optional_kind_a_feature() {
+        for m in Message::one_of_each() {
+            if !m.allowed_in_session_from(Role::Client) {
+                assert_eq!(m.request_id(), None, "{}", m.kind());
+                continue;
+            }
+            // Send is answered by its own id, Ping by Pong with its id;
+            // Ack, Receipt, Typing and Pong are never answered.
+            let by_req = m.request_id().is_some();
+            let other = matches!(
+                m,
+                Message::Send(_)
+                    | Message::Ping(_)
+                    | Message::Ack(_)
+                    | Message::Receipt(_)
+                    | Message::Typing(_)
+                    | Message::Pong(_)
+            );
+            assert!(by_req != other, "{}: a request id, or one of the kinds without", m.kind());
+        }
+        let group_send: Message = pb::Send { id: 1, group: 3, ..Default::default() }.into();
+        assert_eq!(group_send.feature(), Some(pb::Feature::Groups));
+        let send: Message = pb::Send { id: 1, to: 3, ..Default::default() }.into();
+        assert_eq!(send.feature(), None);
     }
 
     #[test]

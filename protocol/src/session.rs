@@ -85,6 +85,18 @@ impl Session {
         Ok(frames)
     }
 
+    /// Encrypts arbitrary bytes as one frame, whether or not they are a
+    /// valid packet: for conformance checkers and tests that must send what
+    /// a correct peer never would. Longer than [`MAX_PACKET_LEN`] is an
+    /// error and writes nothing.
+    pub fn seal_raw(&mut self, plain: &[u8], out: &mut BytesMut) -> Result<(), Error> {
+        if plain.len() > MAX_PACKET_LEN {
+            return Err(MessageError::TooLarge { len: plain.len() }.into());
+        }
+        self.seal_plaintext(plain, out);
+        Ok(())
+    }
+
     /// Encrypts one packet's plaintext (at most [`MAX_PACKET_LEN`] bytes)
     /// as one frame.
     pub(crate) fn seal_plaintext(&mut self, plain: &[u8], out: &mut BytesMut) {

@@ -6,7 +6,7 @@ mod common;
 
 use bytes::{Bytes, BytesMut};
 use common::*;
-use pipit_protocol::handshake::{Hello, ServerHandshake};
+use pipit_protocol::handshake::{Hello, ServerHandshake, XxStep};
 use pipit_protocol::message::pb;
 use pipit_protocol::{ClientHandshake, Message, StaticKeypair};
 use std::time::Instant;
@@ -72,11 +72,19 @@ fn report_sizes() {
     acc.finish(&[ok.clone(), deliver(1)], &mut s2c).unwrap();
     rows.push(("IK message 2 + one queued 100-byte message", s2c.len()));
 
-    // XX.
+    // XX, with the same typical login as IK above.
     let p = xx_pair(&device, &keys);
     rows.push(("XX message 1 (preamble + e)", p.flights[0]));
     rows.push(("XX message 2 (e, ee, s, es)", p.flights[1]));
-    rows.push(("XX message 3 (s, se + login)", p.flights[2]));
+    let mut c2s = BytesMut::new();
+    let xx = ClientHandshake::xx(&device, &mut c2s).unwrap();
+    let mut s2c = BytesMut::new();
+    let _server =
+        need_more(server_feed(ServerHandshake::new(keys.clone(), Instant::now(), TIMEOUT), &mut c2s, &mut s2c));
+    let XxStep::ServerKnown(known) = xx.read(&mut s2c).unwrap() else { panic!("no XX reply") };
+    let mut c2s = BytesMut::new();
+    known.finish(hello(), &mut c2s).unwrap();
+    rows.push(("XX message 3 (s, se + login)", c2s.len()));
     rows.push(("XX: server's first frame (login result + 2 queued)", p.flights[3]));
 
     // Transport.

@@ -47,7 +47,8 @@ fn client_message() -> impl Strategy<Value = Message> {
         .into()),
         (any::<u64>(), any::<bool>())
             .prop_map(|(peer, typing)| pb::Typing { peer, typing, ..Default::default() }.into()),
-        proptest::collection::vec(any::<u64>(), 0..50).prop_map(|accounts| pb::PresenceSubscribe { accounts }.into()),
+        (proptest::collection::vec(any::<u64>(), 0..50), any::<u64>())
+            .prop_map(|(accounts, req)| pb::PresenceSubscribe { accounts, req }.into()),
         any::<u64>().prop_map(|id| pb::Ping { id }.into()),
         (any::<u64>(), bytes_upto(40), proptest::collection::vec(any::<u64>(), 0..30))
             .prop_map(|(req, name, members)| pb::GroupCreate { req, name, members }.into()),

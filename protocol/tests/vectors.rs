@@ -166,6 +166,11 @@ fn generate() -> String {
     o.line("xx.server.flight_2", &s2c);
     let Some(Incoming::Messages(m)) = cli.open(&mut s2c).unwrap() else { panic!() };
     assert_eq!(m, reply());
+    writeln!(
+        o.0,
+        "# xx.server.flight_2 is the server's transport frame with nonce 0, so xx.transport.server_0 uses nonce 1"
+    )
+    .unwrap();
     transport(&mut o, "xx.transport", &mut cli, &mut srv);
 
     // Stale key, retry, IK.

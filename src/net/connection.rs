@@ -100,6 +100,10 @@ pub(super) struct Conn {
     pub(super) stalled: VecDeque<Submission>,
     /// Messages to send at the end of this turn.
     pub(super) outq: Vec<Message>,
+    /// Set when the client broke a rule that ends the connection: nothing
+    /// after it is processed; earlier answers go out, then this code as a
+    /// connection-level error, then the server closes (SPEC.md 7.1).
+    pub(super) closing: Option<pb::ErrorCode>,
 }
 
 impl Conn {
@@ -130,16 +134,12 @@ impl Conn {
             pending: FuturesOrdered::new(),
             stalled: VecDeque::new(),
             outq,
+            closing: None,
         };
         if !inbox.acked.is_empty() {
             conn.ack_entries(inbox.acked);
         }
         conn
-    }
-
-    /// Deliveries handed out at login.
-    pub(super) fn inflight(&self) -> usize {
-        self.inflight.len()
     }
 
     async fn run(
@@ -158,6 +158,13 @@ impl Conn {
         // Process bytes that arrived with the hello (pipelined frames).
         self.process_input(&mut session, &mut inbuf, &mut out)?;
         loop {
+            if let Some(code) = self.closing {
+                self.drain_pending().await;
+                self.outq.push(error(code));
+                self.flush(&mut session, &mut stream, &mut out).await?;
+                let _ = stream.shutdown().await;
+                return Err(ConnError::Refused(code));
+            }
             self.flush(&mut session, &mut stream, &mut out).await?;
             if inbuf.is_empty() && inbuf.capacity() > 0 {
                 // Idle connections hold no read buffer.
@@ -167,16 +174,18 @@ impl Conn {
             let reading = self.pending.len() < max_pending && self.stalled.is_empty();
             tokio::select! {
                 biased;
+                // Answers already owed go out before the connection-level
+                // error, which is the last thing the client reads.
                 _ = shutdown.cancelled() => {
-                    self.outq.push(error(pb::ErrorCode::ShuttingDown));
                     self.drain_pending().await;
+                    self.outq.push(error(pb::ErrorCode::ShuttingDown));
                     self.flush(&mut session, &mut stream, &mut out).await?;
                     let _ = stream.shutdown().await;
                     return Ok(());
                 }
                 _ = mailbox.kick.notified() => {
-                    self.outq.push(error(pb::ErrorCode::Replaced));
                     self.drain_pending().await;
+                    self.outq.push(error(pb::ErrorCode::Replaced));
                     self.flush(&mut session, &mut stream, &mut out).await?;
                     return Ok(());
                 }
@@ -269,12 +278,16 @@ impl Conn {
         inbuf: &mut BytesMut,
         out: &mut BytesMut,
     ) -> Result<(), ConnError> {
-        while let Some(incoming) = session.open(inbuf)? {
+        while self.closing.is_none() {
+            let Some(incoming) = session.open(inbuf)? else { break };
             metrics::counter!("pipit_frames_in_total").increment(1);
             match incoming {
                 Incoming::Keepalive => session.write_keepalive(out),
                 Incoming::Messages(msgs) => {
                     for m in msgs {
+                        if self.closing.is_some() {
+                            return Ok(());
+                        }
                         self.dispatch(m);
                     }
                 }
@@ -362,5 +375,16 @@ impl Conn {
     /// Answers a request later, in order with the others.
     pub(super) fn answer_later(&mut self, answer: impl std::future::Future<Output = Message> + Send + 'static) {
         self.pending.push_back(answer.boxed());
+    }
+
+    /// Answers a request that needs no waiting. Answers keep the order of
+    /// their requests (SPEC.md 4), so this one queues behind any that
+    /// still wait for storage.
+    pub(super) fn answer_now(&mut self, answer: Message) {
+        if self.pending.is_empty() {
+            self.outq.push(answer);
+        } else {
+            self.pending.push_back(futures_util::future::ready(answer).boxed());
+        }
     }
 }

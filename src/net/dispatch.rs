@@ -1,53 +1,98 @@
 //! From message kind to the service that handles it, and from the
 //! service's answer back to a message. One arm per kind; the rules live
 //! in `crate::service`.
+//!
+//! What every kind gets back (SPEC.md 7.1): a request answers with its
+//! `req`, a `Send` with its `id`, a `Ping` with a `Pong`; `Ack`, `Receipt`,
+//! `Typing` and `Pong` are never answered. A request whose id is 0 could
+//! not be told apart from a connection-level error, so it ends the
+//! connection with `BAD_REQUEST`.
 
 use pipit_protocol::limits::MAX_NAME_LEN;
 use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
 use super::connection::Conn;
-use crate::service::messaging::SendFailure;
+use crate::service::features;
+use crate::service::messaging::{content_digest, SendFailure};
 
 fn req_error(code: pb::ErrorCode, req: u64) -> Message {
     pb::Error { code: code as i32, req, ..Default::default() }.into()
 }
 
+fn send_error(code: pb::ErrorCode, id: u64) -> Message {
+    pb::Error { code: code as i32, id, ..Default::default() }.into()
+}
+
+/// Seconds a client waits before repeating what an overloaded server
+/// refused. Short: the storage queue drains in milliseconds; the client
+/// backs off further on repeated refusals.
+const OVERLOAD_RETRY_AFTER_SECS: u32 = 1;
+
 impl Conn {
     /// Handles one message from the client, in wire order.
     pub(super) fn dispatch(&mut self, m: Message) {
+        if m.request_id() == Some(0) || m.send_id() == Some(0) {
+            self.closing = Some(pb::ErrorCode::BadRequest);
+            return;
+        }
+        if let Message::Send(s) = &m {
+            // Exactly one recipient, checked first: a malformed send is
+            // BAD_REQUEST whatever features the server offers, and costs
+            // the writer nothing.
+            if (s.to == 0) == (s.group == 0) {
+                self.answer_now(send_error(pb::ErrorCode::BadRequest, s.id));
+                return;
+            }
+        }
+        if let Some(f) = m.feature() {
+            if !features::offers(f) {
+                // Final, unlike UNAVAILABLE: this server does not do it.
+                if let Some(req) = m.request_id() {
+                    self.answer_now(req_error(pb::ErrorCode::NotSupported, req));
+                } else if let Some(id) = m.send_id() {
+                    self.answer_now(send_error(pb::ErrorCode::NotSupported, id));
+                }
+                // Typing and group receipts are never answered.
+                return;
+            }
+        }
         match m {
             Message::Send(send) => self.send(send),
             Message::Ack(ack) => self.ack(&ack),
-            Message::Receipt(r) if r.kind == pb::ReceiptKind::Read as i32 && r.group == 0 => {
+            Message::Receipt(r) if r.kind == pb::ReceiptKind::Read as i32 && r.group == 0 && r.peer != 0 => {
                 let op = self.ctx.services.receipts.read(self.addr, r.peer, r.through);
                 self.submit(op);
             }
-            Message::Ping(p) => self.outq.push(pb::Pong { id: p.id }.into()),
+            Message::Ping(p) => self.answer_now(pb::Pong { id: p.id }.into()),
             Message::LinkDevice(l) => self.link(l),
             Message::DeviceListRequest(d) => self.device_list(d),
-            // At most once by definition: nothing to do for a kind this
-            // server does not route yet.
-            Message::Typing(_) | Message::Pong(_) | Message::Receipt(_) => {}
+            // Never answered: a receipt this server cannot use, a pong.
+            Message::Pong(_) | Message::Receipt(_) => {}
             other => {
-                // Valid kinds this server version does not serve yet:
-                // answer the request so the client does not wait.
-                self.outq.push(req_error(pb::ErrorCode::Unavailable, request_id(&other)));
+                // A kind of an offered feature with no arm here yet: still
+                // answer, so the client does not wait for ever.
+                tracing::warn!(kind = other.kind(), "offered feature without a handler");
+                if let Some(req) = other.request_id() {
+                    self.answer_now(req_error(pb::ErrorCode::NotSupported, req));
+                }
             }
         }
     }
 
     fn send(&mut self, send: pb::Send) {
         let id = send.id;
-        match self.ctx.services.messaging.send(self.addr, send) {
+        let digest = content_digest(&send);
+        match self.ctx.services.messaging.send(self.addr, send, digest) {
             Err(_) => {
                 // Storage is saturated or stopping: nothing was stored; the
-                // client keeps the message in its outbox and retries.
-                self.outq.push(
+                // client keeps the message and sends it again after the
+                // delay, on this connection.
+                self.answer_now(
                     pb::Error {
                         code: pb::ErrorCode::Unavailable as i32,
                         id,
-                        retry_after_secs: 1,
+                        retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
                         ..Default::default()
                     }
                     .into(),
@@ -59,7 +104,11 @@ impl Conn {
                         metrics::counter!("pipit_messages_sent_total").increment(1);
                         sent.into()
                     }
-                    Err(SendFailure::Code(code)) => pb::Error { code: code as i32, id, ..Default::default() }.into(),
+                    Err(SendFailure::Code(code)) => {
+                        let retry_after_secs =
+                            if code == pb::ErrorCode::Internal { OVERLOAD_RETRY_AFTER_SECS } else { 0 };
+                        pb::Error { code: code as i32, id, retry_after_secs, ..Default::default() }.into()
+                    }
                     Err(SendFailure::Mismatch(m)) => m.into(),
                 }
             }),
@@ -69,15 +118,23 @@ impl Conn {
     fn link(&mut self, req: pb::LinkDevice) {
         let r = req.req;
         let Some(key) = pipit_protocol::PublicKey::from_slice(&req.key) else {
-            self.outq.push(req_error(pb::ErrorCode::BadRequest, r));
+            self.answer_now(req_error(pb::ErrorCode::BadRequest, r));
             return;
         };
         if req.name.len() > MAX_NAME_LEN {
-            self.outq.push(req_error(pb::ErrorCode::TooLarge, r));
+            self.answer_now(req_error(pb::ErrorCode::TooLarge, r));
             return;
         }
         match self.ctx.services.accounts.link(self.addr.account, key, req.name) {
-            Err(_) => self.outq.push(req_error(pb::ErrorCode::Unavailable, r)),
+            Err(_) => self.answer_now(
+                pb::Error {
+                    code: pb::ErrorCode::Unavailable as i32,
+                    req: r,
+                    retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
+                    ..Default::default()
+                }
+                .into(),
+            ),
             Ok(linked) => self.answer_later(async move {
                 match linked.await {
                     Ok(device) => pb::Linked { req: r, device }.into(),
@@ -110,22 +167,5 @@ impl Conn {
                 Err(_) => req_error(pb::ErrorCode::Internal, r),
             }
         });
-    }
-}
-
-fn request_id(m: &Message) -> u64 {
-    match m {
-        Message::GroupCreate(x) => x.req,
-        Message::GroupAdd(x) => x.req,
-        Message::GroupRemove(x) => x.req,
-        Message::GroupLeave(x) => x.req,
-        Message::GroupListRequest(x) => x.req,
-        Message::KeysUpload(x) => x.req,
-        Message::KeysFetch(x) => x.req,
-        Message::LinkDevice(x) => x.req,
-        Message::DeviceListRequest(x) => x.req,
-        Message::UnlinkDevice(x) => x.req,
-        Message::InviteCreate(x) => x.req,
-        _ => 0,
     }
 }

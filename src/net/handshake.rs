@@ -18,6 +18,7 @@ use super::connection::{error, write_out, Conn};
 use super::{ConnCtx, ConnError};
 use crate::model::unix_now;
 use crate::route::{ConnHandle, Mailbox};
+use crate::service::features;
 
 /// A connection past its handshake and login.
 pub(super) struct Established {
@@ -49,7 +50,10 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
     let write_timeout = cfg.write_timeout;
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + cfg.handshake_timeout);
-    let mut hs = ServerHandshake::new(ctx.keys.clone(), started, cfg.handshake_timeout);
+    // One snapshot for the whole handshake: a key reload meanwhile must not
+    // make it answer with one key and report another as current.
+    let keys = ctx.keys.get();
+    let mut hs = ServerHandshake::new(keys.clone(), started, cfg.handshake_timeout);
     let mut inbuf = BytesMut::new();
     let mut out = BytesMut::new();
 
@@ -78,8 +82,18 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
 
     // Who is this?
     let verdict = match &accepted.hello {
+        Hello::Login(l) if l.user_agent.len() > MAX_NAME_LEN => Err(pb::ErrorCode::TooLarge),
         Hello::Login(l) => match ctx.services.accounts.device_by_key(accepted.client_key).await? {
-            Some(addr) => Ok((addr, l.keepalive_secs, l.acked_through)),
+            // Account 0: a freshly linked device that does not know its
+            // ids yet; the key says who it is. Otherwise the ids must be
+            // the key's (SPEC.md 5.5): a device never logs in as another.
+            Some(addr) if l.account == 0 || (l.account == addr.account && l.device == addr.device) => {
+                Ok((addr, l.keepalive_secs, l.acked_through))
+            }
+            Some(addr) => {
+                tracing::debug!(device = %addr, account = l.account, claimed_device = l.device, "login ids do not match the key");
+                Err(pb::ErrorCode::UnknownDevice)
+            }
             None => Err(pb::ErrorCode::UnknownDevice),
         },
         Hello::Register(r) => {
@@ -127,19 +141,26 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
         e
     };
     let inbox = ctx.services.inbox.at_login(addr, acked_through, window).await.map_err(|e| unregister(e.into()))?;
+    let inbox_depth = inbox.depth;
     let mut conn = Conn::new(ctx, addr, handle, inbox);
+    let pending = u32::try_from(inbox_depth).unwrap_or(u32::MAX);
+    if accepted.retired_key {
+        // Operators watch this fall to zero before dropping retired keys.
+        metrics::counter!("pipit_retired_key_logins_total").increment(1);
+    }
     let login_ok: Message = pb::LoginOk {
         account: addr.account,
         device: addr.device,
         server_time: unix_now(),
         keepalive_secs,
-        pending: conn.inflight() as u32,
+        pending,
         new_server_key: if accepted.retired_key {
-            bytes::Bytes::copy_from_slice(ctx.keys.current().public().as_bytes())
+            bytes::Bytes::copy_from_slice(keys.current().public().as_bytes())
         } else {
             bytes::Bytes::new()
         },
         window: window as u32,
+        features: features::OFFERED.iter().map(|f| *f as i32).collect(),
     }
     .into();
     let mut first = vec![login_ok];

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pipit_protocol::handshake::ServerKeys;
 use tokio_util::sync::CancellationToken;
 
+use crate::keys::KeyRing;
 use crate::route::Registry;
 use crate::service::Services;
 
@@ -47,8 +47,9 @@ pub struct NetConfig {
 pub struct ConnCtx {
     /// Settings.
     pub cfg: NetConfig,
-    /// The server's static keys.
-    pub keys: Arc<ServerKeys>,
+    /// The server's static keys, current and retired; replaceable while
+    /// the server runs.
+    pub keys: Arc<KeyRing>,
     /// The services a connection calls.
     pub services: Services,
     /// Online devices.
@@ -63,7 +64,7 @@ impl ConnCtx {
     /// A context for the connections of one server.
     pub fn new(
         cfg: NetConfig,
-        keys: Arc<ServerKeys>,
+        keys: Arc<KeyRing>,
         services: Services,
         registry: Arc<Registry>,
         shutdown: CancellationToken,
@@ -98,7 +99,8 @@ pub enum ConnError {
     /// Storage failed.
     #[error("storage: {0}")]
     Storage(#[from] crate::store::StorageError),
-    /// Refused at login (code sent to the peer).
-    #[error("login refused: {0:?}")]
+    /// Refused at login, or closed after a request that broke a rule
+    /// (the code was sent to the peer).
+    #[error("refused: {0:?}")]
     Refused(pipit_protocol::message::pb::ErrorCode),
 }

@@ -52,7 +52,15 @@ pub struct LoginInbox {
     pub cursor: u64,
     /// More entries wait past `send`.
     pub behind: bool,
+    /// Entries waiting after those the login acknowledged, counted up to
+    /// [`PENDING_COUNT_CAP`]: what `LoginOk.pending` reports.
+    pub depth: usize,
 }
+
+/// Where counting an inbox at login stops. Past a window the count reads
+/// keys only, but a login should not walk a month of someone's traffic to
+/// report a number; "10,000 or more" is as useful as the exact figure.
+pub const PENDING_COUNT_CAP: usize = 10_000;
 
 /// Reads inboxes for the network layer (on blocking threads).
 #[derive(Clone)]
@@ -123,5 +131,9 @@ fn login_inbox(store: &Store, addr: DeviceAddr, acked_through: u64, window: usiz
         Some((id, _)) => *id,
         None => out.acked.last().map_or(0, |a| a.id).max(next - 1),
     };
+    out.depth = out.send.len();
+    if out.behind {
+        out.depth += store.inbox_count_after(addr, out.cursor, PENDING_COUNT_CAP.saturating_sub(out.depth))?;
+    }
     Ok(out)
 }

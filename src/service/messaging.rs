@@ -43,13 +43,18 @@ impl Messaging {
     /// Queues `send` from `from`; the future answers once it is durable
     /// (or refused). A full queue is refused at once: nothing was stored
     /// and the client retries.
+    ///
+    /// `digest` is [`content_digest`] of `send`, computed by the caller so
+    /// that hashing a large payload does not hold up the writer.
     pub fn send(
         &self,
         from: DeviceAddr,
         send: pb::Send,
+        digest: Digest,
     ) -> Result<impl Future<Output = Result<pb::Sent, SendFailure>> + Send + 'static, SubmitError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let op = SendOp { from, send, received: Instant::now(), result: None, pushes: Pushes::default(), reply: tx };
+        let op =
+            SendOp { from, send, digest, received: Instant::now(), result: None, pushes: Pushes::default(), reply: tx };
         self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(SendFailure::Code(pb::ErrorCode::Unavailable))) })
     }
@@ -58,6 +63,7 @@ impl Messaging {
 struct SendOp {
     from: DeviceAddr,
     send: pb::Send,
+    digest: Digest,
     received: Instant,
     result: Option<Result<pb::Sent, SendFailure>>,
     pushes: Pushes,
@@ -67,7 +73,7 @@ struct SendOp {
 impl Operation<Ctx> for SendOp {
     fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
         self.pushes = Pushes::default();
-        self.result = Some(store_send(txn, self.from, &self.send, &mut self.pushes)?);
+        self.result = Some(store_send(txn, self.from, &self.send, self.digest, &mut self.pushes)?);
         Ok(())
     }
 
@@ -87,25 +93,59 @@ impl Operation<Ctx> for SendOp {
     }
 }
 
+/// A short digest of what a `Send` says, kept in its dedup record: a retry
+/// repeats the same content, so the same id with another digest is a
+/// reused id, answered `ID_REUSED` instead of the original `Sent`.
+pub type Digest = [u8; 8];
+
+/// The digest of everything in `send` but its id: recipient, group,
+/// payload and per-device ciphertexts, each length-prefixed so no two
+/// different sends hash the same input. BLAKE2s, truncated: stable across
+/// versions (records outlive a binary) and far from colliding by accident.
+pub fn content_digest(send: &pb::Send) -> Digest {
+    use blake2::Digest as _;
+    let mut h = blake2::Blake2s256::new();
+    h.update(b"pipit send v1");
+    h.update(send.to.to_be_bytes());
+    h.update(send.group.to_be_bytes());
+    h.update((send.payload.len() as u64).to_be_bytes());
+    h.update(&send.payload);
+    h.update((send.per_device.len() as u64).to_be_bytes());
+    for c in &send.per_device {
+        h.update(c.account.to_be_bytes());
+        h.update(c.device.to_be_bytes());
+        h.update((c.payload.len() as u64).to_be_bytes());
+        h.update(&c.payload);
+    }
+    let full = h.finalize();
+    let mut d = [0u8; 8];
+    d.copy_from_slice(&full[..8]);
+    d
+}
+
 fn store_send(
     txn: &mut Txn<'_>,
     from: DeviceAddr,
     send: &pb::Send,
+    digest: Digest,
     pushes: &mut Pushes,
 ) -> Result<Result<pb::Sent, SendFailure>, StorageError> {
     let fail = |c| Ok(Err(SendFailure::Code(c)));
     // Dedup first: a retry must get the original answer even if the
     // request would now be refused.
     if let Some(r) = txn.dedup(from, send.id)? {
+        // Records written before digests were kept match any content.
+        if r.digest.is_some_and(|d| d != digest) {
+            metrics::counter!("pipit_messages_id_reused_total").increment(1);
+            return fail(pb::ErrorCode::IdReused);
+        }
         metrics::counter!("pipit_messages_deduplicated_total").increment(1);
         return Ok(Ok(pb::Sent { id: send.id, seq: r.seq, time: r.time }));
     }
-    if send.group != 0 {
-        // Groups are served by a later version of this server.
-        return fail(pb::ErrorCode::Unavailable);
-    }
-    if send.to == 0 {
-        return fail(pb::ErrorCode::BadRequest);
+    if send.id == 0 || send.to == 0 || send.group != 0 {
+        // The connection checks these before a send gets here; groups are
+        // answered NOT_SUPPORTED until they are served.
+        return fail(if send.group != 0 { pb::ErrorCode::NotSupported } else { pb::ErrorCode::BadRequest });
     }
     let Some(recipient) = txn.account(send.to)? else {
         return fail(pb::ErrorCode::NotFound);
@@ -163,7 +203,7 @@ fn store_send(
         };
         enqueue(txn, to, deliver.into(), pushes)?;
     }
-    txn.put_dedup(from, send.id, DedupRecord { seq, time: now });
+    txn.put_dedup(from, send.id, DedupRecord { seq, time: now, digest: Some(digest) });
     metrics::counter!("pipit_messages_stored_total").increment(1);
     Ok(Ok(pb::Sent { id: send.id, seq, time: now }))
 }
@@ -191,6 +231,38 @@ mod tests {
         assert_eq!(inbox[0].0, 1);
         assert_eq!(s.pushed.0.lock().unwrap().len(), 2);
         assert_eq!(s.send(a, 11, 999), Err(SendFailure::Code(pb::ErrorCode::NotFound)));
+    }
+
+    #[test]
+    fn the_same_id_with_other_content_is_refused_and_nothing_is_stored() {
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let b = s.register(2, "").unwrap();
+        let first = s.send_payload(a, 5, b.account, b"first").unwrap();
+        assert_eq!(s.send_payload(a, 5, b.account, b"first").unwrap(), first, "a retry");
+        assert_eq!(s.send_payload(a, 5, b.account, b"other"), Err(SendFailure::Code(pb::ErrorCode::IdReused)));
+        assert_eq!(
+            s.send_payload(a, 5, 999, b"first"),
+            Err(SendFailure::Code(pb::ErrorCode::IdReused)),
+            "other recipient"
+        );
+        let inbox = s.store.inbox_after(b, 0, 10).unwrap();
+        assert_eq!(inbox.len(), 1, "only the first was stored: {inbox:?}");
+        // The digest covers every part of the content.
+        let base = pb::Send { id: 1, to: 2, payload: bytes::Bytes::from_static(b"p"), ..Default::default() };
+        let variants = [
+            pb::Send { id: 9, ..base.clone() },
+            pb::Send { to: 3, ..base.clone() },
+            pb::Send { payload: bytes::Bytes::from_static(b"q"), ..base.clone() },
+            pb::Send {
+                per_device: vec![pb::DeviceCiphertext { account: 0, device: 1, payload: bytes::Bytes::new() }],
+                ..base.clone()
+            },
+        ];
+        assert_eq!(content_digest(&variants[0]), content_digest(&base), "the id is not content");
+        for v in &variants[1..] {
+            assert_ne!(content_digest(v), content_digest(&base), "{v:?}");
+        }
     }
 
     /// A send that fails half way through its fan-out (here: a corrupt

@@ -8,9 +8,11 @@
 //! - `inbox`: appending to a device's inbox; reading it at login and when
 //!   a connection catches up.
 //! - `expiry`: undelivered entries and dedup records past their time.
+//! - `features`: which optional protocol features this server offers.
 
 pub mod accounts;
 pub mod expiry;
+pub mod features;
 pub mod inbox;
 pub mod messaging;
 pub mod receipts;
@@ -174,8 +176,19 @@ pub(crate) mod testing {
         }
 
         pub(crate) fn send(&self, from: DeviceAddr, id: u64, to: u64) -> Result<pb::Sent, messaging::SendFailure> {
-            let send = pb::Send { id, to, payload: Bytes::from_static(b"x"), ..Default::default() };
-            self.rt.block_on(self.services().messaging.send(from, send).unwrap())
+            self.send_payload(from, id, to, b"x")
+        }
+
+        pub(crate) fn send_payload(
+            &self,
+            from: DeviceAddr,
+            id: u64,
+            to: u64,
+            payload: &'static [u8],
+        ) -> Result<pb::Sent, messaging::SendFailure> {
+            let send = pb::Send { id, to, payload: Bytes::from_static(payload), ..Default::default() };
+            let digest = messaging::content_digest(&send);
+            self.rt.block_on(self.services().messaging.send(from, send, digest).unwrap())
         }
 
         pub(crate) fn barrier(&self) {

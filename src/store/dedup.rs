@@ -6,13 +6,16 @@ use super::overlay::Lookup;
 use super::{addr_from_key, addr_key, StorageError, Store, Table, Txn};
 use crate::model::DeviceAddr;
 
-/// What a stored message was answered.
+/// What a stored message was answered, and a digest of what it said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupRecord {
     /// Its sequence number.
     pub seq: u64,
     /// Server time of the `Sent`.
     pub time: u64,
+    /// Digest of the content, to tell a retry from a reused id. `None` in
+    /// records written before digests were kept (16-byte values).
+    pub digest: Option<[u8; 8]>,
 }
 
 fn key(from: DeviceAddr, id: u64) -> [u8; 20] {
@@ -29,7 +32,12 @@ fn decode(v: &[u8]) -> Result<DedupRecord, StorageError> {
     }
     let seq = u64::from_be_bytes(v[..8].try_into().map_err(|_| corrupt())?);
     let time = u64::from_be_bytes(v[8..16].try_into().map_err(|_| corrupt())?);
-    Ok(DedupRecord { seq, time })
+    let digest = match v.len() {
+        16 => None,
+        24 => Some(v[16..24].try_into().map_err(|_| corrupt())?),
+        _ => return Err(corrupt()),
+    };
+    Ok(DedupRecord { seq, time, digest })
 }
 
 impl Store {
@@ -60,10 +68,17 @@ impl Txn<'_> {
 
     /// Records the answer to `(from, id)`.
     pub fn put_dedup(&mut self, from: DeviceAddr, id: u64, r: DedupRecord) {
-        let mut v = [0u8; 16];
+        let mut v = [0u8; 24];
         v[..8].copy_from_slice(&r.seq.to_be_bytes());
-        v[8..].copy_from_slice(&r.time.to_be_bytes());
-        self.put(Table::Dedup, &key(from, id), &v);
+        v[8..16].copy_from_slice(&r.time.to_be_bytes());
+        let len = match r.digest {
+            Some(d) => {
+                v[16..].copy_from_slice(&d);
+                24
+            }
+            None => 16,
+        };
+        self.put(Table::Dedup, &key(from, id), &v[..len]);
         self.state.dedup.set((from, id), Some(r));
     }
 

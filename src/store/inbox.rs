@@ -79,6 +79,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Entries of `addr` with id greater than `after`, counted up to
+    /// `cap`. Reads keys only: no entry is decoded or copied.
+    pub fn inbox_count_after(&self, addr: DeviceAddr, after: u64, cap: usize) -> Result<usize, StorageError> {
+        let prefix = addr_key(addr);
+        let mut it = self.db.raw_iterator_cf(self.cf(Table::Inbox));
+        it.seek(key(addr, after.saturating_add(1)));
+        let mut n = 0;
+        while n < cap && it.valid() && it.key().is_some_and(|k| k.starts_with(&prefix)) {
+            n += 1;
+            it.next();
+        }
+        it.status()?;
+        Ok(n)
+    }
+
     /// Entries waiting in a device's inbox (admin).
     pub fn inbox_depth(&self, addr: DeviceAddr) -> Result<usize, StorageError> {
         let prefix = addr_key(addr);

@@ -1,5 +1,7 @@
-//! pipit tools: the command-line client (`pipit-cli`) and the 2G link
-//! emulator (`pipit-linkem`), with the emulator also usable as a library
-//! by tests and benchmarks ([`linkem`]).
+//! pipit tools: the command-line client (`pipit-cli`), the 2G link
+//! emulator (`pipit-linkem`, also a library for tests and benchmarks:
+//! [`linkem`]) and the conformance checker (`pipit-conformance`:
+//! [`conformance`]).
 
+pub mod conformance;
 pub mod linkem;

@@ -159,3 +159,26 @@ fn a_chat_between_two_terminals_shows_sent_delivered_and_read() {
     ta.quit();
     tb.quit();
 }
+
+/// Defect 13: a send to an account that does not exist printed
+/// `Error: refused: NotFound` (and a backtrace with `RUST_BACKTRACE`). It
+/// now says what happened and what to do, in words.
+#[test]
+fn a_send_to_a_missing_account_says_so_in_words() {
+    let s = server();
+    let pa = tempfile::tempdir().unwrap();
+    let a = register(&s, pa.path());
+    let missing = a + 1;
+    let out = Command::new(CLI)
+        .args(["send", "--profile", pa.path().to_str().unwrap(), "--to", &missing.to_string(), "hello?"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim(),
+        format!("pipit-cli: message not sent: account {missing} does not exist; check the account number")
+    );
+    assert!(!stderr.contains("NotFound") && !stderr.contains("acktrace"), "{stderr}");
+}

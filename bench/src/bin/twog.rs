@@ -187,6 +187,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ping = TcpCounters::of(b_local)?.since(&k1);
     let per_hour = ping.wire_bytes() as f64 * 3600.0 / f64::from(interval);
+    // More exchanges after idle gaps: whether the server's kernel ACKs the
+    // ping on its own segment (4 segments) or in the pong (3) depends on
+    // its delayed-ACK state, which the previous exchanges change.
+    let mut later = Vec::new();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let k = TcpCounters::of(b_local)?;
+        cp.keepalive().await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let d = TcpCounters::of(b_local)?.since(&k);
+        later.push(format!("[{},{}]", d.wire_bytes(), d.segments()));
+    }
 
     let mut report = String::from("{");
     for (name, raw, total) in &results {
@@ -198,7 +210,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "\"cycle_wire_bytes\":{},\"cycle_payload_bytes\":{},\"cycle_segments\":{},",
             "\"cycle_with_receipt_wire_bytes\":{},\"cycle_with_receipt_segments\":{},",
             "\"keepalive_interval_s\":{},\"keepalive_exchange_wire_bytes\":{},\"keepalive_exchange_segments\":{},",
-            "\"idle_bytes_in_2s_without_keepalive\":{},\"keepalive_bytes_per_hour\":{:.0}}}"
+            "\"idle_bytes_in_2s_without_keepalive\":{},\"keepalive_bytes_per_hour\":{:.0},",
+            "\"later_keepalive_exchanges_bytes_segments\":[{}]}}"
         ),
         args.rtt_ms,
         args.kbps,
@@ -212,7 +225,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ping.wire_bytes(),
         ping.segments(),
         idle.wire_bytes(),
-        per_hour
+        per_hour,
+        later.join(",")
     );
     println!("{report}");
     if let Some(p) = args.json {

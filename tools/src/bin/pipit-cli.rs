@@ -119,10 +119,31 @@ enum AdminCommand {
     Stats,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(run(cli.command))
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli.command)));
+    // One sentence and its causes, never Debug output or a backtrace: a
+    // person reads this.
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pipit-cli: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Why a message to account `to` was not sent, in words.
+fn send_failure(code: pb::ErrorCode, to: u64) -> String {
+    match code {
+        pb::ErrorCode::NotFound => format!("account {to} does not exist; check the account number"),
+        pb::ErrorCode::TooLarge => "the message is larger than the server accepts; send a shorter one".into(),
+        other => pipit_client::explain(other).into(),
+    }
 }
 
 fn server_file(profile: &Path) -> PathBuf {
@@ -200,7 +221,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         println!("sent seq {}", s.seq);
                         break;
                     }
-                    Ok(Some(Event::SendFailed { id: f, code })) if f == id => bail!("refused: {code:?}"),
+                    Ok(Some(Event::SendFailed { id: f, code })) if f == id => {
+                        bail!("message not sent: {}", send_failure(code, to))
+                    }
                     Ok(Some(Event::Stopped { reason })) => bail!("{reason}"),
                     Ok(None) => bail!("client stopped"),
                     Ok(Some(_)) => {}
@@ -302,7 +325,7 @@ async fn chat(profile: &Path, to: u64) -> anyhow::Result<()> {
                 }
                 Some(Event::SendFailed { id, code }) => {
                     mine.remove(&id);
-                    println!("* [{id}] failed: {code:?}");
+                    println!("* [{id}] not sent: {}", send_failure(code, to));
                 }
                 Some(Event::Disconnected { reason }) => println!("* offline ({reason}); reconnecting"),
                 Some(Event::Connected { .. }) => println!("* online"),
