@@ -3,7 +3,7 @@
 //! connection. `pipit admin ...` is its client.
 //!
 //! Commands: `invite [ttl_secs]`, `accounts`, `inbox <account> <device>`,
-//! `stats`. Answers are text lines; errors start with `error:`. The client
+//! `group <id>`, `stats`. Answers are text lines; errors start with `error:`. The client
 //! side is `pipit_client::admin`.
 
 use std::path::PathBuf;
@@ -110,7 +110,46 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
             let online = shared.registry.is_online(addr);
             Ok(format!("{depth} waiting, {}\n", if online { "online" } else { "offline" }))
         }
-        ["stats"] => Ok(format!("online_devices {}\n", shared.registry.online())),
-        _ => anyhow::bail!("unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats"),
+        ["group", id] => group(shared, id.parse()?).await,
+        ["stats"] => {
+            let backlog = shared.services.fanout.backlog(None, 100_000).await?;
+            Ok(format!(
+                "online_devices {}\nfanout_jobs {}\nfanout_members {}\n",
+                shared.registry.online(),
+                backlog.jobs,
+                backlog.members
+            ))
+        }
+        _ => anyhow::bail!(
+            "unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | group <id> | stats"
+        ),
     }
+}
+
+/// `group <id>`: members (admins starred), version, sequence, fan-out
+/// backlog and stored bodies.
+async fn group(shared: &Arc<AdminCtx>, id: u64) -> anyhow::Result<String> {
+    let Some(g) = shared.services.groups.summary(id).await? else {
+        anyhow::bail!("no group {id}");
+    };
+    let members: Vec<String> =
+        g.record.current().map(|m| format!("{}{}", m.account, if m.admin { "*" } else { "" })).collect();
+    let leaving = g.record.members.iter().filter(|m| m.left != 0).count();
+    Ok(format!(
+        "group {id} name {:?} version {} next_seq {}\n\
+         members {} (admins starred; {leaving} removals still being fanned out): {}\n\
+         fanout {} jobs, {} members to reach\n\
+         bodies {} messages, {} notices, {} device ciphertexts, {} bytes\n",
+        String::from_utf8_lossy(&g.record.name),
+        g.record.version,
+        g.next_seq,
+        members.len(),
+        members.join(" "),
+        g.backlog.jobs,
+        g.backlog.members,
+        g.bodies.messages,
+        g.bodies.notices,
+        g.bodies.extras,
+        g.bodies.bytes,
+    ))
 }

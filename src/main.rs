@@ -75,6 +75,11 @@ enum AdminCommand {
         /// Device number.
         device: u32,
     },
+    /// Show a group: members, version, fan-out backlog, stored bodies.
+    Group {
+        /// Group id.
+        id: u64,
+    },
     /// Server statistics.
     Stats,
 }
@@ -121,6 +126,7 @@ fn main() -> anyhow::Result<()> {
                 AdminCommand::Invite { ttl_secs } => format!("invite {ttl_secs}"),
                 AdminCommand::Accounts => "accounts".into(),
                 AdminCommand::Inbox { account, device } => format!("inbox {account} {device}"),
+                AdminCommand::Group { id } => format!("group {id}"),
                 AdminCommand::Stats => "stats".into(),
             };
             let answer = pipit::admin::request(&data_dir, &line)?;

@@ -7,9 +7,10 @@ use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
 use super::connection::Conn;
+use crate::service::groups::Change;
 use crate::service::messaging::SendFailure;
 
-fn req_error(code: pb::ErrorCode, req: u64) -> Message {
+pub(super) fn req_error(code: pb::ErrorCode, req: u64) -> Message {
     pb::Error { code: code as i32, req, ..Default::default() }.into()
 }
 
@@ -23,6 +24,15 @@ impl Conn {
                 let op = self.ctx.services.receipts.read(self.addr, r.peer, r.through);
                 self.submit(op);
             }
+            Message::Receipt(r) if r.kind == pb::ReceiptKind::Read as i32 && r.group != 0 => {
+                let op = self.ctx.services.groups.read(self.addr, r.group, r.through);
+                self.submit(op);
+            }
+            Message::GroupCreate(g) => self.group_create(g),
+            Message::GroupAdd(g) => self.group_change(g.req, g.group, Change::Add(g.members)),
+            Message::GroupRemove(g) => self.group_change(g.req, g.group, Change::Remove(g.members)),
+            Message::GroupLeave(g) => self.group_change(g.req, g.group, Change::Leave),
+            Message::GroupListRequest(g) => self.group_list(g),
             Message::Ping(p) => self.outq.push(pb::Pong { id: p.id }.into()),
             Message::LinkDevice(l) => self.link(l),
             Message::DeviceListRequest(d) => self.device_list(d),

@@ -19,6 +19,11 @@ use crate::store::{StorageError, Store, Txn};
 pub(crate) struct Pushes(Vec<(DeviceAddr, u64, Message)>);
 
 impl Pushes {
+    /// Entry `id` of `addr`'s inbox, to hand over once durable.
+    pub(crate) fn add(&mut self, addr: DeviceAddr, id: u64, msg: Message) {
+        self.0.push((addr, id, msg));
+    }
+
     pub(crate) fn release(self, to: &dyn Deliveries) {
         for (addr, id, msg) in self.0 {
             to.push(addr, id, msg);
@@ -36,7 +41,7 @@ pub(crate) fn enqueue(
     let id = txn.next(Counter::InboxNext(to))?;
     set_inbox_id(&mut msg, id);
     txn.put_inbox(to, id, &msg);
-    pushes.0.push((to, id, msg));
+    pushes.add(to, id, msg);
     Ok(())
 }
 

@@ -1,7 +1,8 @@
-//! 1:1 sends: a send is recognised if it was stored before (same sending
+//! Sends: a send is recognised if it was stored before (same sending
 //! device and client id: the original answer, never a second copy), gets
 //! the conversation's next sequence number, and lands in the inbox of
 //! every device of the recipient and every other device of the sender.
+//! A group send goes to `super::group_send` once the dedup check passed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -49,7 +50,15 @@ impl Messaging {
         send: pb::Send,
     ) -> Result<impl Future<Output = Result<pb::Sent, SendFailure>> + Send + 'static, SubmitError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let op = SendOp { from, send, received: Instant::now(), result: None, pushes: Pushes::default(), reply: tx };
+        let op = SendOp {
+            from,
+            send,
+            received: Instant::now(),
+            result: None,
+            fanout: false,
+            pushes: Pushes::default(),
+            reply: tx,
+        };
         self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(SendFailure::Code(pb::ErrorCode::Unavailable))) })
     }
@@ -60,6 +69,8 @@ struct SendOp {
     send: pb::Send,
     received: Instant,
     result: Option<Result<pb::Sent, SendFailure>>,
+    /// A group send that created a fan-out job.
+    fanout: bool,
     pushes: Pushes,
     reply: Reply,
 }
@@ -67,7 +78,8 @@ struct SendOp {
 impl Operation<Ctx> for SendOp {
     fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
         self.pushes = Pushes::default();
-        self.result = Some(store_send(txn, self.from, &self.send, &mut self.pushes)?);
+        self.fanout = false;
+        self.result = Some(store_send(txn, self.from, &self.send, &mut self.pushes, &mut self.fanout)?);
         Ok(())
     }
 
@@ -79,6 +91,10 @@ impl Operation<Ctx> for SendOp {
                     metrics::histogram!("pipit_send_durable_seconds").record(self.received.elapsed().as_secs_f64());
                 }
                 self.pushes.release(&*ctx.deliveries);
+                if self.fanout {
+                    metrics::counter!("pipit_group_sends_total").increment(1);
+                    ctx.fanout.wake();
+                }
                 r
             }
             Outcome::Failed(_) => Err(SendFailure::Code(pb::ErrorCode::Internal)),
@@ -92,6 +108,7 @@ fn store_send(
     from: DeviceAddr,
     send: &pb::Send,
     pushes: &mut Pushes,
+    fanout: &mut bool,
 ) -> Result<Result<pb::Sent, SendFailure>, StorageError> {
     let fail = |c| Ok(Err(SendFailure::Code(c)));
     // Dedup first: a retry must get the original answer even if the
@@ -101,8 +118,7 @@ fn store_send(
         return Ok(Ok(pb::Sent { id: send.id, seq: r.seq, time: r.time }));
     }
     if send.group != 0 {
-        // Groups are served by a later version of this server.
-        return fail(pb::ErrorCode::Unavailable);
+        return super::group_send::store(txn, from, send, fanout);
     }
     if send.to == 0 {
         return fail(pb::ErrorCode::BadRequest);
@@ -160,6 +176,7 @@ fn store_send(
             payload,
             peer: if own_copy { send.to } else { 0 },
             group: 0,
+            device_payload: Bytes::new(),
         };
         enqueue(txn, to, deliver.into(), pushes)?;
     }

@@ -10,10 +10,15 @@
 //! |---|---|---|---|
 //! | `accounts` | `accounts` | account | `pb::DeviceList`: the account's devices |
 //! | `device_keys` | `keys` | device static key (32) | account (8) device (4) |
-//! | `inbox` | `inbox` | account device inbox-id | packet of one Deliver/Receipt/Expired |
+//! | `inbox` | `inbox` | account device inbox-id | packet of one Deliver/Receipt/Expired/GroupInfo, or `00` + `GroupRef` |
 //! | `dedup` | `dedup` | account device client-id | seq (8) time (8) [digest (8)] |
 //! | `counters` | `counters` | tagged key | next value (8) |
 //! | `invites` | `invites` | code | expiry time (8) |
+//! | `groups` | `groups` | group | `GroupRecord`: name, version, members |
+//! | `groups` | `group_members` | account group | empty |
+//! | `group_bodies` | `group_bodies` | group seq [account device] | packet of one Deliver/GroupInfo [or a device's ciphertext] |
+//! | `fanout` | `fanout` | group seq | `FanoutJob`: cursor and progress |
+//! | `group_receipts` | `group_receipts` | `r`/`d` group seq | counts (37) / empty (dirty index) |
 //!
 //! Writes go through a [`Txn`]: each operation's writes are staged and
 //! either kept whole or dropped whole, and one round of operations becomes
@@ -23,6 +28,10 @@ pub mod accounts;
 pub mod counters;
 pub mod dedup;
 pub mod device_keys;
+pub mod fanout;
+pub mod group_bodies;
+pub mod group_receipts;
+pub mod groups;
 pub mod inbox;
 pub mod invites;
 mod overlay;
