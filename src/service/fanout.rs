@@ -258,10 +258,7 @@ pub fn spawn_driver(
                 let _ = shared.wake_rx.recv_timeout(Duration::from_millis(500));
                 continue;
             }
-            let delay = Duration::from_millis(shared.step_delay_ms.load(Ordering::Relaxed));
-            if !delay.is_zero() {
-                pause(&stop, delay);
-            }
+            throttle(&shared, &stop);
             let mut submitted = 0;
             for &(group, seq) in &heads {
                 let op = Box::new(StepOp::new(group, seq, cfg.batch, tx.clone()));
@@ -289,6 +286,20 @@ pub fn spawn_driver(
         }
     })?;
     Ok(())
+}
+
+/// Waits out the configured pause between rounds; a pause shortened
+/// meanwhile (or `stop`) ends it early.
+fn throttle(shared: &Shared, stop: &CancellationToken) {
+    let started = Instant::now();
+    while !stop.is_cancelled() {
+        let delay = Duration::from_millis(shared.step_delay_ms.load(Ordering::Relaxed));
+        let elapsed = started.elapsed();
+        if elapsed >= delay {
+            return;
+        }
+        std::thread::sleep((delay - elapsed).min(Duration::from_millis(20)));
+    }
 }
 
 /// Sleeps up to `d`, waking early on `stop`.
