@@ -137,7 +137,7 @@ async fn group(shared: &Arc<AdminCtx>, id: u64) -> anyhow::Result<String> {
     let leaving = g.record.members.iter().filter(|m| m.left != 0).count();
     Ok(format!(
         "group {id} name {:?} version {} next_seq {}\n\
-         members {} (admins starred; {leaving} removals still being fanned out): {}\n\
+         members {} (admins starred; removed, until fanned out: {leaving}): {}\n\
          fanout {} jobs, {} members to reach\n\
          bodies {} messages, {} notices, {} device ciphertexts, {} bytes\n",
         String::from_utf8_lossy(&g.record.name),

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use futures_util::stream::{self, StreamExt};
+use pipit::model::DeviceAddr;
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::Message;
 use pipit_client::Connection;
-use pipit::model::DeviceAddr;
 use tokio::sync::mpsc;
 
 const MEMBERS: usize = 1_024;
@@ -34,7 +34,12 @@ async fn reader(mut c: Connection, out: mpsc::UnboundedSender<Seen>) {
         let Ok(m) = c.recv().await else { return };
         match m {
             Message::Deliver(d) if d.group != 0 => {
-                let read = pb::Receipt { kind: pb::ReceiptKind::Read as i32, group: d.group, through: d.seq, ..Default::default() };
+                let read = pb::Receipt {
+                    kind: pb::ReceiptKind::Read as i32,
+                    group: d.group,
+                    through: d.seq,
+                    ..Default::default()
+                };
                 c.send(&[pb::Ack { through: d.inbox, ids: vec![] }.into(), read.into()]).await.unwrap();
                 let _ = out.send((me, d.seq, true));
             }
@@ -75,7 +80,8 @@ async fn a_1024_member_group_reaches_everyone_once_after_sent_with_one_stored_co
 
     let create = pb::GroupCreate { req: 1, name: Bytes::from_static(b"everyone"), members };
     sender.send(&[create.into()]).await.unwrap();
-    let info = expect(&mut sender, |m| if let Message::GroupInfo(g) = m { (g.req == 1).then_some(g) } else { None }).await;
+    let info =
+        expect(&mut sender, |m| if let Message::GroupInfo(g) = m { (g.req == 1).then_some(g) } else { None }).await;
     let g = info.group;
     assert_eq!(info.members.len(), MEMBERS);
     for _ in 0..ONLINE {
@@ -106,7 +112,7 @@ async fn a_1024_member_group_reaches_everyone_once_after_sent_with_one_stored_co
     let to_online = sent_at.elapsed();
     wait_backlog_empty(&s, g).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    while let Ok((account, seq, _)) = seen.try_recv() {
+    if let Ok((account, seq, _)) = seen.try_recv() {
         panic!("member {account} got seq {seq} again");
     }
     assert!(got.values().all(|n| *n == 1) && online.iter().all(|a| got.contains_key(a)));

@@ -67,7 +67,10 @@ async fn group_requests_and_bad_input_over_tcp() {
     ca.send(&[create(1, &[b.account, c.account])]).await.unwrap();
     let info = created(&mut ca, 1).await;
     let g = info.group;
-    assert_eq!((info.members.clone(), info.admins.clone(), info.version), (vec![a.account, b.account, c.account], vec![a.account], 1));
+    assert_eq!(
+        (info.members.clone(), info.admins.clone(), info.version),
+        (vec![a.account, b.account, c.account], vec![a.account], 1)
+    );
     assert_eq!(&info.name[..], b"friends");
     for conn in [&mut ca, &mut cb, &mut cc] {
         let n = notice(conn).await;
@@ -139,7 +142,11 @@ async fn group_requests_and_bad_input_over_tcp() {
         id: 5,
         group: g2,
         payload: Bytes::from_static(b"megolm"),
-        per_device: vec![pb::DeviceCiphertext { account: d.account, device: 0, payload: Bytes::from_static(b"key for d") }],
+        per_device: vec![pb::DeviceCiphertext {
+            account: d.account,
+            device: 0,
+            payload: Bytes::from_static(b"key for d"),
+        }],
         ..Default::default()
     };
     cb.send(&[send.into()]).await.unwrap();
@@ -320,5 +327,84 @@ async fn no_more_group_entries(c: &mut Connection, d: Duration) {
             Message::Receipt(r) => ack(c, r.inbox).await,
             other => panic!("expected no more group entries, got {other:?}"),
         }
+    }
+}
+
+/// The next event the test cares about, skipping connection noise.
+async fn next_event(events: &mut pipit_client::Events) -> pipit_client::Event {
+    loop {
+        match tokio::time::timeout(T, events.next()).await.unwrap().unwrap() {
+            pipit_client::Event::Connected { .. } | pipit_client::Event::Disconnected { .. } => {}
+            e => return e,
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_client_library_does_groups_end_to_end() {
+    use pipit_client::{Client, ClientError, Config, Event, MemoryStore};
+    let s = TestServer::start(|c| c.group_receipt_flush_ms = 50);
+    let start = |name: &str| {
+        let mut cfg = Config::new(s.addr.to_string());
+        cfg.device_name = name.into();
+        Client::start(cfg, MemoryStore::new()).unwrap()
+    };
+    let (alice, mut alice_events) = start("alice");
+    let (bob, mut bob_events) = start("bob");
+    let (carol, mut carol_events) = start("carol");
+    let mut ids = Vec::new();
+    for events in [&mut alice_events, &mut bob_events, &mut carol_events] {
+        loop {
+            if let Event::Connected { account, .. } = tokio::time::timeout(T, events.next()).await.unwrap().unwrap() {
+                ids.push(account);
+                break;
+            }
+        }
+    }
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+
+    let info = alice.create_group("book club", &[b]).await.unwrap();
+    let sorted = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v
+    };
+    assert_eq!((info.members.clone(), info.admins.clone()), (sorted(vec![a, b]), vec![a]));
+    let g = info.group;
+    for events in [&mut alice_events, &mut bob_events] {
+        let Event::Group(n) = next_event(events).await else { panic!("expected the group notice") };
+        assert_eq!((n.group, n.version), (g, 1));
+    }
+    assert!(matches!(bob.add_members(g, &[c]).await, Err(ClientError::Rejected(pb::ErrorCode::Forbidden))));
+    alice.add_members(g, &[c]).await.unwrap();
+    for events in [&mut alice_events, &mut bob_events, &mut carol_events] {
+        let Event::Group(n) = next_event(events).await else { panic!("expected the group notice") };
+        assert_eq!((n.version, n.members.len()), (2, 3));
+    }
+    assert_eq!(carol.groups().await.unwrap().iter().map(|g| g.group).collect::<Vec<_>>(), vec![g]);
+
+    let id = alice.send_group(g, "chapter one?").await.unwrap();
+    let Event::Sent(sent) = next_event(&mut alice_events).await else { panic!("expected Sent") };
+    assert_eq!(sent.id, id);
+    for (client, events) in [(&bob, &mut bob_events), (&carol, &mut carol_events)] {
+        let Event::Message(m) = next_event(events).await else { panic!("expected the message") };
+        assert_eq!((m.group, m.seq, m.from, &m.payload[..]), (g, sent.seq, a, &b"chapter one?"[..]));
+        client.mark_group_read(g, m.seq).await.unwrap();
+    }
+    // Receipts come as counts; read by both eventually.
+    let mut read = 0;
+    while read < 2 {
+        if let Event::Receipt(r) = next_event(&mut alice_events).await {
+            assert_eq!((r.group, r.seq), (g, sent.seq));
+            if r.kind == pb::ReceiptKind::Read as i32 {
+                read = r.count;
+            }
+        }
+    }
+    carol.leave_group(g).await.unwrap();
+    assert!(carol.groups().await.unwrap().is_empty());
+    let Event::Group(n) = next_event(&mut bob_events).await else { panic!("expected the group notice") };
+    assert_eq!(n.members, sorted(vec![a, b]));
+    for client in [alice, bob, carol] {
+        client.close().await;
     }
 }
