@@ -3,7 +3,7 @@
 //! connection. `pipit admin ...` is its client.
 //!
 //! Commands: `invite [ttl_secs]`, `accounts`, `inbox <account> <device>`,
-//! `group <id>`, `stats`. Answers are text lines; errors start with `error:`. The client
+//! `group <id>`, `storage`, `stats`. Answers are text lines; errors start with `error:`. The client
 //! side is `pipit_client::admin`.
 
 use std::path::PathBuf;
@@ -111,6 +111,7 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
             Ok(format!("{depth} waiting, {}\n", if online { "online" } else { "offline" }))
         }
         ["group", id] => group(shared, id.parse()?).await,
+        ["storage"] => storage(shared).await,
         ["stats"] => {
             let backlog = shared.services.fanout.backlog(None, 100_000).await?;
             Ok(format!(
@@ -121,7 +122,7 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
             ))
         }
         _ => anyhow::bail!(
-            "unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | group <id> | stats"
+            "unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | group <id> | storage | stats"
         ),
     }
 }
@@ -152,4 +153,20 @@ async fn group(shared: &Arc<AdminCtx>, id: u64) -> anyhow::Result<String> {
         g.bodies.extras,
         g.bodies.bytes,
     ))
+}
+
+/// `storage`: keys and bytes per table, counted (up to 10 million keys a
+/// table: a diagnostic, not for a busy server's hot hours), with RocksDB's
+/// own estimate of live data in table files beside it.
+async fn storage(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
+    let usage = shared.services.groups.storage(10_000_000).await?;
+    let mut out = String::from("table keys key_bytes value_bytes estimated_live_bytes\n");
+    for (name, u) in usage {
+        let more = if u.complete { "" } else { "+" };
+        out.push_str(&format!(
+            "{name} {}{more} {} {} {}\n",
+            u.keys, u.key_bytes, u.value_bytes, u.estimated_live_bytes
+        ));
+    }
+    Ok(out)
 }

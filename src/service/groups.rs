@@ -30,7 +30,7 @@ use crate::store::counters::Counter;
 use crate::store::fanout::{Backlog, FanoutJob};
 use crate::store::group_bodies::BodyStats;
 use crate::store::groups::{GroupRecord, Member};
-use crate::store::{StorageError, Store, Txn};
+use crate::store::{StorageError, Store, Table, TableUsage, Txn};
 
 /// Whether a membership receives the group's entry `seq`: a message
 /// (`notice` false) reaches members who joined before it and had not left
@@ -141,6 +141,12 @@ impl Groups {
             }))
         })
         .await
+    }
+
+    /// Keys and bytes of every table (admin `storage`; benchmarks).
+    pub async fn storage(&self, cap: u64) -> Result<Vec<(&'static str, TableUsage)>, StorageError> {
+        let store = self.store.clone();
+        super::blocking(move || Table::ALL.iter().map(|t| Ok((t.name(), store.table_usage(*t, cap)?))).collect()).await
     }
 
     /// The bodies stored for `group` (every group: `None`), counted.

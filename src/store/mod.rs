@@ -121,6 +121,43 @@ impl Store {
     }
 }
 
+/// What a table holds, counted by [`Store::table_usage`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TableUsage {
+    /// Keys counted.
+    pub keys: u64,
+    /// Bytes of those keys.
+    pub key_bytes: u64,
+    /// Bytes of their values.
+    pub value_bytes: u64,
+    /// The scan reached the end (else it stopped at the cap).
+    pub complete: bool,
+    /// RocksDB's own estimate of the table's live data (SST files; what
+    /// still sits in the memtable is not in it).
+    pub estimated_live_bytes: u64,
+}
+
+impl Store {
+    /// Counts the keys and bytes of `t`, reading at most `cap` keys: an
+    /// exact figure for diagnostics and benchmarks, not for a hot path.
+    pub fn table_usage(&self, t: Table, cap: u64) -> Result<TableUsage, StorageError> {
+        let mut u = TableUsage { complete: true, ..Default::default() };
+        for item in self.scan_from(t, &[]) {
+            let (k, v) = item?;
+            if u.keys >= cap {
+                u.complete = false;
+                break;
+            }
+            u.keys += 1;
+            u.key_bytes += k.len() as u64;
+            u.value_bytes += v.len() as u64;
+        }
+        u.estimated_live_bytes =
+            self.db.property_int_value_cf(self.cf(t), "rocksdb.estimate-live-data-size").ok().flatten().unwrap_or(0);
+        Ok(u)
+    }
+}
+
 /// Reads a big-endian u64 value.
 fn be_u64(v: &[u8], table: &'static str) -> Result<u64, StorageError> {
     v.try_into().map(u64::from_be_bytes).map_err(|_| StorageError::Corrupt(table))
