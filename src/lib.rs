@@ -7,8 +7,10 @@
 //! the recipient's connection. The binary (`pipit`) adds the command line,
 //! signals, metrics and systemd readiness.
 //!
-//! It does not implement groups, presence, the key directory or push yet;
-//! those message kinds are answered with `UNAVAILABLE`.
+//! Groups are stored once per message and fanned out to members' inboxes
+//! after "sent" by a driver thread (`service::fanout`). It does not
+//! implement presence, the key directory or push yet; those message kinds
+//! are answered with `UNAVAILABLE`.
 //!
 //! # Layers
 //!

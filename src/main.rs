@@ -80,6 +80,8 @@ enum AdminCommand {
         /// Group id.
         id: u64,
     },
+    /// Keys and bytes per table (a full scan: a diagnostic).
+    Storage,
     /// Server statistics.
     Stats,
 }
@@ -127,6 +129,7 @@ fn main() -> anyhow::Result<()> {
                 AdminCommand::Accounts => "accounts".into(),
                 AdminCommand::Inbox { account, device } => format!("inbox {account} {device}"),
                 AdminCommand::Group { id } => format!("group {id}"),
+                AdminCommand::Storage => "storage".into(),
                 AdminCommand::Stats => "stats".into(),
             };
             let answer = pipit::admin::request(&data_dir, &line)?;

@@ -174,6 +174,8 @@ enum AdminCommand {
         /// Group id.
         id: u64,
     },
+    /// Keys and bytes per table (a full scan: a diagnostic).
+    Storage,
     /// Server statistics.
     Stats,
 }
@@ -303,6 +305,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 AdminCommand::Accounts => "accounts".into(),
                 AdminCommand::Inbox { account, device } => format!("inbox {account} {device}"),
                 AdminCommand::Group { id } => format!("group {id}"),
+                AdminCommand::Storage => "storage".into(),
                 AdminCommand::Stats => "stats".into(),
             };
             let answer = tokio::task::spawn_blocking(move || pipit_client::admin::request(&data_dir, &line)).await??;
