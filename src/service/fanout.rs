@@ -267,11 +267,20 @@ pub fn spawn_driver(
                 }
                 submitted += 1;
             }
+            // Every step's answer before the next round: a second step of
+            // a job must never be queued while its first may still run, or
+            // both would start from the same cursor.
             let mut failed = false;
-            for _ in 0..submitted {
-                match rx.recv_timeout(Duration::from_secs(120)) {
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => failed = true,
+            let mut answered = 0;
+            while answered < submitted {
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(Some(_)) => answered += 1,
+                    Ok(None) => {
+                        answered += 1;
+                        failed = true;
+                    }
+                    Err(_) if stop.is_cancelled() => return,
+                    Err(_) => {}
                 }
             }
             if submitted < heads.len() {

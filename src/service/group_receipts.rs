@@ -202,9 +202,17 @@ pub fn spawn_flusher(writer: Writer, every: Duration, stop: CancellationToken) -
                 if writer.submit_blocking(Box::new(FlushOp::new(tx.clone())), Duration::from_secs(60)).is_err() {
                     break;
                 }
-                match rx.recv_timeout(Duration::from_secs(120)) {
-                    Ok(Some(true)) if !stop.is_cancelled() => {}
-                    _ => break,
+                // Wait for the answer before the next flush: two flushes of
+                // the same counts in one round would tell the sender twice.
+                let more = loop {
+                    match rx.recv_timeout(Duration::from_secs(1)) {
+                        Ok(more) => break more,
+                        Err(_) if stop.is_cancelled() => return,
+                        Err(_) => {}
+                    }
+                };
+                if more != Some(true) || stop.is_cancelled() {
+                    break;
                 }
             }
         }

@@ -14,6 +14,7 @@
 //! member removed before a message never gets it, a member added after it
 //! never does either.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -380,7 +381,8 @@ impl ChangeOp {
         let seq = txn.next(Counter::GroupSeq(self.group))?;
         let now = unix_now();
         let mut g = (*g).clone();
-        for m in g.members.iter_mut().filter(|m| m.left == 0 && remove.contains(&m.account)) {
+        let removed: HashSet<u64> = remove.iter().copied().collect();
+        for m in g.members.iter_mut().filter(|m| m.left == 0 && removed.contains(&m.account)) {
             // Kept, marked, until the fan-out has passed `seq`: entries
             // before it still reach this member.
             m.left = seq;

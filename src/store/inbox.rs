@@ -241,3 +241,38 @@ impl Txn<'_> {
         Ok(found)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries come from our own disk, but a damaged one must be an
+    /// error, never a panic.
+    #[test]
+    fn damaged_entries_are_errors_not_panics() {
+        let r =
+            GroupRef { group: 7, seq: 9, time: 1, from: 3, notice: false, device_payload: Bytes::from_static(b"k") };
+        let mut good = vec![GROUP_REF];
+        r.encode_raw(&mut good);
+        assert_eq!(decode_raw(&good, 1).unwrap(), InboxEntry::GroupRef(r));
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for len in 0..200 {
+            let mut v: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let _ = decode_raw(&v, 1);
+            if let Some(b) = v.first_mut() {
+                *b = GROUP_REF;
+            }
+            let _ = decode_raw(&v, 1);
+            for cut in 0..good.len() {
+                let _ = decode_raw(&good[..cut], 1);
+            }
+        }
+    }
+}
