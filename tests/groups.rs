@@ -110,18 +110,29 @@ async fn group_requests_and_bad_input_over_tcp() {
         assert_eq!((m.group, m.seq, m.from, &m.payload[..]), (g, 3, a.account, &b"welcome d"[..]));
         ack(conn, m.inbox).await;
     }
+    // A retry (the answer was lost) gets the original Sent, and nobody gets
+    // the message twice: b's next group entry is the next change.
+    ca.send(&[group_text(4, g, "welcome d")]).await.unwrap();
+    assert_eq!(expect_sent(&mut ca, 4).await, sent);
 
     // c is removed: it hears that, and can no longer send.
     let remove = pb::GroupRemove { req: 13, group: g, members: vec![c.account] };
     assert_eq!(done(&mut ca, remove.into(), 13).await, Ok(()));
+    let next = expect(&mut cb, |m| match m {
+        Message::Deliver(d) => Some(Err(d.seq)),
+        Message::GroupInfo(n) if n.inbox != 0 => Some(Ok(n.seq)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(next, Ok(4), "the retried message was not fanned out again");
     let n = notice(&mut cc).await;
     assert_eq!((n.version, n.members.contains(&c.account)), (3, false));
     assert_eq!(error_for(&mut cc, group_text(1, g, "still here?"), 0, 1).await, Forbidden);
 
     // The last admin leaves: the oldest member, b, becomes admin.
     assert_eq!(done(&mut ca, pb::GroupLeave { req: 14, group: g }.into(), 14).await, Ok(()));
+    let _v3 = notice(&mut cd).await;
     for conn in [&mut cb, &mut cd] {
-        let _v3 = notice(conn).await;
         let n = notice(conn).await;
         assert_eq!((n.version, n.admins.clone(), n.by), (4, vec![b.account], a.account));
     }
