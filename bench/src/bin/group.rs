@@ -233,8 +233,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     all.sort_by_key(|(d, _)| d.account);
     eprintln!("registered {} accounts in {:.1} s", args.members, t.elapsed().as_secs_f64());
     let devices: Vec<Device> = all.iter().map(|(d, _)| d.clone()).collect();
-    let mut conns: Vec<Connection> = all.into_iter().take(args.online + 1).map(|(_, c)| c).collect();
-    let mut sender = conns.remove(0);
+    // The sender is the first account; the online members are spread over
+    // the rest, so that the fan-out (which walks members in account order)
+    // reaches the last of them near its end, as it would in a real group.
+    let online: std::collections::HashSet<usize> =
+        (1..=args.online).map(|k| k * (args.members - 1) / args.online).collect();
+    anyhow::ensure!(online.len() == args.online, "--online too close to --members");
+    let mut conns = Vec::with_capacity(args.online);
+    let mut sender = None;
+    for (i, (_, c)) in all.into_iter().enumerate() {
+        if i == 0 {
+            sender = Some(c);
+        } else if online.contains(&i) {
+            conns.push(c);
+        }
+    }
+    let mut sender = sender.context("no sender")?;
+    let offline: Vec<Device> =
+        devices.iter().enumerate().filter(|(i, _)| *i > 0 && !online.contains(i)).map(|(_, d)| d.clone()).collect();
+    let online: Vec<Device> =
+        devices.iter().enumerate().filter(|(i, _)| online.contains(i)).map(|(_, d)| d.clone()).collect();
     let arrivals = Arc::new(Arrivals::default());
     let readers: Vec<_> = conns.into_iter().map(|c| tokio::spawn(reader(c, arrivals.clone()))).collect();
     let payload = Bytes::from(vec![0x42u8; args.payload]);
@@ -269,22 +287,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let t = Instant::now();
     {
         use futures_util::stream::{self, StreamExt};
-        let offline = devices[args.online + 1..].to_vec();
-        let mut s = stream::iter(offline.into_iter().enumerate())
+        let mut s = stream::iter(offline.iter().cloned().enumerate())
             .map(|(i, d)| {
                 let opts = opts(i);
                 async move {
                     let mut c =
                         Connection::connect(args.addr, &d.key, pipit_client::login(d.account, 0, 0), &opts).await?;
-                    // The notice and the probe.
-                    let mut last = 0;
-                    for _ in 0..c.login().pending {
+                    // The notice, then the probe (which the fan-out may not
+                    // have written yet: it arrives as soon as it has).
+                    let last = loop {
                         match c.recv().await? {
-                            Message::Deliver(m) => last = last.max(m.inbox),
-                            Message::GroupInfo(g) => last = last.max(g.inbox),
+                            Message::Deliver(m) if m.group == group && m.seq == probe_seq => break m.inbox,
                             _ => {}
                         }
-                    }
+                    };
                     c.send(&[pb::Ack { through: last, ids: vec![] }.into(), pb::Ping { id: 1 }.into()]).await?;
                     while !matches!(c.recv().await?, Message::Pong(_)) {}
                     Ok::<_, anyhow::Error>(())
@@ -300,6 +316,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     while delivered < args.members as u32 - 1 || read < args.online as u32 {
         if let Message::Receipt(r) = sender.recv().await? {
             sender.send(&[pb::Ack { through: r.inbox, ids: vec![] }.into()]).await?;
+            if std::env::var_os("PIPIT_GROUP_DEBUG").is_some() {
+                eprintln!("receipt {r:?}");
+            }
             if r.group == group && r.seq == probe_seq {
                 receipts += 1;
                 receipt_bytes += Message::from(r).encoded_len();
@@ -333,7 +352,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         inbox += 1;
         per_member_bytes += member_receipt(pb::ReceiptKind::Delivered, d.account, inbox);
     }
-    for d in &devices[1..=args.online] {
+    for d in &online {
         inbox += 1;
         per_member_bytes += member_receipt(pb::ReceiptKind::Read, d.account, inbox);
     }
@@ -357,7 +376,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let last = arrivals.wait(group, s.seq, args.online).await;
         g_all.push(last.duration_since(t0));
     }
-    let peer = devices[1].account;
+    let peer = online.last().context("no online member")?.account;
     let (mut p_sent, mut p_all) = (Vec::new(), Vec::new());
     for _ in 0..args.sends {
         let i = id();
@@ -412,7 +431,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     wait_fanned_out(&args.data_dir, group).await?;
     let s1 = storage(&args.data_dir)?;
-    let lone = devices[args.online + 1].account;
+    let lone = offline[0].account;
     let ids: Vec<u64> = (0..n).map(|_| id()).collect();
     for chunk in ids.chunks(50) {
         let msgs: Vec<Message> = chunk
