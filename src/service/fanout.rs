@@ -197,7 +197,14 @@ fn step(txn: &mut Txn<'_>, group: u64, seq: u64, batch: usize, pushes: &mut Push
             let r = GroupRef { group, seq, time: job.time, from: job.from, notice: job.notice, device_payload };
             let id = txn.next(Counter::InboxNext(addr))?;
             txn.put_inbox_ref(addr, id, &r);
-            pushes.add(addr, id, resolve(body.clone(), &r, id));
+            if job.notice {
+                // A notice carries the member list (up to 1,024 accounts):
+                // too big to copy into every online member's mailbox. The
+                // connection reads it from storage instead.
+                pushes.nudge(addr);
+            } else {
+                pushes.add(addr, id, resolve(body.clone(), &r, id));
+            }
             out.entries += 1;
         }
     }
