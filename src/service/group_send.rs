@@ -15,7 +15,6 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use pipit_protocol::limits::MAX_PACKET_LEN;
 use pipit_protocol::message::pb;
-use pipit_protocol::Message;
 
 use super::messaging::SendFailure;
 use crate::model::{unix_now, DeviceAddr};
@@ -29,6 +28,8 @@ use crate::store::{StorageError, Txn};
 /// one packet: a `Deliver` with every id at its widest, the shared
 /// payload and the largest per-device ciphertext.
 fn fits(send: &pb::Send) -> bool {
+    use prost::encoding::encoded_len_varint;
+    use prost::Message as _;
     let widest = send.per_device.iter().map(|c| c.payload.len()).max().unwrap_or(0);
     let d = pb::Deliver {
         inbox: u64::MAX,
@@ -39,9 +40,12 @@ fn fits(send: &pb::Send) -> bool {
         payload: send.payload.clone(),
         peer: 0,
         group: u64::MAX,
-        device_payload: Bytes::from(vec![0u8; widest]),
+        device_payload: Bytes::new(),
     };
-    Message::from(d).encoded_len() <= MAX_PACKET_LEN
+    let extra = if widest == 0 { 0 } else { 1 + encoded_len_varint(widest as u64) + widest };
+    let body = d.encoded_len() + extra;
+    // The packet's field key for Deliver (one byte) and the body's length.
+    1 + encoded_len_varint(body as u64) + body <= MAX_PACKET_LEN
 }
 
 /// Stores a group send from `from` (whose dedup record the caller has
@@ -120,4 +124,38 @@ pub(crate) fn store(
     txn.put_dedup(from, send.id, DedupRecord { seq, time: now });
     *job = true;
     Ok(Ok(pb::Sent { id: send.id, seq, time: now }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipit_protocol::Message;
+
+    #[test]
+    fn the_size_check_agrees_with_the_encoder() {
+        let mut outcomes = Vec::new();
+        for (payload, key) in [(0, 0), (100, 0), (65_400, 0), (65_000, 400), (30_000, 35_400), (65_460, 0)] {
+            let send = pb::Send {
+                group: 1,
+                payload: Bytes::from(vec![1; payload]),
+                per_device: vec![pb::DeviceCiphertext { account: 1, device: 0, payload: Bytes::from(vec![2; key]) }],
+                ..Default::default()
+            };
+            let d = pb::Deliver {
+                inbox: u64::MAX,
+                from: u64::MAX,
+                from_device: u32::MAX,
+                seq: u64::MAX,
+                time: u64::MAX,
+                payload: send.payload.clone(),
+                peer: 0,
+                group: u64::MAX,
+                device_payload: Bytes::from(vec![2; key]),
+            };
+            let len = Message::from(d).encoded_len();
+            assert_eq!(fits(&send), len <= MAX_PACKET_LEN, "payload {payload}, key {key}: {len}");
+            outcomes.push(fits(&send));
+        }
+        assert!(outcomes.contains(&true) && outcomes.contains(&false), "both sides of the limit: {outcomes:?}");
+    }
 }
