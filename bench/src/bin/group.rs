@@ -57,6 +57,10 @@ struct Args {
     /// Payload bytes.
     #[arg(long, default_value_t = 100)]
     payload: usize,
+    /// Pause before each timed send, so that the acks and receipts the
+    /// previous one caused are not queued in front of it (0: none).
+    #[arg(long, default_value_t = 0)]
+    gap_ms: u64,
     /// Loopback source addresses to spread connections over.
     #[arg(long, default_value_t = 4)]
     sources: u8,
@@ -368,6 +372,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // 2. Latency, one message at a time.
     let (mut g_sent, mut g_all) = (Vec::new(), Vec::new());
     for _ in 0..args.sends {
+        tokio::time::sleep(Duration::from_millis(args.gap_ms)).await;
         let i = id();
         let t0 = Instant::now();
         sender.send(&[pb::Send { id: i, group, payload: payload.clone(), ..Default::default() }.into()]).await?;
@@ -379,6 +384,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let peer = online.last().context("no online member")?.account;
     let (mut p_sent, mut p_all) = (Vec::new(), Vec::new());
     for _ in 0..args.sends {
+        tokio::time::sleep(Duration::from_millis(args.gap_ms)).await;
         let i = id();
         let t0 = Instant::now();
         sender.send(&[pb::Send { id: i, to: peer, payload: payload.clone(), ..Default::default() }.into()]).await?;
