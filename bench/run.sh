@@ -63,5 +63,11 @@ sleep 1
 stop_server
 python3 bench/plot.py ramp "$out/ramp.csv" "$out/ramp.svg" || true
 
+echo "== a 1,024-member group: latency, receipts, storage"
+start_server group 5404
+taskset -c 1 "$bin/pipit-group" --addr 127.0.0.1:5404 --server-key "$key" --data-dir "$work/group" \
+    --members 1024 --online 100 --sends 20 --gap-ms 100 --storage-sends 100 --json "$out/group.json"
+stop_server
+
 echo "== results in $out"
 cat "$out"/*.json

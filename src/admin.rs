@@ -3,9 +3,9 @@
 //! connection. `pipit admin ...` is its client.
 //!
 //! Commands: `invite [ttl_secs]`, `accounts`, `inbox <account> <device>`,
-//! `stats`, `keys reload` (read the key files again after a rotation).
-//! Answers are text lines; errors start with `error:`. The client side is
-//! `pipit_client::admin`.
+//! `group <id>`, `storage`, `stats`, `keys reload` (read the key files
+//! again after a rotation). Answers are text lines; errors start with
+//! `error:`. The client side is `pipit_client::admin`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -113,7 +113,8 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
             let online = shared.registry.is_online(addr);
             Ok(format!("{depth} waiting, {}\n", if online { "online" } else { "offline" }))
         }
-        ["stats"] => Ok(format!("online_devices {}\n", shared.registry.online())),
+        ["group", id] => group(shared, id.parse()?).await,
+        ["storage"] => storage(shared).await,
         ["keys", "reload"] => {
             // Read the files again (after `pipit key rotate` or
             // `drop-retired`); handshakes from now on use them.
@@ -123,8 +124,61 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
             tracing::info!(current = %files.current.public(), retired = files.retired.len(), "server keys reloaded");
             Ok(format!("current {} retired {}\n", files.current.public(), files.retired.len()))
         }
+        ["stats"] => {
+            let backlog = shared.services.fanout.backlog(None, 100_000).await?;
+            Ok(format!(
+                "online_devices {}\nfanout_jobs {}\nfanout_members {}\n",
+                shared.registry.online(),
+                backlog.jobs,
+                backlog.members
+            ))
+        }
         _ => anyhow::bail!(
-            "unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats | keys reload"
+            "unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | group <id> | storage | stats | keys reload"
         ),
     }
+}
+
+/// `group <id>`: members (admins starred), version, sequence, fan-out
+/// backlog and stored bodies.
+async fn group(shared: &Arc<AdminCtx>, id: u64) -> anyhow::Result<String> {
+    let Some(g) = shared.services.groups.summary(id).await? else {
+        anyhow::bail!("no group {id}");
+    };
+    let members: Vec<String> =
+        g.record.current().map(|m| format!("{}{}", m.account, if m.admin { "*" } else { "" })).collect();
+    let leaving = g.record.members.iter().filter(|m| m.left != 0).count();
+    Ok(format!(
+        "group {id} name {:?} version {} next_seq {}\n\
+         members {} (admins starred; removed, until fanned out: {leaving}): {}\n\
+         fanout {} jobs, {} members to reach\n\
+         bodies {} messages, {} notices, {} device ciphertexts, {} bytes\n",
+        String::from_utf8_lossy(&g.record.name),
+        g.record.version,
+        g.next_seq,
+        members.len(),
+        members.join(" "),
+        g.backlog.jobs,
+        g.backlog.members,
+        g.bodies.messages,
+        g.bodies.notices,
+        g.bodies.extras,
+        g.bodies.bytes,
+    ))
+}
+
+/// `storage`: keys and bytes per table, counted (up to 10 million keys a
+/// table: a diagnostic, not for a busy server's hot hours), with RocksDB's
+/// own estimate of live data in table files beside it.
+async fn storage(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
+    let usage = shared.services.groups.storage(10_000_000).await?;
+    let mut out = String::from("table keys key_bytes value_bytes estimated_live_bytes\n");
+    for (name, u) in usage {
+        let more = if u.complete { "" } else { "+" };
+        out.push_str(&format!(
+            "{name} {}{more} {} {} {}\n",
+            u.keys, u.key_bytes, u.value_bytes, u.estimated_live_bytes
+        ));
+    }
+    Ok(out)
 }

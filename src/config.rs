@@ -66,6 +66,18 @@ pub struct Config {
     pub storage_queue: usize,
     /// Fsync every commit (never disable outside benchmarks of the rest).
     pub sync_writes: bool,
+    /// Most member accounts of one group (at most the protocol's 1,024).
+    pub max_group_members: usize,
+    /// Member accounts one fan-out step walks (each account has up to 16
+    /// devices, so a step writes at most 16 times this many entries).
+    pub fanout_batch: usize,
+    /// Groups fanned out at the same time.
+    pub fanout_concurrency: usize,
+    /// Milliseconds the fan-out pauses between rounds of steps. A tuning
+    /// and test knob: 0 runs it flat out.
+    pub fanout_step_delay_ms: u64,
+    /// Milliseconds between flushes of group receipt counts to senders.
+    pub group_receipt_flush_ms: u64,
 }
 
 impl Default for Config {
@@ -91,6 +103,11 @@ impl Default for Config {
             write_timeout_secs: 120,
             storage_queue: 65_536,
             sync_writes: true,
+            max_group_members: pipit_protocol::limits::MAX_GROUP_MEMBERS,
+            fanout_batch: 128,
+            fanout_concurrency: 16,
+            fanout_step_delay_ms: 0,
+            group_receipt_flush_ms: 1_000,
         }
     }
 }
@@ -149,6 +166,18 @@ impl Config {
         }
         if self.storage_queue == 0 {
             return bad("storage_queue must be positive");
+        }
+        if self.max_group_members == 0 || self.max_group_members > pipit_protocol::limits::MAX_GROUP_MEMBERS {
+            return bad("max_group_members must be between 1 and 1024");
+        }
+        if self.fanout_batch == 0 || self.fanout_batch > 4_096 {
+            return bad("fanout_batch must be between 1 and 4096");
+        }
+        if self.fanout_concurrency == 0 || self.fanout_concurrency > 1_024 {
+            return bad("fanout_concurrency must be between 1 and 1024");
+        }
+        if self.group_receipt_flush_ms < 10 {
+            return bad("group_receipt_flush_ms must be at least 10");
         }
         Ok(())
     }

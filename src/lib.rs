@@ -7,10 +7,12 @@
 //! the recipient's connection. The binary (`pipit`) adds the command line,
 //! signals, metrics and systemd readiness.
 //!
-//! It does not implement groups, presence, typing, the key directory or
-//! push yet: `LoginOk.features` does not list them, and their requests are
-//! answered `NOT_SUPPORTED` (`service::features` is the one list of what
-//! is offered).
+//! Groups are stored once per message and fanned out to members' inboxes
+//! after "sent" by a driver thread (`service::fanout`). It does not
+//! implement presence, typing, the key directory or push yet:
+//! `LoginOk.features` does not list them, and their requests are answered
+//! `NOT_SUPPORTED` (`service::features` is the one list of what is
+//! offered).
 //!
 //! # Layers
 //!

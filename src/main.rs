@@ -89,6 +89,13 @@ enum AdminCommand {
         /// Device number.
         device: u32,
     },
+    /// Show a group: members, version, fan-out backlog, stored bodies.
+    Group {
+        /// Group id.
+        id: u64,
+    },
+    /// Keys and bytes per table (a full scan: a diagnostic).
+    Storage,
     /// Server statistics.
     Stats,
 }
@@ -142,6 +149,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 AdminCommand::Invite { ttl_secs } => format!("invite {ttl_secs}"),
                 AdminCommand::Accounts => "accounts".into(),
                 AdminCommand::Inbox { account, device } => format!("inbox {account} {device}"),
+                AdminCommand::Group { id } => format!("group {id}"),
+                AdminCommand::Storage => "storage".into(),
                 AdminCommand::Stats => "stats".into(),
             };
             let answer = pipit::admin::request(&data_dir, &line)?;

@@ -1,5 +1,6 @@
 //! Wiring: opens the store, starts the writer, the expiry sweeper, the
-//! shards and the admin socket, and stops them in order.
+//! group fan-out and receipt flusher, the shards and the admin socket,
+//! and stops them in order.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,10 +80,14 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let keys = Arc::new(crate::keys::KeyRing::new(key_files.server_keys()));
     let store = Store::open(&config.data_dir.join("db")).context("opening the database")?;
     let registry = Arc::new(Registry::default());
-    let rules = Rules { ttl_secs: config.message_ttl_secs, registration: config.registration };
+    let rules = Rules {
+        ttl_secs: config.message_ttl_secs,
+        registration: config.registration,
+        max_group_members: config.max_group_members,
+    };
     let engine = EngineConfig { max_batch: config.max_batch, capacity: config.storage_queue, sync: config.sync_writes };
     let (services, writer_thread) =
-        service::start(store, rules, registry.clone(), engine).context("starting the storage writer")?;
+        service::start(store.clone(), rules, registry.clone(), engine).context("starting the storage writer")?;
     let shutdown = CancellationToken::new();
     service::expiry::spawn_sweeper(
         services.writer.clone(),
@@ -90,6 +95,16 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.clone(),
     )
     .context("starting the expiry sweeper")?;
+    services.fanout.set_step_delay(Duration::from_millis(config.fanout_step_delay_ms));
+    let fanout = service::fanout::FanoutConfig { batch: config.fanout_batch, concurrency: config.fanout_concurrency };
+    service::fanout::spawn_driver(services.writer.clone(), store.clone(), &services.fanout, fanout, shutdown.clone())
+        .context("starting the group fan-out")?;
+    service::group_receipts::spawn_flusher(
+        services.writer.clone(),
+        Duration::from_millis(config.group_receipt_flush_ms),
+        shutdown.clone(),
+    )
+    .context("starting the group receipt flusher")?;
 
     let n = config.shard_count();
     let first = listener::bind(config.listen)?;
@@ -143,6 +158,10 @@ fn spawn_gauges(services: Services, registry: Arc<Registry>, shutdown: Cancellat
             metrics::gauge!("pipit_inbox_entries").set(services.inbox.estimate() as f64);
             metrics::gauge!("pipit_online_devices").set(registry.online() as f64);
             metrics::gauge!("pipit_storage_queue").set(services.writer.queued() as f64);
+            if let Ok(b) = services.fanout.backlog_blocking(100_000) {
+                metrics::gauge!("pipit_fanout_backlog_jobs").set(b.jobs as f64);
+                metrics::gauge!("pipit_fanout_backlog_members").set(b.members as f64);
+            }
             for _ in 0..50 {
                 if shutdown.is_cancelled() {
                     return;

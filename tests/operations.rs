@@ -118,3 +118,46 @@ fn the_admin_socket_keeps_serving_after_running_out_of_file_descriptors() {
     assert!(later.as_ref().is_ok_and(|a| a.starts_with("online_devices")), "after the shortage: {later:?}");
     assert!(starved.as_ref().is_ok_and(|a| a.starts_with("online_devices")), "during the shortage: {starved:?}");
 }
+
+#[tokio::test]
+async fn metrics_count_group_sends_fan_out_entries_backlog_and_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = BinaryServer::spawn(dir.path(), &["--metrics-listen", &format!("127.0.0.1:{port}")], &[]);
+    let (_a, mut ca) = register(server.addr).await;
+    let (b, _) = register(server.addr).await;
+    let (c, _) = register(server.addr).await;
+    let create = pb::GroupCreate { req: 1, name: Default::default(), members: vec![b.account, c.account] };
+    ca.send(&[create.into()]).await.unwrap();
+    let g = expect(&mut ca, |m| match m {
+        pipit_client::pipit_protocol::Message::GroupInfo(i) if i.req == 1 => Some(i.group),
+        _ => None,
+    })
+    .await;
+    for i in 1..=2 {
+        ca.send(&[group_text(i, g, "x")]).await.unwrap();
+        expect_sent(&mut ca, i).await;
+    }
+    // Three jobs (the notice, two messages) fan out; wait for them.
+    let data = dir.path().to_path_buf();
+    let deadline = Instant::now() + T;
+    loop {
+        let d = data.clone();
+        let out = tokio::task::spawn_blocking(move || pipit::admin::request(&d, &format!("group {g}")).unwrap())
+            .await
+            .unwrap();
+        if out.contains("fanout 0 jobs") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = tokio::task::spawn_blocking(move || scrape(port)).await.unwrap();
+    assert_eq!(value(&m, "pipit_group_sends_total"), 2.0, "{m}");
+    assert_eq!(value(&m, "pipit_group_changes_total"), 1.0);
+    // The notice to 3 devices, each message to the 2 others.
+    assert_eq!(value(&m, "pipit_fanout_entries_total"), 7.0);
+    assert_eq!(value(&m, "pipit_fanout_jobs_total"), 3.0);
+    assert_eq!(value(&m, "pipit_fanout_lag_seconds_count"), 3.0);
+    assert!(m.contains("pipit_fanout_backlog_jobs") && m.contains("pipit_fanout_backlog_members"), "{m}");
+}

@@ -8,7 +8,7 @@
 //! the connection alive at the negotiated interval, and reports everything
 //! as [`Event`]s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -111,6 +111,9 @@ pub enum Event {
     Receipt(pb::Receipt),
     /// A sent message expired undelivered.
     Expired(pb::Expired),
+    /// A group this account is in was created or changed (members,
+    /// admins, name): its new state, in order with the group's messages.
+    Group(pb::GroupInfo),
     /// A watched account's presence.
     Presence(pb::Presence),
     /// Someone is typing.
@@ -139,6 +142,8 @@ pub struct Stats {
 
 enum Cmd {
     Send(pb::Send, oneshot::Sender<Result<u64, ClientError>>),
+    /// A request whose answer (matched by `req`) goes back to the caller.
+    Call(Message, oneshot::Sender<Result<Message, ClientError>>),
     Raw(Vec<Message>),
     Close(oneshot::Sender<()>),
 }
@@ -195,6 +200,8 @@ impl Client {
             events: ev_tx,
             cmds: cmd_rx,
             stats: stats.clone(),
+            calls: HashMap::new(),
+            next_req: 0,
             deferred: BTreeMap::new(),
         };
         tokio::spawn(task.run());
@@ -215,11 +222,27 @@ impl Client {
     /// outbox (durable if the store is); the `Sent` event follows when the
     /// server has it, after however many reconnects that takes.
     pub async fn send(&self, to: u64, payload: impl Into<Bytes>) -> Result<u64, ClientError> {
+        self.queue(pb::Send { to, payload: payload.into(), ..Default::default() }).await
+    }
+
+    /// Queues `send` (a 1:1 or group message; its id is assigned here).
+    pub(crate) async fn queue(&self, mut send: pb::Send) -> Result<u64, ClientError> {
         // Room for the largest id the counter will reach.
-        let send = pb::Send { id: u64::MAX, to, payload: payload.into(), ..Default::default() };
+        send.id = u64::MAX;
         check_size(&[Message::from(send.clone())])?;
         let (tx, rx) = oneshot::channel();
         self.cmds.send(Cmd::Send(send, tx)).await.map_err(|_| ClientError::Stopped)?;
+        rx.await.map_err(|_| ClientError::Stopped)?
+    }
+
+    /// Sends a request (its `req` is filled in here) and waits for the
+    /// answer with the same `req`. Not queued across reconnects: offline,
+    /// or if the connection drops before the answer, it fails with
+    /// [`ClientError::Offline`].
+    pub(crate) async fn call(&self, request: Message) -> Result<Message, ClientError> {
+        check_size(std::slice::from_ref(&request))?;
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Call(request, tx)).await.map_err(|_| ClientError::Stopped)?;
         rx.await.map_err(|_| ClientError::Stopped)?
     }
 
@@ -254,6 +277,9 @@ struct Task {
     events: mpsc::Sender<Event>,
     cmds: mpsc::Receiver<Cmd>,
     stats: Arc<Stats>,
+    /// Requests waiting for their answer, by `req`.
+    calls: HashMap<u64, oneshot::Sender<Result<Message, ClientError>>>,
+    next_req: u64,
     /// Outbox entries the server asked us to send again later, on this
     /// connection: when, and how often in a row it has refused them.
     deferred: BTreeMap<u64, Deferred>,
@@ -311,7 +337,12 @@ impl Task {
                     if logins > 1 {
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
-                    match self.online(conn).await {
+                    let end = self.online(conn).await;
+                    // Answers to requests on that connection will not come.
+                    for (_, call) in self.calls.drain() {
+                        let _ = call.send(Err(ClientError::Offline));
+                    }
+                    match end {
                         End::Closed(done) => {
                             finish(done);
                             return;
@@ -359,6 +390,9 @@ impl Task {
                 }
                 // Not queued: requests are only meaningful online.
                 Some(Cmd::Raw(_)) => {}
+                Some(Cmd::Call(_, reply)) => {
+                    let _ = reply.send(Err(ClientError::Offline));
+                }
             }
         }
     }
@@ -507,6 +541,15 @@ impl Task {
                             }
                         },
                         Some(Cmd::Raw(msgs)) => msgs,
+                        Some(Cmd::Call(mut m, reply)) => {
+                            self.next_req += 1;
+                            if !set_req(&mut m, self.next_req) {
+                                let _ = reply.send(Err(ClientError::Rejected(pb::ErrorCode::BadRequest)));
+                                continue;
+                            }
+                            self.calls.insert(self.next_req, reply);
+                            vec![m]
+                        }
                     };
                     if let Err(e) = conn.send(&out).await {
                         return End::Lost(e);
@@ -545,6 +588,7 @@ impl Task {
             Message::Deliver(d) => Some(d.inbox),
             Message::Receipt(r) => Some(r.inbox),
             Message::Expired(e) => Some(e.inbox),
+            Message::GroupInfo(g) if g.inbox != 0 => Some(g.inbox),
             _ => None,
         };
         if let Some(id) = inbox {
@@ -555,6 +599,10 @@ impl Task {
                 return Ok(true);
             }
         }
+        if let Some(call) = answer_req(&m).and_then(|req| self.calls.remove(&req)) {
+            let _ = call.send(Ok(m));
+            return Ok(false);
+        }
         let event = match m {
             Message::Deliver(d) => {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
@@ -562,6 +610,7 @@ impl Task {
             }
             Message::Receipt(r) => Event::Receipt(r),
             Message::Expired(e) => Event::Expired(e),
+            Message::GroupInfo(g) if g.inbox != 0 => Event::Group(g),
             Message::Sent(s) => {
                 self.deferred.remove(&s.id);
                 if self.outbox.remove(&s.id).is_none() {
@@ -619,6 +668,41 @@ impl Task {
         }
         Ok(false)
     }
+}
+
+/// Fills in a request's `req`; false for kinds that are not requests.
+fn set_req(m: &mut Message, req: u64) -> bool {
+    match m {
+        Message::GroupCreate(x) => x.req = req,
+        Message::GroupAdd(x) => x.req = req,
+        Message::GroupRemove(x) => x.req = req,
+        Message::GroupLeave(x) => x.req = req,
+        Message::GroupListRequest(x) => x.req = req,
+        Message::LinkDevice(x) => x.req = req,
+        Message::DeviceListRequest(x) => x.req = req,
+        Message::UnlinkDevice(x) => x.req = req,
+        Message::InviteCreate(x) => x.req = req,
+        Message::KeysUpload(x) => x.req = req,
+        Message::KeysFetch(x) => x.req = req,
+        _ => return false,
+    }
+    true
+}
+
+/// The `req` a server message answers, if it answers a request.
+fn answer_req(m: &Message) -> Option<u64> {
+    let req = match m {
+        Message::GroupInfo(x) => x.req,
+        Message::GroupList(x) => x.req,
+        Message::Done(x) => x.req,
+        Message::Error(x) if x.id == 0 => x.req,
+        Message::Linked(x) => x.req,
+        Message::DeviceList(x) => x.req,
+        Message::Invite(x) => x.req,
+        Message::KeysResult(x) => x.req,
+        _ => 0,
+    };
+    (req != 0).then_some(req)
 }
 
 /// Refuses a message that could never be sent: it would fail on every

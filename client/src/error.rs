@@ -51,6 +51,13 @@ pub enum ClientError {
     /// The client has stopped.
     #[error("client stopped")]
     Stopped,
+    /// Not connected, or the connection dropped before the answer came: a
+    /// request is not queued across reconnects. Retry once connected.
+    #[error("not connected")]
+    Offline,
+    /// The server answered the request with an error; it changed nothing.
+    #[error("request refused: {0:?}")]
+    Rejected(pb::ErrorCode),
 }
 
 impl ClientError {

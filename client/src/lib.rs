@@ -3,7 +3,8 @@
 //! or RocksDB.
 //!
 //! - [`Client`]: the reconnecting client with a durable outbox, dedup,
-//!   coalesced acks and keepalive, reporting [`Event`]s.
+//!   coalesced acks and keepalive, reporting [`Event`]s; 1:1 and group
+//!   messages, group requests.
 //! - [`Connection`]: one authenticated connection, for tools and tests
 //!   that drive the protocol step by step.
 //! - [`Store`]: what the client remembers; [`MemoryStore`] and
@@ -14,6 +15,7 @@ mod backoff;
 mod client;
 mod connection;
 mod error;
+mod groups;
 pub mod store;
 
 pub use backoff::Backoff;

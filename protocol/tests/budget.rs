@@ -107,6 +107,25 @@ fn report_sizes() {
         pb::Receipt { kind: pb::ReceiptKind::Read as i32, peer: 123_456, through: 5_000, ..Default::default() }.into();
     rows.push(("Receipt (read, cumulative)", frame_len(std::slice::from_ref(&r))));
     rows.push(("Ack + read Receipt coalesced", frame_len(&[pb::Ack { through: 50_000, ids: vec![] }.into(), r])));
+    // Groups.
+    let gs: Message =
+        pb::Send { id: 1_000, group: 5_000, payload: Bytes::from(vec![0x5A; 100]), ..Default::default() }.into();
+    rows.push(("group Send, 100-byte payload", frame_len(&[gs])));
+    let gd: Message = pb::Deliver {
+        inbox: 50_000,
+        from: 123_456,
+        seq: 5_000,
+        time: 1_795_000_000,
+        payload: Bytes::from(vec![0x5A; 100]),
+        group: 5_000,
+        ..Default::default()
+    }
+    .into();
+    rows.push(("group Deliver, 100-byte payload", frame_len(&[gd])));
+    let (delivered, read) = group_counts();
+    rows.push(("group Receipt (one message's count)", frame_len(std::slice::from_ref(&delivered))));
+    rows.push(("group Receipts, delivered + read counts in one frame", frame_len(&[delivered, read])));
+    rows.push(("per-member group Receipt (`by`), for comparison", frame_len(&[per_member_receipt()])));
     rows.push(("Keepalive (zero-length frame)", 2));
     rows.push(("Ping (authenticated)", frame_len(&[pb::Ping { id: 1 }.into()])));
 
@@ -116,4 +135,48 @@ fn report_sizes() {
     }
     // The report is only useful if the budget it documents holds.
     assert!(rows.iter().any(|(w, n)| w.starts_with("Send") && *n <= 136));
+}
+
+/// The counts a sender gets for one message to a 1,024-member group.
+fn group_counts() -> (Message, Message) {
+    let r = |kind: pb::ReceiptKind| -> Message {
+        pb::Receipt {
+            kind: kind as i32,
+            group: 5_000,
+            seq: 5_000,
+            count: 1_023,
+            time: 1_795_000_000,
+            inbox: 50_000,
+            ..Default::default()
+        }
+        .into()
+    };
+    (r(pb::ReceiptKind::Delivered), r(pb::ReceiptKind::Read))
+}
+
+/// What one member's receipt would be in the 1:1 form (`by` names it).
+fn per_member_receipt() -> Message {
+    pb::Receipt {
+        kind: pb::ReceiptKind::Delivered as i32,
+        group: 5_000,
+        through: 5_000,
+        by: 123_456,
+        time: 1_795_000_000,
+        inbox: 50_000,
+        ..Default::default()
+    }
+    .into()
+}
+
+/// SPEC.md §5.3: per message and flush, a sender gets at most one frame of
+/// counts, where per-member receipts would cost a frame per member and
+/// kind (each member acks and reads at its own moment).
+#[test]
+fn group_receipt_counts_cost_a_fraction_of_per_member_receipts() {
+    let (delivered, read) = group_counts();
+    let flush = frame_len(&[delivered, read]);
+    let per_member = 2 * 1_023 * frame_len(&[per_member_receipt()]);
+    println!("one flush of counts: {flush} B; per-member receipts for a 1,024-member group: {per_member} B");
+    assert!(flush <= 64, "{flush}");
+    assert!(per_member > 1_000 * flush);
 }

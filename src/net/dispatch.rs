@@ -14,9 +14,10 @@ use pipit_protocol::Message;
 
 use super::connection::Conn;
 use crate::service::features;
-use crate::service::messaging::{content_digest, SendFailure};
+use crate::service::groups::Change;
+use crate::service::messaging::SendFailure;
 
-fn req_error(code: pb::ErrorCode, req: u64) -> Message {
+pub(super) fn req_error(code: pb::ErrorCode, req: u64) -> Message {
     pb::Error { code: code as i32, req, ..Default::default() }.into()
 }
 
@@ -64,11 +65,21 @@ impl Conn {
                 let op = self.ctx.services.receipts.read(self.addr, r.peer, r.through);
                 self.submit(op);
             }
+            Message::Receipt(r) if r.kind == pb::ReceiptKind::Read as i32 && r.group != 0 => {
+                let op = self.ctx.services.groups.read(self.addr, r.group, r.through);
+                self.submit(op);
+            }
+            Message::GroupCreate(g) => self.group_create(g),
+            Message::GroupAdd(g) => self.group_change(g.req, g.group, Change::Add(g.members)),
+            Message::GroupRemove(g) => self.group_change(g.req, g.group, Change::Remove(g.members)),
+            Message::GroupLeave(g) => self.group_change(g.req, g.group, Change::Leave),
+            Message::GroupListRequest(g) => self.group_list(g),
             Message::Ping(p) => self.answer_now(pb::Pong { id: p.id }.into()),
             Message::LinkDevice(l) => self.link(l),
             Message::DeviceListRequest(d) => self.device_list(d),
-            // Never answered: a receipt this server cannot use, a pong.
-            Message::Pong(_) | Message::Receipt(_) => {}
+            // Never answered: a receipt this server cannot use, a pong, and
+            // typing in a group (relayed once typing is offered).
+            Message::Pong(_) | Message::Receipt(_) | Message::Typing(_) => {}
             other => {
                 // A kind of an offered feature with no arm here yet: still
                 // answer, so the client does not wait for ever.
@@ -82,8 +93,7 @@ impl Conn {
 
     fn send(&mut self, send: pb::Send) {
         let id = send.id;
-        let digest = content_digest(&send);
-        match self.ctx.services.messaging.send(self.addr, send, digest) {
+        match self.ctx.services.messaging.send(self.addr, send) {
             Err(_) => {
                 // Storage is saturated or stopping: nothing was stored; the
                 // client keeps the message and sends it again after the

@@ -4,6 +4,7 @@
 
 mod connection;
 mod dispatch;
+mod groups;
 mod handshake;
 pub mod listener;
 

@@ -15,4 +15,11 @@ use crate::model::DeviceAddr;
 pub trait Deliveries: Send + Sync + 'static {
     /// Entry `id` of `to`'s inbox, `msg`, is durable.
     fn push(&self, to: DeviceAddr, id: u64, msg: Message);
+
+    /// New entries of `to`'s inbox are durable; its connection should read
+    /// them from storage (for entries too large to copy to every online
+    /// member, such as a big group's change notice). Default: nothing.
+    fn nudge(&self, to: DeviceAddr) {
+        let _ = to;
+    }
 }

@@ -68,6 +68,12 @@ impl Mailbox {
         self.ready.notify_one();
     }
 
+    /// Tells the connection to read its inbox from storage.
+    pub fn nudge(&self) {
+        self.overflow.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
     /// Takes everything queued, in order, and releases the queue's memory.
     pub fn take(&self) -> VecDeque<Push> {
         std::mem::take(&mut *self.lock())
@@ -133,6 +139,13 @@ impl Deliveries for Registry {
             m.push((id, Box::new(msg)));
         }
     }
+
+    fn nudge(&self, to: DeviceAddr) {
+        let mailbox = self.stripe(to).get(&to).map(|h| h.mailbox.clone());
+        if let Some(m) = mailbox {
+            m.nudge();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -150,5 +163,9 @@ mod tests {
         let got: Vec<u64> = m.take().into_iter().map(|(id, _)| id).collect();
         assert_eq!(got, vec![1, 2]);
         assert_eq!(m.lock().capacity(), 0, "taking releases the buffer");
+        m.overflow.store(false, Ordering::Release);
+        m.nudge();
+        assert!(m.overflow.load(Ordering::Acquire), "a nudge sends the connection to storage");
+        assert!(m.take().is_empty());
     }
 }

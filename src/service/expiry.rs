@@ -1,6 +1,8 @@
 //! Expiry: an inbox entry undelivered after the TTL is deleted and its
 //! sender told (`Expired`); dedup records go after the same time (a retry
-//! is expected within the time a message may wait, not after).
+//! is expected within the time a message may wait, not after), and so do
+//! the receipt counts of group messages. A group entry's body goes with
+//! the last of its references, expired or acked.
 //!
 //! A sweep is a series of bounded rounds, each one writer operation that
 //! reads at most [`SCAN_MAX`] entries and deletes at most
@@ -18,10 +20,10 @@ use super::inbox::{enqueue, Pushes};
 use super::{Ctx, Writer};
 use crate::commit::{Operation, Outcome};
 use crate::model::{unix_now, DeviceAddr};
-use crate::store::inbox::entry_time;
+use crate::store::inbox::InboxEntry;
 use crate::store::{StorageError, Txn};
 
-/// Most entries one round reads (inbox and dedup each).
+/// Most entries one round reads (inbox, dedup and group counts each).
 pub const SCAN_MAX: usize = 50_000;
 /// Most entries one round deletes.
 pub const DELETE_MAX: usize = 4_096;
@@ -31,6 +33,7 @@ pub const DELETE_MAX: usize = 4_096;
 pub(crate) struct Cursor {
     inbox: Option<(DeviceAddr, u64)>,
     dedup: Option<(DeviceAddr, u64)>,
+    group_counts: Option<(u64, u64)>,
 }
 
 /// What one expiry round did.
@@ -38,7 +41,7 @@ pub(crate) struct Cursor {
 pub struct ExpiryRound {
     /// Entries deleted.
     pub expired: usize,
-    /// Both scans reached the end.
+    /// Every scan reached the end.
     pub finished: bool,
 }
 
@@ -69,8 +72,10 @@ impl Operation<Ctx> for ExpireOp {
         let cutoff = self.now.saturating_sub(ctx.rules.ttl_secs);
         let (expired, inbox_next) = expire_inbox(txn, ctx.expiry.inbox, cutoff, &mut self.pushes)?;
         let dedup_next = expire_dedup(txn, ctx.expiry.dedup, cutoff)?;
-        self.next = Cursor { inbox: inbox_next, dedup: dedup_next };
-        self.round = ExpiryRound { expired, finished: inbox_next.is_none() && dedup_next.is_none() };
+        let counts_next = expire_group_counts(txn, ctx.expiry.group_counts, cutoff)?;
+        self.next = Cursor { inbox: inbox_next, dedup: dedup_next, group_counts: counts_next };
+        let finished = inbox_next.is_none() && dedup_next.is_none() && counts_next.is_none();
+        self.round = ExpiryRound { expired, finished };
         Ok(())
     }
 
@@ -96,7 +101,8 @@ fn expire_inbox(
     cutoff: u64,
     pushes: &mut Pushes,
 ) -> Result<(usize, Option<(DeviceAddr, u64)>), StorageError> {
-    let mut notices: HashMap<(u64, u64, u64), u32> = HashMap::new();
+    // (sender, 1:1 peer, group, seq) -> devices it expired on.
+    let mut notices: HashMap<(u64, u64, u64, u64), u32> = HashMap::new();
     let mut doomed = Vec::new();
     let mut resume = None;
     for (scanned, item) in txn.store().inbox_scan(from).enumerate() {
@@ -105,29 +111,38 @@ fn expire_inbox(
             resume = Some((item.addr, item.id));
             break;
         }
-        let Ok(msg) = item.entry else {
+        let Ok(entry) = item.entry else {
             continue;
         };
-        let time = entry_time(&msg);
+        let time = entry.time();
         if time == 0 || time > cutoff {
             continue;
         }
-        doomed.push((item.addr, item.id));
-        if let Message::Deliver(d) = &msg {
-            if d.from != item.addr.account {
-                *notices.entry((d.from, item.addr.account, d.seq)).or_default() += 1;
+        let is_ref = matches!(entry, InboxEntry::GroupRef(_));
+        doomed.push((item.addr, item.id, is_ref));
+        match &entry {
+            InboxEntry::Message(Message::Deliver(d)) if d.from != item.addr.account => {
+                *notices.entry((d.from, item.addr.account, 0, d.seq)).or_default() += 1;
             }
+            InboxEntry::GroupRef(r) if !r.notice && r.from != item.addr.account => {
+                *notices.entry((r.from, 0, r.group, r.seq)).or_default() += 1;
+            }
+            _ => {}
         }
     }
-    for &(addr, id) in &doomed {
-        txn.delete_inbox(addr, id);
+    for &(addr, id, is_ref) in &doomed {
+        if !is_ref {
+            txn.delete_inbox(addr, id);
+        } else if let Some(r) = txn.take_inbox_ref(addr, id)? {
+            txn.release_group_body(r.group, r.seq)?;
+        }
     }
-    for ((sender, peer, seq), devices) in notices {
+    for ((sender, peer, group, seq), devices) in notices {
         let Some(account) = txn.account(sender)? else {
             continue;
         };
         for d in &account.devices {
-            let e = pb::Expired { peer, group: 0, seq, devices, inbox: 0 };
+            let e = pb::Expired { peer, group, seq, devices, inbox: 0 };
             enqueue(txn, DeviceAddr::new(sender, d.device), e.into(), pushes)?;
         }
     }
@@ -153,6 +168,30 @@ fn expire_dedup(
     }
     for (addr, id) in doomed {
         txn.delete_dedup(addr, id);
+    }
+    Ok(resume)
+}
+
+/// Forgets the receipt counts of group messages older than `cutoff`.
+fn expire_group_counts(
+    txn: &mut Txn<'_>,
+    from: Option<(u64, u64)>,
+    cutoff: u64,
+) -> Result<Option<(u64, u64)>, StorageError> {
+    let mut doomed = Vec::new();
+    let mut resume = None;
+    for (i, item) in txn.store().group_counts_scan(from).enumerate() {
+        let (k, c) = item?;
+        if i >= SCAN_MAX {
+            resume = Some(k);
+            break;
+        }
+        if c.time <= cutoff {
+            doomed.push(k);
+        }
+    }
+    for (group, seq) in doomed {
+        txn.delete_group_counts(group, seq);
     }
     Ok(resume)
 }

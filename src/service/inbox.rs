@@ -16,12 +16,29 @@ use crate::store::{StorageError, Store, Txn};
 /// Inbox entries an operation wrote, handed to their devices' connections
 /// once they are durable, never before.
 #[derive(Default)]
-pub(crate) struct Pushes(Vec<(DeviceAddr, u64, Message)>);
+pub(crate) struct Pushes {
+    entries: Vec<(DeviceAddr, u64, Message)>,
+    /// Devices told to read new entries from storage instead.
+    nudges: Vec<DeviceAddr>,
+}
 
 impl Pushes {
+    /// Entry `id` of `addr`'s inbox, to hand over once durable.
+    pub(crate) fn add(&mut self, addr: DeviceAddr, id: u64, msg: Message) {
+        self.entries.push((addr, id, msg));
+    }
+
+    /// `addr` has new entries to read from storage once durable.
+    pub(crate) fn nudge(&mut self, addr: DeviceAddr) {
+        self.nudges.push(addr);
+    }
+
     pub(crate) fn release(self, to: &dyn Deliveries) {
-        for (addr, id, msg) in self.0 {
+        for (addr, id, msg) in self.entries {
             to.push(addr, id, msg);
+        }
+        for addr in self.nudges {
+            to.nudge(addr);
         }
     }
 }
@@ -36,7 +53,7 @@ pub(crate) fn enqueue(
     let id = txn.next(Counter::InboxNext(to))?;
     set_inbox_id(&mut msg, id);
     txn.put_inbox(to, id, &msg);
-    pushes.0.push((to, id, msg));
+    pushes.add(to, id, msg);
     Ok(())
 }
 

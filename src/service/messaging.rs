@@ -1,7 +1,8 @@
-//! 1:1 sends: a send is recognised if it was stored before (same sending
+//! Sends: a send is recognised if it was stored before (same sending
 //! device and client id: the original answer, never a second copy), gets
 //! the conversation's next sequence number, and lands in the inbox of
 //! every device of the recipient and every other device of the sender.
+//! A group send goes to `super::group_send` once the dedup check passed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -44,17 +45,25 @@ impl Messaging {
     /// (or refused). A full queue is refused at once: nothing was stored
     /// and the client retries.
     ///
-    /// `digest` is [`content_digest`] of `send`, computed by the caller so
+    /// The content digest is computed here, on the caller's thread, so
     /// that hashing a large payload does not hold up the writer.
     pub fn send(
         &self,
         from: DeviceAddr,
         send: pb::Send,
-        digest: Digest,
     ) -> Result<impl Future<Output = Result<pb::Sent, SendFailure>> + Send + 'static, SubmitError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let op =
-            SendOp { from, send, digest, received: Instant::now(), result: None, pushes: Pushes::default(), reply: tx };
+        let digest = content_digest(&send);
+        let op = SendOp {
+            from,
+            send,
+            digest,
+            received: Instant::now(),
+            result: None,
+            fanout: false,
+            pushes: Pushes::default(),
+            reply: tx,
+        };
         self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(SendFailure::Code(pb::ErrorCode::Unavailable))) })
     }
@@ -66,6 +75,8 @@ struct SendOp {
     digest: Digest,
     received: Instant,
     result: Option<Result<pb::Sent, SendFailure>>,
+    /// A group send that created a fan-out job.
+    fanout: bool,
     pushes: Pushes,
     reply: Reply,
 }
@@ -73,7 +84,8 @@ struct SendOp {
 impl Operation<Ctx> for SendOp {
     fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
         self.pushes = Pushes::default();
-        self.result = Some(store_send(txn, self.from, &self.send, self.digest, &mut self.pushes)?);
+        self.fanout = false;
+        self.result = Some(store_send(txn, self.from, &self.send, self.digest, &mut self.pushes, &mut self.fanout)?);
         Ok(())
     }
 
@@ -85,6 +97,10 @@ impl Operation<Ctx> for SendOp {
                     metrics::histogram!("pipit_send_durable_seconds").record(self.received.elapsed().as_secs_f64());
                 }
                 self.pushes.release(&*ctx.deliveries);
+                if self.fanout {
+                    metrics::counter!("pipit_group_sends_total").increment(1);
+                    ctx.fanout.wake();
+                }
                 r
             }
             Outcome::Failed(_) => Err(SendFailure::Code(pb::ErrorCode::Internal)),
@@ -129,6 +145,7 @@ fn store_send(
     send: &pb::Send,
     digest: Digest,
     pushes: &mut Pushes,
+    fanout: &mut bool,
 ) -> Result<Result<pb::Sent, SendFailure>, StorageError> {
     let fail = |c| Ok(Err(SendFailure::Code(c)));
     // Dedup first: a retry must get the original answer even if the
@@ -142,10 +159,12 @@ fn store_send(
         metrics::counter!("pipit_messages_deduplicated_total").increment(1);
         return Ok(Ok(pb::Sent { id: send.id, seq: r.seq, time: r.time }));
     }
-    if send.id == 0 || send.to == 0 || send.group != 0 {
-        // The connection checks these before a send gets here; groups are
-        // answered NOT_SUPPORTED until they are served.
-        return fail(if send.group != 0 { pb::ErrorCode::NotSupported } else { pb::ErrorCode::BadRequest });
+    if send.id == 0 || (send.to == 0) == (send.group == 0) {
+        // The connection refuses these before a send gets here.
+        return fail(pb::ErrorCode::BadRequest);
+    }
+    if send.group != 0 {
+        return super::group_send::store(txn, from, send, digest, fanout);
     }
     let Some(recipient) = txn.account(send.to)? else {
         return fail(pb::ErrorCode::NotFound);
@@ -200,6 +219,7 @@ fn store_send(
             payload,
             peer: if own_copy { send.to } else { 0 },
             group: 0,
+            device_payload: Bytes::new(),
         };
         enqueue(txn, to, deliver.into(), pushes)?;
     }

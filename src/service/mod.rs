@@ -9,10 +9,20 @@
 //!   a connection catches up.
 //! - `expiry`: undelivered entries and dedup records past their time.
 //! - `features`: which optional protocol features this server offers.
+//! - `groups`: creating groups and changing their members.
+//! - `group_send`: a group message: its body stored once, a fan-out job.
+//! - `fanout`: the driver that turns fan-out jobs into members' inbox
+//!   entries, in bounded steps, after "sent".
+//! - `group_receipts`: delivered and read counts per group message,
+//!   coalesced for the sender.
 
 pub mod accounts;
 pub mod expiry;
+pub mod fanout;
 pub mod features;
+pub mod group_receipts;
+pub mod group_send;
+pub mod groups;
 pub mod inbox;
 pub mod messaging;
 pub mod receipts;
@@ -25,6 +35,8 @@ use crate::route::Deliveries;
 use crate::store::Store;
 
 pub use accounts::Accounts;
+pub use fanout::Fanout;
+pub use groups::Groups;
 pub use inbox::InboxReader;
 pub use messaging::Messaging;
 pub use receipts::Receipts;
@@ -36,6 +48,8 @@ pub struct Rules {
     pub ttl_secs: u64,
     /// Who may register.
     pub registration: Registration,
+    /// Most member accounts of one group.
+    pub max_group_members: usize,
 }
 
 /// What the writer's operations may use besides the transaction.
@@ -43,6 +57,7 @@ pub struct Ctx {
     rules: Rules,
     deliveries: Arc<dyn Deliveries>,
     expiry: expiry::Cursor,
+    fanout: Arc<fanout::Shared>,
 }
 
 /// The group-commit writer, carrying this layer's operations.
@@ -83,6 +98,10 @@ pub struct Services {
     pub receipts: Receipts,
     /// Reading inboxes.
     pub inbox: InboxReader,
+    /// Group requests.
+    pub groups: Groups,
+    /// The group fan-out.
+    pub fanout: Fanout,
     /// The writer itself (barriers at shutdown, metrics).
     pub writer: Writer,
 }
@@ -94,12 +113,15 @@ pub fn start(
     deliveries: Arc<dyn Deliveries>,
     engine: EngineConfig,
 ) -> std::io::Result<(Services, std::thread::JoinHandle<()>)> {
-    let ctx = Ctx { rules, deliveries, expiry: expiry::Cursor::default() };
+    let shared = fanout::Shared::new(std::time::Duration::ZERO);
+    let ctx = Ctx { rules, deliveries, expiry: expiry::Cursor::default(), fanout: shared.clone() };
     let (writer, thread) = Writer::start(store.clone(), ctx, engine)?;
     let services = Services {
         accounts: Accounts::new(writer.clone(), store.clone()),
         messaging: Messaging::new(writer.clone()),
         receipts: Receipts,
+        groups: Groups::new(writer.clone(), store.clone()),
+        fanout: Fanout::new(shared, store.clone()),
         inbox: InboxReader::new(store),
         writer,
     };
@@ -158,7 +180,7 @@ pub(crate) mod testing {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let pushed = Arc::new(Collect::default());
-        let rules = Rules { ttl_secs: 100, registration };
+        let rules = Rules { ttl_secs: 100, registration, max_group_members: 8 };
         let engine = EngineConfig { max_batch: 64, capacity: 1024, sync: true };
         let (services, writer) = start(store.clone(), rules, pushed.clone(), engine).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -187,12 +209,76 @@ pub(crate) mod testing {
             payload: &'static [u8],
         ) -> Result<pb::Sent, messaging::SendFailure> {
             let send = pb::Send { id, to, payload: Bytes::from_static(payload), ..Default::default() };
-            let digest = messaging::content_digest(&send);
-            self.rt.block_on(self.services().messaging.send(from, send, digest).unwrap())
+            self.rt.block_on(self.services().messaging.send(from, send).unwrap())
         }
 
         pub(crate) fn barrier(&self) {
             self.rt.block_on(self.services().writer.barrier()).unwrap();
+        }
+
+        pub(crate) fn link(&self, account: u64, key: u8) -> DeviceAddr {
+            let link = self.services().accounts.link(account, PublicKey([key; 32]), "t".into());
+            DeviceAddr::new(account, self.rt.block_on(link.unwrap()).unwrap())
+        }
+
+        pub(crate) fn create_group(&self, by: DeviceAddr, members: &[u64]) -> Result<pb::GroupInfo, pb::ErrorCode> {
+            let created = self.services().groups.create(by, Bytes::from_static(b"g"), members.to_vec());
+            self.rt.block_on(created.unwrap())
+        }
+
+        pub(crate) fn change(&self, by: DeviceAddr, group: u64, c: groups::Change) -> Result<(), pb::ErrorCode> {
+            self.rt.block_on(self.services().groups.change(by, group, c).unwrap())
+        }
+
+        pub(crate) fn group_send(
+            &self,
+            from: DeviceAddr,
+            id: u64,
+            group: u64,
+        ) -> Result<pb::Sent, messaging::SendFailure> {
+            let send = pb::Send { id, group, payload: Bytes::from_static(b"hello group"), ..Default::default() };
+            self.rt.block_on(self.services().messaging.send(from, send).unwrap())
+        }
+
+        /// One fan-out step of entry `seq` of `group`.
+        pub(crate) fn step(&self, group: u64, seq: u64, batch: usize) -> fanout::Step {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let op = Box::new(fanout::StepOp::new(group, seq, batch, tx));
+            self.rt.block_on(self.services().writer.submit(op)).unwrap();
+            rx.recv().unwrap().expect("durable")
+        }
+
+        /// Runs every fan-out job to its end, as the driver would.
+        pub(crate) fn fan_out(&self, batch: usize) {
+            loop {
+                let heads = self.store.fanout_heads(0, 64).unwrap();
+                if heads.is_empty() {
+                    return;
+                }
+                for (g, s) in heads {
+                    self.step(g, s, batch);
+                }
+            }
+        }
+
+        /// Acks `ids` of `device`'s inbox, as its connection would.
+        pub(crate) fn ack(&self, device: DeviceAddr, ids: &[u64]) {
+            let entries = self.store.inbox_after(device, 0, 10_000).unwrap();
+            let acked = entries
+                .iter()
+                .filter(|(id, _)| ids.contains(id))
+                .map(|(id, m)| receipts::acked_meta(device.account, *id, m))
+                .collect();
+            assert!(self.services().receipts.ack(device, acked).try_submit(&self.services().writer).is_ok());
+            self.barrier();
+        }
+
+        /// Flushes group receipt counts to senders.
+        pub(crate) fn flush_group_receipts(&self) {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let op = Box::new(group_receipts::FlushOp::new(tx));
+            self.rt.block_on(self.services().writer.submit(op)).unwrap();
+            rx.recv().unwrap().expect("durable");
         }
     }
 }

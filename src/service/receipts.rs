@@ -25,6 +25,9 @@ pub struct Acked {
     pub sender: u64,
     /// Its sequence number.
     pub seq: u64,
+    /// The group of a group entry (a message or a change notice), whose
+    /// inbox entry refers to a shared body; else 0.
+    pub group: u64,
 }
 
 /// What acking inbox entry `id` (holding `m`) of a device of `own_account`
@@ -32,9 +35,11 @@ pub struct Acked {
 pub fn acked_meta(own_account: u64, id: u64, m: &Message) -> Acked {
     match m {
         Message::Deliver(d) if d.from != own_account && d.group == 0 && d.peer == 0 => {
-            Acked { id, sender: d.from, seq: d.seq }
+            Acked { id, sender: d.from, seq: d.seq, group: 0 }
         }
-        _ => Acked { id, sender: 0, seq: 0 },
+        Message::Deliver(d) if d.group != 0 => Acked { id, sender: 0, seq: d.seq, group: d.group },
+        Message::GroupInfo(g) if g.group != 0 => Acked { id, sender: 0, seq: g.seq, group: g.group },
+        _ => Acked { id, sender: 0, seq: 0, group: 0 },
     }
 }
 
@@ -83,7 +88,22 @@ impl Operation<Ctx> for AckOp {
         self.pushes = Pushes::default();
         let now = unix_now();
         let mut delivered: HashMap<u64, u64> = HashMap::new();
+        let mut group_messages = Vec::new();
         for a in &self.acked {
+            if a.group != 0 {
+                // A reference: the body's count drops once per entry, and
+                // only if the entry is still there.
+                match txn.take_inbox_ref(self.device, a.id)? {
+                    Some(r) => {
+                        txn.release_group_body(r.group, r.seq)?;
+                        if !r.notice && r.from != self.device.account {
+                            group_messages.push(r);
+                        }
+                    }
+                    None => txn.delete_inbox(self.device, a.id),
+                }
+                continue;
+            }
             txn.delete_inbox(self.device, a.id);
             if a.sender != 0 && a.sender != self.device.account {
                 let e = delivered.entry(a.sender).or_default();
@@ -99,6 +119,9 @@ impl Operation<Ctx> for AckOp {
                 ..Default::default()
             };
             receipt(txn, sender, r, &mut self.pushes)?;
+        }
+        if !group_messages.is_empty() {
+            super::group_receipts::delivered(txn, self.device.account, group_messages)?;
         }
         Ok(())
     }
@@ -153,7 +176,7 @@ mod tests {
         let a = s.register(1, "").unwrap();
         let b = s.register(2, "").unwrap();
         let sent = s.send(a, 1, b.account).unwrap();
-        let acked = vec![Acked { id: 1, sender: a.account, seq: sent.seq }];
+        let acked = vec![Acked { id: 1, sender: a.account, seq: sent.seq, group: 0 }];
         for _ in 0..2 {
             assert!(s.services().receipts.ack(b, acked.clone()).try_submit(&s.services().writer).is_ok());
         }

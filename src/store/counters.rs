@@ -27,6 +27,30 @@ pub enum Counter {
         /// The conversation partner.
         peer: u64,
     },
+    /// The next group id (`next_group`).
+    NextGroup,
+    /// The next sequence number of a group, shared by its messages and
+    /// its membership changes (`g` group).
+    GroupSeq(u64),
+    /// How many inbox entries (plus one while its fan-out runs) still
+    /// refer to a group body (`b` group seq). Absent: none.
+    BodyRefs {
+        /// The group.
+        group: u64,
+        /// The body's sequence number in the group.
+        seq: u64,
+    },
+    /// The highest group seq a member has acknowledged (kind DELIVERED)
+    /// or read (kind READ) in a group, so that each member counts once per
+    /// message (`m` kind member group).
+    GroupMark {
+        /// The receipt kind.
+        kind: u8,
+        /// The member account.
+        member: u64,
+        /// The group.
+        group: u64,
+    },
 }
 
 impl Counter {
@@ -59,6 +83,22 @@ impl Counter {
                 k.extend_from_slice(&to.to_be_bytes());
                 k.extend_from_slice(&peer.to_be_bytes());
             }
+            Counter::NextGroup => k.extend_from_slice(b"next_group"),
+            Counter::GroupSeq(group) => {
+                k.push(b'g');
+                k.extend_from_slice(&group.to_be_bytes());
+            }
+            Counter::BodyRefs { group, seq } => {
+                k.push(b'b');
+                k.extend_from_slice(&group.to_be_bytes());
+                k.extend_from_slice(&seq.to_be_bytes());
+            }
+            Counter::GroupMark { kind, member, group } => {
+                k.push(b'm');
+                k.push(kind);
+                k.extend_from_slice(&member.to_be_bytes());
+                k.extend_from_slice(&group.to_be_bytes());
+            }
         }
         k
     }
@@ -66,7 +106,7 @@ impl Counter {
     /// The value before anything was stored: ids start at 1, marks at 0.
     fn initial(&self) -> u64 {
         match self {
-            Counter::ReceiptMark { .. } => 0,
+            Counter::ReceiptMark { .. } | Counter::BodyRefs { .. } | Counter::GroupMark { .. } => 0,
             _ => 1,
         }
     }
@@ -97,6 +137,12 @@ impl Txn<'_> {
     pub fn set_counter(&mut self, c: Counter, v: u64) {
         self.put(Table::Counters, &c.key(), &v.to_be_bytes());
         self.state.counters.set(c, Some(v));
+    }
+
+    /// Forgets a counter: it reads as its initial value again.
+    pub fn delete_counter(&mut self, c: Counter) {
+        self.delete(Table::Counters, &c.key());
+        self.state.counters.set(c, None);
     }
 
     /// Hands out the counter's current value and advances it.

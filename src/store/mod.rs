@@ -10,10 +10,15 @@
 //! |---|---|---|---|
 //! | `accounts` | `accounts` | account | `pb::DeviceList`: the account's devices |
 //! | `device_keys` | `keys` | device static key (32) | account (8) device (4) |
-//! | `inbox` | `inbox` | account device inbox-id | packet of one Deliver/Receipt/Expired |
+//! | `inbox` | `inbox` | account device inbox-id | packet of one Deliver/Receipt/Expired/GroupInfo, or `00` + `GroupRef` |
 //! | `dedup` | `dedup` | account device client-id | seq (8) time (8) [digest (8)] |
 //! | `counters` | `counters` | tagged key | next value (8) |
 //! | `invites` | `invites` | code | expiry time (8) |
+//! | `groups` | `groups` | group | `GroupRecord`: name, version, members |
+//! | `groups` | `group_members` | account group | empty |
+//! | `group_bodies` | `group_bodies` | group seq [account device] | packet of one Deliver/GroupInfo [or a device's ciphertext] |
+//! | `fanout` | `fanout` | group seq | `FanoutJob`: cursor and progress |
+//! | `group_receipts` | `group_receipts` | `r`/`d` group seq | counts (37) / empty (dirty index) |
 //!
 //! Writes go through a [`Txn`]: each operation's writes are staged and
 //! either kept whole or dropped whole, and one round of operations becomes
@@ -23,6 +28,10 @@ pub mod accounts;
 pub mod counters;
 pub mod dedup;
 pub mod device_keys;
+pub mod fanout;
+pub mod group_bodies;
+pub mod group_receipts;
+pub mod groups;
 pub mod inbox;
 pub mod invites;
 mod overlay;
@@ -109,6 +118,43 @@ impl Store {
     /// Keys in `t`, as RocksDB estimates it (cheap: no scan).
     fn estimate_keys(&self, t: Table) -> u64 {
         self.db.property_int_value_cf(self.cf(t), "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0)
+    }
+}
+
+/// What a table holds, counted by [`Store::table_usage`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TableUsage {
+    /// Keys counted.
+    pub keys: u64,
+    /// Bytes of those keys.
+    pub key_bytes: u64,
+    /// Bytes of their values.
+    pub value_bytes: u64,
+    /// The scan reached the end (else it stopped at the cap).
+    pub complete: bool,
+    /// RocksDB's own estimate of the table's live data (SST files; what
+    /// still sits in the memtable is not in it).
+    pub estimated_live_bytes: u64,
+}
+
+impl Store {
+    /// Counts the keys and bytes of `t`, reading at most `cap` keys: an
+    /// exact figure for diagnostics and benchmarks, not for a hot path.
+    pub fn table_usage(&self, t: Table, cap: u64) -> Result<TableUsage, StorageError> {
+        let mut u = TableUsage { complete: true, ..Default::default() };
+        for item in self.scan_from(t, &[]) {
+            let (k, v) = item?;
+            if u.keys >= cap {
+                u.complete = false;
+                break;
+            }
+            u.keys += 1;
+            u.key_bytes += k.len() as u64;
+            u.value_bytes += v.len() as u64;
+        }
+        u.estimated_live_bytes =
+            self.db.property_int_value_cf(self.cf(t), "rocksdb.estimate-live-data-size").ok().flatten().unwrap_or(0);
+        Ok(u)
     }
 }
 

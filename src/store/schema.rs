@@ -16,12 +16,34 @@ pub enum Table {
     Counters,
     /// Invite codes.
     Invites,
+    /// Groups: name, version, members with the seq they joined (and left).
+    Groups,
+    /// Which groups an account is in (for listing them).
+    GroupMembers,
+    /// Group messages and change notices, stored once for every member;
+    /// and per-device ciphertexts waiting for their fan-out.
+    GroupBodies,
+    /// Durable fan-out jobs: which group entry still has members to reach.
+    Fanout,
+    /// Per group message: delivered and read counts for its sender.
+    GroupReceipts,
 }
 
 impl Table {
     /// Every family, created at open.
-    pub const ALL: [Table; 6] =
-        [Table::Accounts, Table::DeviceKeys, Table::Inbox, Table::Dedup, Table::Counters, Table::Invites];
+    pub const ALL: [Table; 11] = [
+        Table::Accounts,
+        Table::DeviceKeys,
+        Table::Inbox,
+        Table::Dedup,
+        Table::Counters,
+        Table::Invites,
+        Table::Groups,
+        Table::GroupMembers,
+        Table::GroupBodies,
+        Table::Fanout,
+        Table::GroupReceipts,
+    ];
 
     /// The family's name in RocksDB (never change one: it names data on
     /// disk).
@@ -33,6 +55,11 @@ impl Table {
             Table::Dedup => "dedup",
             Table::Counters => "counters",
             Table::Invites => "invites",
+            Table::Groups => "groups",
+            Table::GroupMembers => "group_members",
+            Table::GroupBodies => "group_bodies",
+            Table::Fanout => "fanout",
+            Table::GroupReceipts => "group_receipts",
         }
     }
 

@@ -15,6 +15,9 @@ use rocksdb::{WriteBatch, WriteOptions};
 
 use super::counters::Counter;
 use super::dedup::DedupRecord;
+use super::group_receipts::GroupCounts;
+use super::groups::GroupRecord;
+use super::inbox::GroupRef;
 use super::overlay::Overlay;
 use super::{StorageError, Store, Table};
 use crate::model::DeviceAddr;
@@ -22,6 +25,10 @@ use crate::model::DeviceAddr;
 /// Committed values the writer keeps in memory, per table.
 const COUNTER_CACHE_MAX: usize = 1 << 20;
 const ACCOUNT_CACHE_MAX: usize = 1 << 18;
+/// A 1,024-member record is about 12 KB.
+const GROUP_CACHE_MAX: usize = 1 << 12;
+/// Counts of recent group messages: hot while members ack and read them.
+const GROUP_COUNTS_CACHE_MAX: usize = 1 << 16;
 
 /// What the writer keeps between rounds: the staging arena and each
 /// table's overlay. Owned by the writer thread alone.
@@ -38,6 +45,11 @@ pub struct TxnState {
     pub(super) device_keys: Overlay<PublicKey, DeviceAddr>,
     pub(super) dedup: Overlay<(DeviceAddr, u64), DedupRecord>,
     pub(super) invites: Overlay<Vec<u8>, u64>,
+    pub(super) groups: Overlay<u64, Arc<GroupRecord>>,
+    pub(super) group_counts: Overlay<(u64, u64), GroupCounts>,
+    /// Group references written or taken this round, so that one taken
+    /// twice in a round drops its body's count once.
+    pub(super) inbox_refs: Overlay<(DeviceAddr, u64), GroupRef>,
 }
 
 impl Default for TxnState {
@@ -52,6 +64,9 @@ impl Default for TxnState {
             device_keys: Overlay::new(0),
             dedup: Overlay::new(0),
             invites: Overlay::new(0),
+            groups: Overlay::new(GROUP_CACHE_MAX),
+            group_counts: Overlay::new(GROUP_COUNTS_CACHE_MAX),
+            inbox_refs: Overlay::new(0),
         }
     }
 }
@@ -63,6 +78,9 @@ impl TxnState {
         self.device_keys.op_commit();
         self.dedup.op_commit();
         self.invites.op_commit();
+        self.groups.op_commit();
+        self.group_counts.op_commit();
+        self.inbox_refs.op_commit();
     }
 
     fn overlays_op_rollback(&mut self) {
@@ -71,6 +89,9 @@ impl TxnState {
         self.device_keys.op_rollback();
         self.dedup.op_rollback();
         self.invites.op_rollback();
+        self.groups.op_rollback();
+        self.group_counts.op_rollback();
+        self.inbox_refs.op_rollback();
     }
 
     fn overlays_round_done(&mut self, ok: bool) {
@@ -79,6 +100,9 @@ impl TxnState {
         self.device_keys.round_done(ok);
         self.dedup.round_done(ok);
         self.invites.round_done(ok);
+        self.groups.round_done(ok);
+        self.group_counts.round_done(ok);
+        self.inbox_refs.round_done(ok);
     }
 }
 

@@ -193,3 +193,42 @@ impl Drop for BinaryServer {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// Registers `n` accounts over real XX handshakes, `parallel` at a time;
+/// returns them in account order with the connections of the first
+/// `keep` (the rest are closed).
+pub async fn register_many(
+    addr: std::net::SocketAddr,
+    n: usize,
+    parallel: usize,
+    keep: usize,
+) -> (Vec<Device>, Vec<Connection>) {
+    use futures_util::stream::{self, StreamExt};
+    let mut all: Vec<(Device, Connection)> =
+        stream::iter(0..n).map(|_| register(addr)).buffer_unordered(parallel).collect().await;
+    all.sort_by_key(|(d, _)| d.account);
+    let mut devices = Vec::with_capacity(n);
+    let mut conns = Vec::with_capacity(keep);
+    for (i, (d, c)) in all.into_iter().enumerate() {
+        devices.push(d);
+        if i < keep {
+            conns.push(c);
+        }
+    }
+    (devices, conns)
+}
+
+/// A request answered with `Done` (Ok) or an `Error` for its `req`.
+pub async fn done(c: &mut Connection, m: Message, req: u64) -> Result<(), pb::ErrorCode> {
+    c.send(&[m]).await.unwrap();
+    expect(c, |m| match m {
+        Message::Done(d) if d.req == req => Some(Ok(())),
+        Message::Error(e) if e.req == req => Some(Err(pb::ErrorCode::try_from(e.code).unwrap())),
+        _ => None,
+    })
+    .await
+}
+
+pub fn group_text(id: u64, group: u64, body: &str) -> Message {
+    pb::Send { id, group, payload: Bytes::copy_from_slice(body.as_bytes()), ..Default::default() }.into()
+}

@@ -64,8 +64,16 @@ struct Terminal {
 
 impl Terminal {
     fn chat(profile: &Path, to: u64) -> Self {
+        Self::start(&["chat", "--profile", profile.to_str().unwrap(), "--to", &to.to_string()])
+    }
+
+    fn group_chat(profile: &Path, group: u64) -> Self {
+        Self::start(&["chat", "--profile", profile.to_str().unwrap(), "--group", &group.to_string()])
+    }
+
+    fn start(args: &[&str]) -> Self {
         let mut child = Command::new(CLI)
-            .args(["chat", "--profile", profile.to_str().unwrap(), "--to", &to.to_string()])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -181,4 +189,57 @@ fn a_send_to_a_missing_account_says_so_in_words() {
         format!("pipit-cli: message not sent: account {missing} does not exist; check the account number")
     );
     assert!(!stderr.contains("NotFound") && !stderr.contains("acktrace"), "{stderr}");
+}
+
+#[test]
+fn groups_from_the_cli_create_send_list_chat_and_admin() {
+    let s = server();
+    let (pa, pb, pc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b, c) = (register(&s, pa.path()), register(&s, pb.path()), register(&s, pc.path()));
+    let profile = |p: &tempfile::TempDir| p.path().to_str().unwrap().to_string();
+    let (pa_s, pb_s, pc_s) = (profile(&pa), profile(&pb), profile(&pc));
+    let out = cli(&["group", "--profile", &pa_s, "create", "--name", "club", &b.to_string(), &c.to_string()]);
+    // "group G name "club" version 1 members a,b,c admins a"
+    assert!(out.contains("version 1") && out.contains(&format!("admins {a}")), "{out}");
+    let g: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let out = cli(&["send", "--profile", &pa_s, "--group", &g.to_string(), "hello club"]);
+    assert!(out.starts_with("sent seq 2"), "{out}");
+    let out = cli(&["recv", "--profile", &pb_s, "--count", "1"]);
+    assert_eq!(out.trim(), format!("[group {g}] {a}: hello club"));
+    let list = cli(&["group", "--profile", &pc_s, "list"]);
+    assert!(list.starts_with(&format!("group {g} name \"club\" version 1")), "{list}");
+    // Only admins add: b's attempt fails with the server's code.
+    let refused = Command::new(CLI)
+        .args(["group", "--profile", &pb_s, "add", "--group", &g.to_string(), &c.to_string()])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Forbidden"), "{refused:?}");
+
+    // A group chat: a's line reaches b, and a sees it delivered and read.
+    let mut ta = Terminal::group_chat(pa.path(), g);
+    let mut tb = Terminal::group_chat(pb.path(), g);
+    ta.wait_for("chatting as");
+    tb.wait_for("chatting as");
+    ta.type_line("who is reading?");
+    ta.wait_for("] sent");
+    tb.wait_for(&format!("{a}: who is reading?"));
+    ta.wait_for("] delivered to 1");
+    ta.wait_for("] read by 1");
+    ta.quit();
+    tb.quit();
+    assert_eq!(cli(&["group", "--profile", &pc_s, "leave", "--group", &g.to_string()]).trim(), "done");
+
+    let data = s.dir.path().to_str().unwrap();
+    // The leave's notice is fanned out after "done".
+    let mut admin = cli(&["admin", "--data-dir", data, "group", &g.to_string()]);
+    for _ in 0..100 {
+        if admin.contains("fanout 0 jobs") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        admin = cli(&["admin", "--data-dir", data, "group", &g.to_string()]);
+    }
+    assert!(admin.contains("version 2") && admin.contains(&format!("{a}*")), "{admin}");
+    assert!(admin.contains("members 2 ") && admin.contains("fanout 0 jobs"), "{admin}");
 }

@@ -55,14 +55,18 @@ enum Command {
         #[arg(long)]
         profile: PathBuf,
     },
-    /// Send one message and wait until the server has it.
+    /// Send one message (to an account or a group) and wait until the
+    /// server has it.
     Send {
         /// Profile directory.
         #[arg(long)]
         profile: PathBuf,
         /// Recipient account.
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        to: Option<u64>,
+        /// Or a group.
         #[arg(long)]
-        to: u64,
+        group: Option<u64>,
         /// The text.
         text: String,
     },
@@ -78,15 +82,27 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
-    /// Chat with one account: type lines to send; incoming messages and the
-    /// state of yours (sent, delivered, read) are printed as they happen.
+    /// Chat with one account or in a group: type lines to send; incoming
+    /// messages and the state of yours (sent, delivered, read; in a group,
+    /// to how many members) are printed as they happen.
     Chat {
         /// Profile directory.
         #[arg(long)]
         profile: PathBuf,
         /// The other account.
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        to: Option<u64>,
+        /// Or a group.
         #[arg(long)]
-        to: u64,
+        group: Option<u64>,
+    },
+    /// Create, change, leave and list groups.
+    Group {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+        #[command(subcommand)]
+        command: GroupCommand,
     },
     /// Administer a running server on this machine (its admin socket).
     Admin {
@@ -96,6 +112,44 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a group of this account (its first admin) and MEMBERS.
+    Create {
+        /// The group's name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Member accounts.
+        members: Vec<u64>,
+    },
+    /// Add members (admins only).
+    Add {
+        /// The group.
+        #[arg(long)]
+        group: u64,
+        /// Accounts to add.
+        #[arg(required = true)]
+        members: Vec<u64>,
+    },
+    /// Remove members (admins only).
+    Remove {
+        /// The group.
+        #[arg(long)]
+        group: u64,
+        /// Accounts to remove.
+        #[arg(required = true)]
+        members: Vec<u64>,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        #[arg(long)]
+        group: u64,
+    },
+    /// The groups this account is in.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +169,13 @@ enum AdminCommand {
         /// Device.
         device: u32,
     },
+    /// A group: members, version, fan-out backlog, stored bodies.
+    Group {
+        /// Group id.
+        id: u64,
+    },
+    /// Keys and bytes per table (a full scan: a diagnostic).
+    Storage,
     /// Server statistics.
     Stats,
 }
@@ -138,11 +199,16 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Why a message to account `to` was not sent, in words.
-fn send_failure(code: pb::ErrorCode, to: u64) -> String {
-    match code {
-        pb::ErrorCode::NotFound => format!("account {to} does not exist; check the account number"),
-        pb::ErrorCode::TooLarge => "the message is larger than the server accepts; send a shorter one".into(),
-        other => pipit_client::explain(other).into(),
+/// Why a send failed, in words, for the conversation it went to.
+fn send_failure(code: pb::ErrorCode, to: Option<u64>, group: Option<u64>) -> String {
+    match (code, to, group) {
+        (pb::ErrorCode::NotFound, Some(to), _) => format!("account {to} does not exist; check the account number"),
+        (pb::ErrorCode::NotFound, None, Some(g)) => format!("group {g} does not exist; check the group number"),
+        (pb::ErrorCode::Forbidden, None, Some(g)) => format!("you are not a member of group {g}"),
+        (code, ..) => match code {
+            pb::ErrorCode::TooLarge => "the message is larger than the server accepts; send a shorter one".into(),
+            other => pipit_client::explain(other).into(),
+        },
     }
 }
 
@@ -210,10 +276,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("device key {}", state.identity.public());
             println!("server key {}", state.server_key.map(|k| k.to_string()).unwrap_or_else(|| "(not pinned)".into()));
         }
-        Command::Send { profile, to, text } => {
+        Command::Send { profile, to, group, text } => {
             let (client, mut events) = start(&profile)?;
             connected(&mut events).await?;
-            let id = client.send(to, text.into_bytes()).await?;
+            let id = match (to, group) {
+                (Some(to), _) => client.send(to, text.into_bytes()).await?,
+                (None, Some(group)) => client.send_group(group, text.into_bytes()).await?,
+                (None, None) => bail!("--to or --group"),
+            };
             loop {
                 match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
                     Err(_) => bail!("no answer from the server; the message stays in the outbox"),
@@ -222,7 +292,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         break;
                     }
                     Ok(Some(Event::SendFailed { id: f, code })) if f == id => {
-                        bail!("message not sent: {}", send_failure(code, to))
+                        bail!("message not sent: {}", send_failure(code, to, group))
                     }
                     Ok(Some(Event::Stopped { reason })) => bail!("{reason}"),
                     Ok(None) => bail!("client stopped"),
@@ -239,7 +309,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 match tokio::time::timeout_at(deadline, events.next()).await {
                     Err(_) => bail!("received {got} of {count} messages"),
                     Ok(Some(Event::Message(d))) => {
-                        println!("{}: {}", d.from, text(&d));
+                        if d.group != 0 {
+                            println!("[group {}] {}: {}", d.group, d.from, text(&d));
+                        } else {
+                            println!("{}: {}", d.from, text(&d));
+                        }
                         got += 1;
                     }
                     Ok(Some(Event::Stopped { reason })) => bail!("{reason}"),
@@ -249,12 +323,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             client.close().await;
         }
-        Command::Chat { profile, to } => chat(&profile, to).await?,
+        Command::Chat { profile, to: Some(to), .. } => chat(&profile, to).await?,
+        Command::Chat { profile, group: Some(group), .. } => group_chat(&profile, group).await?,
+        Command::Chat { .. } => bail!("--to or --group"),
+        Command::Group { profile, command } => group_command(&profile, command).await?,
         Command::Admin { data_dir, command } => {
             let line = match command {
                 AdminCommand::Invite { ttl_secs } => format!("invite {ttl_secs}"),
                 AdminCommand::Accounts => "accounts".into(),
                 AdminCommand::Inbox { account, device } => format!("inbox {account} {device}"),
+                AdminCommand::Group { id } => format!("group {id}"),
+                AdminCommand::Storage => "storage".into(),
                 AdminCommand::Stats => "stats".into(),
             };
             let answer = tokio::task::spawn_blocking(move || pipit_client::admin::request(&data_dir, &line)).await??;
@@ -325,12 +404,116 @@ async fn chat(profile: &Path, to: u64) -> anyhow::Result<()> {
                 }
                 Some(Event::SendFailed { id, code }) => {
                     mine.remove(&id);
-                    println!("* [{id}] not sent: {}", send_failure(code, to));
+                    println!("* [{id}] not sent: {}", send_failure(code, Some(to), None));
                 }
                 Some(Event::Disconnected { reason }) => println!("* offline ({reason}); reconnecting"),
                 Some(Event::Connected { .. }) => println!("* online"),
                 Some(Event::Stopped { reason }) => bail!("{reason}"),
                 Some(Event::Expired(e)) => println!("* message seq {} expired undelivered", e.seq),
+                Some(_) => {}
+            },
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+fn accounts(list: &[u64]) -> String {
+    list.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn describe(g: &pb::GroupInfo) -> String {
+    format!(
+        "group {} name {:?} version {} members {} admins {}",
+        g.group,
+        String::from_utf8_lossy(&g.name),
+        g.version,
+        accounts(&g.members),
+        accounts(&g.admins)
+    )
+}
+
+async fn group_command(profile: &Path, command: GroupCommand) -> anyhow::Result<()> {
+    let (client, mut events) = start(profile)?;
+    connected(&mut events).await?;
+    // Keep reading events so the client is never blocked on a full buffer.
+    let drain = tokio::spawn(async move { while events.next().await.is_some() {} });
+    let result = match command {
+        GroupCommand::Create { name, members } => {
+            client.create_group(&name, &members).await.map(|g| println!("{}", describe(&g)))
+        }
+        GroupCommand::Add { group, members } => client.add_members(group, &members).await.map(|()| println!("done")),
+        GroupCommand::Remove { group, members } => {
+            client.remove_members(group, &members).await.map(|()| println!("done"))
+        }
+        GroupCommand::Leave { group } => client.leave_group(group).await.map(|()| println!("done")),
+        GroupCommand::List => client.groups().await.map(|list| {
+            for g in list {
+                println!("{}", describe(&g));
+            }
+        }),
+    };
+    client.close().await;
+    drain.abort();
+    Ok(result?)
+}
+
+/// A chat in a group: like [`chat`], with receipts as member counts.
+async fn group_chat(profile: &Path, group: u64) -> anyhow::Result<()> {
+    let (client, mut events) = start(profile)?;
+    let (me, _) = connected(&mut events).await?;
+    println!("* chatting as {me} in group {group}; type a line to send, Ctrl-D to quit");
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    // My messages: client id -> seq once sent.
+    let mut mine: BTreeMap<u64, u64> = BTreeMap::new();
+    loop {
+        if !stdin_open && mine.values().all(|seq| *seq != 0) {
+            break;
+        }
+        tokio::select! {
+            line = stdin.next_line(), if stdin_open => match line? {
+                None => stdin_open = false,
+                Some(l) if l.trim().is_empty() => {}
+                Some(l) => {
+                    let id = client.send_group(group, l.into_bytes()).await?;
+                    mine.insert(id, 0);
+                    println!("* [{id}] queued");
+                }
+            },
+            e = events.next() => match e {
+                None => bail!("client stopped"),
+                Some(Event::Message(d)) if d.group == group && d.from == me => {
+                    println!("me (other device): {}", text(&d));
+                }
+                Some(Event::Message(d)) if d.group == group => {
+                    println!("{}: {}", d.from, text(&d));
+                    client.mark_group_read(group, d.seq).await?;
+                }
+                Some(Event::Message(d)) => println!("* message from {} (not this chat): {}", d.from, text(&d)),
+                Some(Event::Group(g)) if g.group == group => println!("* {} (changed by {})", describe(&g), g.by),
+                Some(Event::Sent(s)) => {
+                    if let Some(seq) = mine.get_mut(&s.id) {
+                        *seq = s.seq;
+                    }
+                    println!("* [{}] sent", s.id);
+                }
+                Some(Event::Receipt(r)) if r.group == group => {
+                    if let Some((id, _)) = mine.iter().find(|(_, seq)| **seq == r.seq && r.seq != 0) {
+                        let what = if r.kind == pb::ReceiptKind::Read as i32 { "read by" } else { "delivered to" };
+                        println!("* [{id}] {what} {}", r.count);
+                    }
+                }
+                Some(Event::SendFailed { id, code }) => {
+                    mine.remove(&id);
+                    println!("* [{id}] failed: {code:?}");
+                }
+                Some(Event::Disconnected { reason }) => println!("* offline ({reason}); reconnecting"),
+                Some(Event::Connected { .. }) => println!("* online"),
+                Some(Event::Stopped { reason }) => bail!("{reason}"),
+                Some(Event::Expired(e)) if e.group == group => {
+                    println!("* message seq {} expired on {} devices", e.seq, e.devices);
+                }
                 Some(_) => {}
             },
         }

@@ -109,7 +109,7 @@ checks! {
     "5.10" "feature-group-add" "GroupAdd: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupAdd { req: 72, group: 1, ..Default::default() }.into());
     "5.10" "feature-group-remove" "GroupRemove: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupRemove { req: 73, group: 1, ..Default::default() }.into());
     "5.10" "feature-group-leave" "GroupLeave: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupLeave { req: 74, group: 1 }.into());
-    "5.10" "feature-group-list" "GroupListRequest: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupListRequest { req: 75 }.into());
+    "5.10" "feature-group-list" "GroupListRequest: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupListRequest { req: 75, ..Default::default() }.into());
     "5.10" "feature-group-send" "a group Send: an answer with its id; NOT_SUPPORTED unless offered" => feature(pb::Send { id: 76, group: 1, payload: Bytes::from_static(b"g"), ..Default::default() }.into());
     "5.10" "feature-keys-upload" "KeysUpload: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::KeysUpload { req: 77, ..Default::default() }.into());
     "5.10" "feature-keys-fetch" "KeysFetch: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::KeysFetch { req: 78, account: 1, ..Default::default() }.into());
@@ -496,6 +496,10 @@ fn answer_key(m: &Message) -> Option<String> {
         Message::DeviceList(d) => format!("req {}", d.req),
         Message::Linked(l) => format!("req {}", l.req),
         Message::Done(d) => format!("req {}", d.req),
+        Message::GroupInfo(g) if g.req != 0 => format!("req {}", g.req),
+        Message::GroupList(g) => format!("req {}", g.req),
+        Message::KeysResult(k) => format!("req {}", k.req),
+        Message::Invite(i) => format!("req {}", i.req),
         _ => return None,
     })
 }
