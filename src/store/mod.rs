@@ -14,6 +14,9 @@
 //! | `dedup` | `dedup` | account device client-id | seq (8) time (8) [digest (8)] |
 //! | `counters` | `counters` | tagged key | next value (8) |
 //! | `invites` | `invites` | code | expiry time (8) |
+//! | `last_seen` | `last_seen` | account | time (8) |
+//! | `privacy` | `privacy` | account | `pb::PrivacySet` (absent: defaults) |
+//! | `push_tokens` | `push_tokens` | account device | platform (1) registered (8) token |
 //!
 //! Writes go through a [`Txn`]: each operation's writes are staged and
 //! either kept whole or dropped whole, and one round of operations becomes
@@ -25,7 +28,10 @@ pub mod dedup;
 pub mod device_keys;
 pub mod inbox;
 pub mod invites;
+pub mod last_seen;
 mod overlay;
+pub mod privacy;
+pub mod push_tokens;
 mod schema;
 mod txn;
 

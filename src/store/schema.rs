@@ -16,12 +16,27 @@ pub enum Table {
     Counters,
     /// Invite codes.
     Invites,
+    /// When each account was last online.
+    LastSeen,
+    /// Each account's privacy settings.
+    Privacy,
+    /// Each device's push token.
+    PushTokens,
 }
 
 impl Table {
     /// Every family, created at open.
-    pub const ALL: [Table; 6] =
-        [Table::Accounts, Table::DeviceKeys, Table::Inbox, Table::Dedup, Table::Counters, Table::Invites];
+    pub const ALL: [Table; 9] = [
+        Table::Accounts,
+        Table::DeviceKeys,
+        Table::Inbox,
+        Table::Dedup,
+        Table::Counters,
+        Table::Invites,
+        Table::LastSeen,
+        Table::Privacy,
+        Table::PushTokens,
+    ];
 
     /// The family's name in RocksDB (never change one: it names data on
     /// disk).
@@ -33,6 +48,9 @@ impl Table {
             Table::Dedup => "dedup",
             Table::Counters => "counters",
             Table::Invites => "invites",
+            Table::LastSeen => "last_seen",
+            Table::Privacy => "privacy",
+            Table::PushTokens => "push_tokens",
         }
     }
 

@@ -16,6 +16,7 @@ use rocksdb::{WriteBatch, WriteOptions};
 use super::counters::Counter;
 use super::dedup::DedupRecord;
 use super::overlay::Overlay;
+use super::push_tokens::PushRecord;
 use super::{StorageError, Store, Table};
 use crate::model::DeviceAddr;
 
@@ -38,6 +39,7 @@ pub struct TxnState {
     pub(super) device_keys: Overlay<PublicKey, DeviceAddr>,
     pub(super) dedup: Overlay<(DeviceAddr, u64), DedupRecord>,
     pub(super) invites: Overlay<Vec<u8>, u64>,
+    pub(super) push_tokens: Overlay<DeviceAddr, PushRecord>,
 }
 
 impl Default for TxnState {
@@ -52,6 +54,7 @@ impl Default for TxnState {
             device_keys: Overlay::new(0),
             dedup: Overlay::new(0),
             invites: Overlay::new(0),
+            push_tokens: Overlay::new(0),
         }
     }
 }
@@ -63,6 +66,7 @@ impl TxnState {
         self.device_keys.op_commit();
         self.dedup.op_commit();
         self.invites.op_commit();
+        self.push_tokens.op_commit();
     }
 
     fn overlays_op_rollback(&mut self) {
@@ -71,6 +75,7 @@ impl TxnState {
         self.device_keys.op_rollback();
         self.dedup.op_rollback();
         self.invites.op_rollback();
+        self.push_tokens.op_rollback();
     }
 
     fn overlays_round_done(&mut self, ok: bool) {
@@ -79,6 +84,7 @@ impl TxnState {
         self.device_keys.round_done(ok);
         self.dedup.round_done(ok);
         self.invites.round_done(ok);
+        self.push_tokens.round_done(ok);
     }
 }
 
