@@ -95,21 +95,23 @@ async fn the_same_id_with_other_content_is_refused_not_swallowed() {
 
 /// Defects 4 and 5: requests of features this server does not offer are
 /// answered NOT_SUPPORTED with their `req` and the connection stays open;
-/// `LoginOk.features` lists none of them; a request with `req` 0 ends the
+/// `LoginOk.features` lists exactly what is offered (presence and typing;
+/// push only with a gateway configured); a request with `req` 0 ends the
 /// connection with a connection-level BAD_REQUEST.
 #[tokio::test]
 async fn unoffered_features_are_not_supported_attributably_and_req_zero_closes() {
     let s = TestServer::start(|_| {});
     let (_a, mut ca) = register(s.addr).await;
-    assert!(ca.login().features.is_empty(), "this server offers no optional feature yet");
+    let offered = [pb::Feature::Presence as i32, pb::Feature::Typing as i32];
+    assert_eq!(ca.login().features, offered, "no push gateway: no push");
     let requests: Vec<Message> = vec![
-        pb::PresenceSubscribe { accounts: vec![1], req: 1 }.into(),
+        pb::GroupCreate { req: 1, ..Default::default() }.into(),
         pb::PushToken { platform: pb::PushPlatform::Fcm as i32, token: Bytes::from_static(b"t"), req: 2 }.into(),
-        pb::PrivacySet { last_seen: pb::LastSeenVisibility::Nobody as i32, req: 3 }.into(),
+        pb::GroupListRequest { req: 3 }.into(),
         pb::GroupCreate { req: 4, ..Default::default() }.into(),
         pb::KeysFetch { req: 5, account: 1, devices: vec![] }.into(),
         pb::InviteCreate { req: 6 }.into(),
-        pb::Typing { peer: 1, typing: true, ..Default::default() }.into(),
+        pb::Typing { peer: 1, group: 9, typing: true, ..Default::default() }.into(),
         pb::Ping { id: 7 }.into(),
     ];
     ca.send(&requests).await.unwrap();
@@ -120,7 +122,7 @@ async fn unoffered_features_are_not_supported_attributably_and_req_zero_closes()
             m => answers.push(m),
         }
     }
-    assert_eq!(answers.len(), 6, "one answer per request, none for Typing: {answers:?}");
+    assert_eq!(answers.len(), 6, "one answer per request, none for a group Typing: {answers:?}");
     for (req, m) in (1..=6).zip(&answers) {
         assert!(is_error(m, pb::ErrorCode::NotSupported, req, 0), "request {req}: {m:?}");
     }

@@ -20,8 +20,9 @@ use tokio::net::TcpStream;
 
 use super::{ConnCtx, ConnError};
 use crate::model::DeviceAddr;
-use crate::route::{ConnHandle, Push};
+use crate::route::{ConnHandle, Events, Push, Watcher};
 use crate::service::receipts::{acked_meta, Acked};
+use crate::service::typing::TypingLimiter;
 use crate::service::Submission;
 
 /// Serves one accepted socket until it closes.
@@ -43,7 +44,10 @@ async fn serve(stream: TcpStream, ctx: &Arc<ConnCtx>) -> Result<(), ConnError> {
     let super::handshake::Established { stream, session, inbuf, mut conn, keepalive } =
         Box::pin(super::handshake::establish(stream, ctx)).await?;
     let result = conn.run(stream, session, inbuf, keepalive).await;
-    ctx.registry.remove(conn.addr, conn.handle.id);
+    if let Some(w) = &conn.watcher {
+        ctx.services.presence.unwatch(w);
+    }
+    ctx.services.presence.disconnect(conn.addr, conn.handle.id);
     result
 }
 
@@ -104,6 +108,14 @@ pub(super) struct Conn {
     /// after it is processed; earlier answers go out, then this code as a
     /// connection-level error, then the server closes (SPEC.md 7.1).
     pub(super) closing: Option<pb::ErrorCode>,
+    /// This connection's presence subscriptions, from its first
+    /// `PresenceSubscribe` on.
+    pub(super) watcher: Option<Arc<Watcher>>,
+    /// Numbers this connection's subscription requests, so a slow one
+    /// cannot undo a later one.
+    pub(super) watch_seq: u64,
+    /// How many typing notices this connection may still send.
+    pub(super) typing: TypingLimiter,
 }
 
 impl Conn {
@@ -135,6 +147,9 @@ impl Conn {
             stalled: VecDeque::new(),
             outq,
             closing: None,
+            watcher: None,
+            watch_seq: 0,
+            typing: ctx.services.typing.limiter(Instant::now()),
         };
         if !inbox.acked.is_empty() {
             conn.ack_entries(inbox.acked);
@@ -190,12 +205,13 @@ impl Conn {
                     return Ok(());
                 }
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => {
-                    self.outq.push(answer);
+                    self.answered(answer);
                 }
                 _ = mailbox.ready.notified() => {
                     for push in mailbox.take() {
                         self.push(push);
                     }
+                    self.take_events();
                 }
                 _ = writer.room(), if !self.stalled.is_empty() => {
                     self.retry_stalled();
@@ -229,13 +245,14 @@ impl Conn {
             // Coalesce whatever else is ready into this turn's write.
             for _ in 0..1024 {
                 match self.pending.next().now_or_never() {
-                    Some(Some(answer)) => self.outq.push(answer),
+                    Some(Some(answer)) => self.answered(answer),
                     _ => break,
                 }
             }
             for push in mailbox.take() {
                 self.push(push);
             }
+            self.take_events();
             if mailbox.overflow.swap(false, Ordering::AcqRel) {
                 self.behind = true;
             }
@@ -252,10 +269,32 @@ impl Conn {
         tokio::pin!(deadline);
         while !self.pending.is_empty() {
             tokio::select! {
-                Some(answer) = self.pending.next() => self.outq.push(answer),
+                Some(answer) = self.pending.next() => self.answered(answer),
                 _ = &mut deadline => break,
             }
         }
+    }
+
+    /// Queues an answer that became ready. A subscription's answer comes
+    /// after the states it queued, so the client has every watched
+    /// account's state by the time it reads `Done`.
+    fn answered(&mut self, answer: Message) {
+        if self.watcher.is_some() {
+            self.take_events();
+        }
+        self.outq.push(answer);
+    }
+
+    /// Queues the presence updates and typing notices waiting in the
+    /// mailbox.
+    fn take_events(&mut self) {
+        let Some(ev) = self.handle.mailbox.take_events() else { return };
+        let Events { presence, typing } = *ev;
+        if !presence.is_empty() {
+            metrics::counter!("pipit_presence_updates_total").increment(presence.len() as u64);
+        }
+        self.outq.extend(presence.into_iter().map(Message::from));
+        self.outq.extend(typing.into_iter().map(Message::from));
     }
 
     async fn flush(
