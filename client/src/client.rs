@@ -140,8 +140,15 @@ pub struct Stats {
 enum Cmd {
     Send(pb::Send, oneshot::Sender<Result<u64, ClientError>>),
     Raw(Vec<Message>),
+    /// A request the task numbers, sends (again after a reconnect) until
+    /// it is answered, and answers.
+    Call(Message, oneshot::Sender<Result<Message, ClientError>>),
     Close(oneshot::Sender<()>),
 }
+
+/// Request ids the library assigns start here, so they never meet the
+/// small ids an app picks for [`Client::request`].
+const CALL_REQ_BASE: u64 = 1 << 20;
 
 /// Handle to a running client. Dropping it stops the client.
 pub struct Client {
@@ -196,6 +203,9 @@ impl Client {
             cmds: cmd_rx,
             stats: stats.clone(),
             deferred: BTreeMap::new(),
+            calls: BTreeMap::new(),
+            next_req: CALL_REQ_BASE,
+            watching: Vec::new(),
         };
         tokio::spawn(task.run());
         Ok((Client { cmds: cmd_tx, stats, identity }, Events { rx: ev_rx }))
@@ -229,8 +239,59 @@ impl Client {
         self.request(vec![r.into()]).await
     }
 
+    /// Watches these accounts' presence (typically the contacts whose
+    /// chats are open), replacing the set watched before; an empty list
+    /// stops watching. Returns once the server has answered, by which
+    /// time each account's current state has arrived as an
+    /// [`Event::Presence`]; changes follow as they happen. The set is
+    /// sent again after every reconnect (the server forgets it with the
+    /// connection). Waits for a connection if there is none; refused
+    /// with `NOT_FOUND` for an unknown account and `TOO_LARGE` past the
+    /// server's limit (256), and the set in force stays.
+    pub async fn watch_presence(&self, accounts: Vec<u64>) -> Result<(), ClientError> {
+        self.call(pb::PresenceSubscribe { accounts, req: 0 }.into()).await.map(drop)
+    }
+
+    /// Shows (`true`) or hides this account's last seen from everyone who
+    /// watches it. Returns once the setting is durable on the server.
+    pub async fn set_last_seen_visible(&self, visible: bool) -> Result<(), ClientError> {
+        let last_seen = if visible { pb::LastSeenVisibility::Everyone } else { pb::LastSeenVisibility::Nobody };
+        self.call(pb::PrivacySet { last_seen: last_seen as i32, req: 0 }.into()).await.map(drop)
+    }
+
+    /// Tells `peer` that this device is typing (`true`) or stopped.
+    /// At most once: dropped when not connected, and the server drops it
+    /// when the peer is offline or this device sends too many.
+    pub async fn typing(&self, peer: u64, typing: bool) -> Result<(), ClientError> {
+        self.request(vec![pb::Typing { peer, typing, ..Default::default() }.into()]).await
+    }
+
+    /// Registers this device's push token (`platform` and the token its
+    /// push library gave the app: an FCM registration token, the base64
+    /// APNs device token, or a UnifiedPush endpoint URL), so the server
+    /// wakes the app when something arrives while it has no connection;
+    /// an empty token removes it. Returns once the server has stored it;
+    /// `NOT_SUPPORTED` when the server delivers no wake-ups for this
+    /// platform.
+    pub async fn set_push_token(&self, platform: pb::PushPlatform, token: impl Into<Bytes>) -> Result<(), ClientError> {
+        let m = pb::PushToken { platform: platform as i32, token: token.into(), req: 0 };
+        self.call(m.into()).await.map(drop)
+    }
+
+    /// Sends a request (its `req` is chosen here) and waits for its
+    /// answer: the result, `Done`, or the server's refusal as
+    /// [`ClientError::Refused`]. Sent again after a reconnect until
+    /// answered, and after the pause the server asks when it is busy.
+    pub async fn call(&self, request: Message) -> Result<Message, ClientError> {
+        check_size(std::slice::from_ref(&request))?;
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Call(request, tx)).await.map_err(|_| ClientError::Stopped)?;
+        rx.await.map_err(|_| ClientError::Stopped)?
+    }
+
     /// Sends other protocol messages (requests, typing) if connected; they
-    /// are not queued across reconnects.
+    /// are not queued across reconnects. Request ids below 2^20 are the
+    /// app's; the library's own start there.
     pub async fn request(&self, messages: Vec<Message>) -> Result<(), ClientError> {
         check_size(&messages)?;
         self.cmds.send(Cmd::Raw(messages)).await.map_err(|_| ClientError::Stopped)
@@ -257,6 +318,20 @@ struct Task {
     /// Outbox entries the server asked us to send again later, on this
     /// connection: when, and how often in a row it has refused them.
     deferred: BTreeMap<u64, Deferred>,
+    /// Requests waiting for their answer, by the `req` given them.
+    calls: BTreeMap<u64, Call>,
+    next_req: u64,
+    /// The presence subscription in force, sent again on every new
+    /// connection.
+    watching: Vec<u64>,
+}
+
+struct Call {
+    msg: Message,
+    /// `None` for the library's own (a subscription sent again).
+    reply: Option<oneshot::Sender<Result<Message, ClientError>>>,
+    /// Not before this (the server asked for a pause), on this connection.
+    deferred: Option<Deferred>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -359,8 +434,68 @@ impl Task {
                 }
                 // Not queued: requests are only meaningful online.
                 Some(Cmd::Raw(_)) => {}
+                // Queued: sent once connected.
+                Some(Cmd::Call(msg, reply)) => {
+                    self.add_call(msg, Some(reply));
+                }
             }
         }
+    }
+
+    /// Numbers a request and keeps it until answered; returns it to send.
+    fn add_call(&mut self, mut msg: Message, reply: Option<oneshot::Sender<Result<Message, ClientError>>>) -> Message {
+        let req = self.next_req;
+        self.next_req += 1;
+        msg.set_request_id(req);
+        self.calls.insert(req, Call { msg: msg.clone(), reply, deferred: None });
+        msg
+    }
+
+    /// What a new connection must be sent besides the outbox: the
+    /// presence subscription in force, then every unanswered request.
+    fn calls_to_send(&mut self) -> Vec<Message> {
+        let resubscribe =
+            !self.watching.is_empty() && !self.calls.values().any(|c| matches!(c.msg, Message::PresenceSubscribe(_)));
+        if resubscribe {
+            let m = pb::PresenceSubscribe { accounts: self.watching.clone(), req: 0 };
+            self.add_call(m.into(), None);
+        }
+        self.calls
+            .values_mut()
+            .map(|c| {
+                c.deferred = None;
+                c.msg.clone()
+            })
+            .collect()
+    }
+
+    /// An answer to request `req`; `Ok(true)` when it was one of ours.
+    fn answer_call(&mut self, req: u64, m: &Message) -> bool {
+        let Some(call) = self.calls.get_mut(&req) else { return false };
+        if let Message::Error(e) = m {
+            let code = pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified);
+            if matches!(code, pb::ErrorCode::Unavailable | pb::ErrorCode::RateLimited | pb::ErrorCode::Internal) {
+                // Not final: again after the pause, on this connection.
+                let refusals = call.deferred.map_or(0, |d| d.refusals) + 1;
+                let at = Instant::now() + retry_delay(e.retry_after_secs, refusals);
+                call.deferred = Some(Deferred { at, refusals });
+                return true;
+            }
+        }
+        let Some(call) = self.calls.remove(&req) else { return false };
+        let result = match m {
+            Message::Error(e) => {
+                Err(ClientError::Refused(pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified)))
+            }
+            other => Ok(other.clone()),
+        };
+        if let (Ok(_), Message::PresenceSubscribe(s)) = (&result, &call.msg) {
+            self.watching = s.accounts.clone();
+        }
+        if let Some(reply) = call.reply {
+            let _ = reply.send(result);
+        }
+        true
     }
 
     fn enqueue(&mut self, mut send: pb::Send) -> Result<pb::Send, ClientError> {
@@ -442,8 +577,10 @@ impl Task {
         // Everything goes again below; pauses asked on an old connection
         // do not carry over.
         self.deferred.clear();
-        // Everything not yet confirmed goes again, same ids, in order.
-        let unsent: Vec<Message> = self.outbox.values().cloned().map(Message::from).collect();
+        // Everything not yet confirmed goes again, same ids, in order; then
+        // the presence subscription and the unanswered requests.
+        let mut unsent: Vec<Message> = self.outbox.values().cloned().map(Message::from).collect();
+        unsent.extend(self.calls_to_send());
         if !unsent.is_empty() {
             self.stats.resent.fetch_add(unsent.len() as u64, Ordering::Relaxed);
             if let Err(e) = conn.send(&unsent).await {
@@ -467,7 +604,12 @@ impl Task {
                 ack_due = false;
             }
             let deadline = tokio::time::Instant::from_std(ka.next_deadline());
-            let retry_at = self.deferred.values().map(|d| d.at).min();
+            let retry_at = self
+                .deferred
+                .values()
+                .map(|d| d.at)
+                .chain(self.calls.values().filter_map(|c| c.deferred.map(|d| d.at)))
+                .min();
             tokio::select! {
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(retry_at.unwrap_or_else(Instant::now))),
                     if retry_at.is_some() =>
@@ -484,6 +626,15 @@ impl Task {
                         })
                         .collect();
                     self.deferred.retain(|id, _| self.outbox.contains_key(id));
+                    let mut due = due;
+                    for c in self.calls.values_mut() {
+                        if let Some(d) = &mut c.deferred {
+                            if d.at <= now {
+                                d.at = now + MAX_RETRY_DELAY * 4;
+                                due.push(c.msg.clone());
+                            }
+                        }
+                    }
                     if !due.is_empty() {
                         self.stats.deferred.fetch_add(due.len() as u64, Ordering::Relaxed);
                         if let Err(e) = conn.send(&due).await {
@@ -507,6 +658,7 @@ impl Task {
                             }
                         },
                         Some(Cmd::Raw(msgs)) => msgs,
+                        Some(Cmd::Call(msg, reply)) => vec![self.add_call(msg, Some(reply))],
                     };
                     if let Err(e) = conn.send(&out).await {
                         return End::Lost(e);
@@ -553,6 +705,11 @@ impl Task {
                 // again so the server forgets it.
                 self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
                 return Ok(true);
+            }
+        }
+        if let Some(req) = m.answered_request() {
+            if self.answer_call(req, &m) {
+                return Ok(false);
             }
         }
         let event = match m {
