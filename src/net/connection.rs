@@ -80,6 +80,11 @@ pub(super) async fn write_out(stream: &mut TcpStream, out: &mut BytesMut, timeou
     Ok(())
 }
 
+/// Messages' worth of queue an idle connection keeps between turns.
+const OUTQ_KEEP: usize = 8;
+/// Bytes of write buffer an idle connection keeps between turns.
+const OUT_KEEP: usize = 1024;
+
 /// An answer that becomes ready later (a send made durable, a read done).
 pub(super) type Answer = futures_util::future::BoxFuture<'static, Message>;
 
@@ -184,6 +189,15 @@ impl Conn {
             if inbuf.is_empty() && inbuf.capacity() > 0 {
                 // Idle connections hold no read buffer.
                 inbuf = BytesMut::new();
+            }
+            // Nor what a burst (a window of deliveries, the states of a
+            // presence subscription) grew the write side to: kept, it
+            // would cost every connection its largest turn for ever.
+            if self.outq.capacity() > OUTQ_KEEP {
+                self.outq = Vec::new();
+            }
+            if out.is_empty() && out.capacity() > OUT_KEEP {
+                out = BytesMut::new();
             }
             let ka_deadline = tokio::time::Instant::from_std(ka.next_deadline());
             let reading = self.pending.len() < max_pending && self.stalled.is_empty();
