@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use pipit_protocol::message::pb;
@@ -152,7 +152,8 @@ impl TimerState {
 
 impl Presence {
     /// Presence over `registry`, writing through `writer`; starts the
-    /// timer thread, which runs until [`Presence::stop`].
+    /// timer thread, which runs until [`Presence::stop`] or until every
+    /// handle is gone.
     pub(crate) fn start(
         registry: Arc<Registry>,
         store: Arc<Store>,
@@ -160,14 +161,14 @@ impl Presence {
         cfg: PresenceConfig,
     ) -> std::io::Result<Self> {
         let timer = Arc::new(Timer { state: Mutex::new(TimerState::default()), wake: Condvar::new() });
-        let p = Self { registry, store, writer, cfg, timer };
-        let worker = p.clone();
-        std::thread::Builder::new().name("pipit-presence".into()).spawn(move || worker.run_timer())?;
-        Ok(p)
+        let thread =
+            TimerThread { timer: Arc::downgrade(&timer), registry: registry.clone(), writer: writer.clone(), cfg };
+        std::thread::Builder::new().name("pipit-presence".into()).spawn(move || thread.run())?;
+        Ok(Self { registry, store, writer, cfg, timer })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TimerState> {
-        self.timer.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.timer.lock()
     }
 
     /// The settings.
@@ -283,48 +284,73 @@ impl Presence {
             }
         }
     }
+}
 
-    fn run_timer(self) {
-        let mut st = self.lock();
+/// The thread that ends grace periods and hands last seen to the writer.
+/// It holds the timer weakly: once every [`Presence`] handle is gone it
+/// ends (within a second), and with it its handle on the writer.
+struct TimerThread {
+    timer: Weak<Timer>,
+    registry: Arc<Registry>,
+    writer: Writer,
+    cfg: PresenceConfig,
+}
+
+impl Timer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TimerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The longest the timer thread sleeps before checking it is still
+/// wanted.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
+
+impl TimerThread {
+    fn run(self) {
         loop {
-            if st.stopped {
+            let Some(timer) = self.timer.upgrade() else { return };
+            if !self.turn(&timer) {
                 return;
             }
-            let now = Instant::now();
-            let mut due = Vec::new();
-            while st.grace.front().is_some_and(|(d, _)| *d <= now) {
-                if let Some((_, l)) = st.grace.pop_front() {
-                    due.push(l);
-                }
-            }
-            if !due.is_empty() {
-                // The registry's locks are never taken under this one
-                // elsewhere; release it anyway while publishing.
-                drop(st);
-                let ended: Vec<(u64, u64)> =
-                    due.into_iter().filter_map(|l| self.registry.grace_over(l).map(|t| (l.account, t))).collect();
-                st = self.lock();
-                for (account, time) in ended {
-                    st.last_seen(account, time, now, self.cfg.granularity);
-                }
-            }
-            st.windows_ended(now, self.cfg.granularity);
-            if !st.unsent.is_empty() {
-                self.flush(&mut st);
-            }
-            // Held writes are retried at least every second; otherwise sleep
-            // until the next deadline.
-            let retry = (!st.unsent.is_empty()).then(|| now + Duration::from_secs(1));
-            let wait = match st.next_deadline().into_iter().chain(retry).min() {
-                Some(d) => d.saturating_duration_since(Instant::now()),
-                None => Duration::from_secs(3600),
-            };
-            st = self.timer.wake.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
+    /// One turn: ends due grace periods, writes what is due, sleeps until
+    /// the next deadline (at most [`IDLE_WAKE`]). False once stopped.
+    fn turn(&self, timer: &Timer) -> bool {
+        let mut st = timer.lock();
+        if st.stopped {
+            return false;
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while st.grace.front().is_some_and(|(d, _)| *d <= now) {
+            if let Some((_, l)) = st.grace.pop_front() {
+                due.push(l);
+            }
+        }
+        if !due.is_empty() {
+            // Publishing takes registry locks: not under this one.
+            drop(st);
+            let ended: Vec<(u64, u64)> =
+                due.into_iter().filter_map(|l| self.registry.grace_over(l).map(|t| (l.account, t))).collect();
+            st = timer.lock();
+            for (account, time) in ended {
+                st.last_seen(account, time, now, self.cfg.granularity);
+            }
+        }
+        st.windows_ended(now, self.cfg.granularity);
+        self.flush(&mut st);
+        let wake = now + IDLE_WAKE;
+        let next = st.next_deadline().map_or(wake, |d| d.min(wake));
+        let wait = next.saturating_duration_since(Instant::now());
+        drop(timer.wake.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()));
+        true
+    }
+
     /// Hands held writes to the writer, as many operations as it has room
-    /// for; the rest wait for the next turn.
+    /// for; the rest wait for the next turn (at most a second away).
     fn flush(&self, st: &mut TimerState) {
         while !st.unsent.is_empty() {
             let n = st.unsent.len().min(WRITES_PER_OP);

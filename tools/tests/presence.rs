@@ -278,3 +278,71 @@ fn the_cli_registers_and_removes_a_push_token() {
     let out = cli(&["push-token", "--profile", ps, "--platform", "unifiedpush", "--remove"]).unwrap();
     assert_eq!(out.trim(), "push token removed");
 }
+
+/// Presence bytes over real TCP, counted by the link emulator between a
+/// subscriber and the server: one subscription to 50 accounts (10 of them
+/// online) and one online/offline change. Run with `--nocapture` for the
+/// figures; they count TCP payload bytes (add 52 per segment for TCP/IP
+/// headers).
+#[tokio::test]
+async fn presence_bytes_on_the_wire() {
+    use pipit_client::pipit_protocol::Message;
+    use pipit_client::{ConnectOptions, Connection};
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let s = Server::start();
+    let key = s.running.as_ref().unwrap().public_key;
+    let opts = ConnectOptions { server_key: Some(key), ..ConnectOptions::default() };
+    let mut accounts = Vec::new();
+    let mut online = Vec::new();
+    for i in 0..50 {
+        let kp = pipit_client::pipit_protocol::StaticKeypair::generate();
+        let c = Connection::connect(s.addr(), &kp, pipit_client::register("", "p"), &opts).await.unwrap();
+        accounts.push((c.login().account, kp));
+        if i % 5 == 0 {
+            online.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), s.addr(), Link::default(), Link::default()).await.unwrap();
+    let me = pipit_client::pipit_protocol::StaticKeypair::generate();
+    let mut w = Connection::connect(proxy.addr(), &me, pipit_client::register("", "w"), &opts).await.unwrap();
+    let (up0, down0) = (proxy.stats().up.bytes.load(Relaxed), proxy.stats().down.bytes.load(Relaxed));
+    let ids: Vec<u64> = accounts.iter().map(|(a, _)| *a).collect();
+    w.send(&[pb::PresenceSubscribe { accounts: ids, req: 1 }.into()]).await.unwrap();
+    let mut states = 0;
+    loop {
+        match w.recv_timeout(T).await.unwrap() {
+            Message::Presence(_) => states += 1,
+            Message::Done(d) if d.req == 1 => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(states, 50);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (up1, down1) = (proxy.stats().up.bytes.load(Relaxed), proxy.stats().down.bytes.load(Relaxed));
+    println!("subscribe to 50 accounts (10 online): {} bytes up, {} bytes down", up1 - up0, down1 - down0);
+
+    // One account comes online, then goes offline.
+    let (account, kp) = &accounts[1];
+    let c = Connection::connect(s.addr(), kp, pipit_client::login(*account, 0, 0), &opts).await.unwrap();
+    let p = match w.recv_timeout(T).await.unwrap() {
+        Message::Presence(p) => p,
+        other => panic!("{other:?}"),
+    };
+    assert!(p.online);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let down2 = proxy.stats().down.bytes.load(Relaxed);
+    println!("one account came online: {} bytes down", down2 - down1);
+    drop(c);
+    let p = match w.recv_timeout(T).await.unwrap() {
+        Message::Presence(p) => p,
+        other => panic!("{other:?}"),
+    };
+    assert!(!p.online && p.last_seen > 0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let down3 = proxy.stats().down.bytes.load(Relaxed);
+    println!("one account went offline: {} bytes down", down3 - down2);
+    assert_eq!(proxy.stats().up.bytes.load(Relaxed), up1, "the subscriber sent nothing for the changes");
+    drop(online);
+}
