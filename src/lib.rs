@@ -7,10 +7,10 @@
 //! the recipient's connection. The binary (`pipit`) adds the command line,
 //! signals, metrics and systemd readiness.
 //!
-//! It does not implement groups, presence, typing, the key directory or
-//! push yet: `LoginOk.features` does not list them, and their requests are
-//! answered `NOT_SUPPORTED` (`service::features` is the one list of what
-//! is offered).
+//! It serves presence, typing and push wake-ups; it does not implement
+//! groups or the key directory yet: `LoginOk.features` does not list
+//! them, and their requests are answered `NOT_SUPPORTED`
+//! (`service::features` is the one list of what is offered).
 //!
 //! # Layers
 //!
@@ -20,7 +20,7 @@
 //! model            ids and time
 //! store/           the only code that names RocksDB: a file per table, Txn
 //! commit           the group-commit engine, generic over its operations
-//! route/           online devices and their mailboxes (never committed)
+//! route/           online devices, mailboxes, presence (never committed)
 //! service/         the product's rules: a file per concern, its operations
 //! net/             listeners, the connection driver, dispatch
 //! config, admin    settings; the admin socket
