@@ -54,37 +54,60 @@ impl Watcher {
     }
 }
 
-/// An account's presence beyond its connections.
+/// An account's presence beyond its connections. Every connected account
+/// has one, so it is small: what only watched accounts need is boxed.
 #[derive(Debug, Default)]
 pub(super) struct AccountPresence {
     /// Nonzero while the last connection has left and the grace period
     /// runs: the generation [`Registry::grace_over`] must name.
     pub(super) leaving: u64,
+    /// Watchers and what they are shown; `None` for most accounts.
+    watched: Option<Box<Watched>>,
+}
+
+#[derive(Debug, Default)]
+struct Watched {
     /// When the account was last seen (seconds): when its last connection
     /// left, or what storage said when it was first watched.
-    pub(super) last_seen: u64,
-    /// Whether it hides its last seen (`NOBODY`), once known: set when it
-    /// is first watched and on every `PrivacySet` while it is here.
-    pub(super) hidden: Option<bool>,
-    /// Connections watching it; empty (no allocation) for most accounts.
-    pub(super) watchers: Vec<Arc<Watcher>>,
+    last_seen: u64,
+    /// Whether it hides its last seen (`NOBODY`), once known: what
+    /// storage said when it was first watched, or its latest `PrivacySet`
+    /// while it is here.
+    hidden: Option<bool>,
+    /// Connections watching it.
+    watchers: Vec<Arc<Watcher>>,
 }
 
 impl AccountPresence {
+    pub(super) fn is_watched(&self) -> bool {
+        self.watched.as_ref().is_some_and(|w| !w.watchers.is_empty())
+    }
+
+    /// The last connection left at `now`.
+    pub(super) fn left(&mut self, generation: u64, now: u64) {
+        self.leaving = generation;
+        if let Some(w) = &mut self.watched {
+            w.last_seen = now;
+        }
+    }
+
     /// What a watcher sees.
     fn shown(&self, account: u64, online: bool) -> pb::Presence {
-        let last_seen = if online || self.hidden == Some(true) { 0 } else { self.last_seen };
+        let w = self.watched.as_deref();
+        let hidden = w.is_some_and(|w| w.hidden == Some(true));
+        let last_seen = if online || hidden { 0 } else { w.map_or(0, |w| w.last_seen) };
         pb::Presence { account, online, last_seen }
     }
 
     /// Tells every watcher the account's state.
     pub(super) fn publish(&self, account: u64, online: bool) {
-        if self.watchers.is_empty() {
+        let Some(w) = &self.watched else { return };
+        if w.watchers.is_empty() {
             return;
         }
         let p = self.shown(account, online);
-        for w in &self.watchers {
-            if !w.mailbox.presence(p) {
+        for x in &w.watchers {
+            if !x.mailbox.presence(p) {
                 metrics::counter!("pipit_presence_dropped_total").increment(1);
             }
         }
@@ -105,7 +128,7 @@ pub struct Stored {
 impl Registry {
     /// The grace period of departure `l` is over: unless a connection came
     /// back meanwhile, the account's watchers learn it went offline.
-    /// Returns its last seen, to be made durable.
+    /// Returns its last seen (`l.at`), to be made durable.
     pub fn grace_over(&self, l: Leaving) -> Option<u64> {
         let mut s = self.stripe(l.account);
         let acc = s.get_mut(&l.account)?;
@@ -113,30 +136,15 @@ impl Registry {
             return None;
         }
         acc.presence.leaving = 0;
+        if let Some(w) = &mut acc.presence.watched {
+            // Watched since it left: what storage said is older.
+            w.last_seen = w.last_seen.max(l.at);
+        }
         acc.presence.publish(l.account, false);
-        let last_seen = acc.presence.last_seen;
         if acc.is_idle() {
             s.remove(&l.account);
         }
-        Some(last_seen)
-    }
-
-    /// Ends every grace period now (shutdown): returns each account with
-    /// its last seen.
-    pub fn drain_leaving(&self) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        for i in 0..self.stripe_count() {
-            let mut s = self.stripe_at(i);
-            s.retain(|&account, acc| {
-                if acc.presence.leaving != 0 && acc.conns.is_empty() {
-                    acc.presence.leaving = 0;
-                    acc.presence.publish(account, false);
-                    out.push((account, acc.presence.last_seen));
-                }
-                !acc.is_idle()
-            });
-        }
-        out
+        Some(l.at)
     }
 
     /// Replaces `w`'s subscriptions with the accounts of `stored` (sorted,
@@ -159,15 +167,15 @@ impl Registry {
             let mut stripe = self.stripe(s.account);
             let acc = stripe.entry(s.account).or_default();
             let online = acc.is_online();
-            let p = &mut acc.presence;
+            let watched = acc.presence.watched.get_or_insert_with(Box::default);
             // What memory knows is newer than what was read: a privacy
             // change or a departure since.
-            p.hidden.get_or_insert(s.hidden);
-            p.last_seen = p.last_seen.max(s.last_seen);
-            if !p.watchers.iter().any(|x| Arc::ptr_eq(x, w)) {
-                p.watchers.push(w.clone());
+            watched.hidden.get_or_insert(s.hidden);
+            watched.last_seen = watched.last_seen.max(s.last_seen);
+            if !watched.watchers.iter().any(|x| Arc::ptr_eq(x, w)) {
+                watched.watchers.push(w.clone());
             }
-            if !w.mailbox.presence(p.shown(s.account, online)) {
+            if !w.mailbox.presence(acc.presence.shown(s.account, online)) {
                 metrics::counter!("pipit_presence_dropped_total").increment(1);
             }
         }
@@ -190,12 +198,13 @@ impl Registry {
     fn drop_watcher(&self, account: u64, w: &Arc<Watcher>) {
         let mut s = self.stripe(account);
         let Some(acc) = s.get_mut(&account) else { return };
-        let watchers = &mut acc.presence.watchers;
-        if let Some(i) = watchers.iter().position(|x| Arc::ptr_eq(x, w)) {
-            watchers.swap_remove(i);
-        }
-        if watchers.is_empty() && watchers.capacity() > 0 {
-            *watchers = Vec::new();
+        if let Some(watched) = &mut acc.presence.watched {
+            if let Some(i) = watched.watchers.iter().position(|x| Arc::ptr_eq(x, w)) {
+                watched.watchers.swap_remove(i);
+            }
+            if watched.watchers.is_empty() {
+                acc.presence.watched = None;
+            }
         }
         if acc.is_idle() {
             s.remove(&account);
@@ -203,12 +212,16 @@ impl Registry {
     }
 
     /// `account` changed whether it hides its last seen: an offline
-    /// account's watchers see the change at once.
+    /// account's watchers see the change at once. Kept for an account
+    /// that is here (its device sent the change) even when nobody watches
+    /// it yet, so a subscription whose storage read came just before the
+    /// change cannot show the old setting.
     pub fn set_hidden(&self, account: u64, hidden: bool) {
         let mut s = self.stripe(account);
         let Some(acc) = s.get_mut(&account) else { return };
-        let changed = acc.presence.hidden != Some(hidden);
-        acc.presence.hidden = Some(hidden);
+        let watched = acc.presence.watched.get_or_insert_with(Box::default);
+        let changed = watched.hidden != Some(hidden);
+        watched.hidden = Some(hidden);
         if changed && !acc.is_online() {
             acc.presence.publish(account, false);
         }
@@ -224,7 +237,7 @@ impl Registry {
 impl Account {
     #[cfg(test)]
     fn watcher_count(&self) -> usize {
-        self.presence.watchers.len()
+        self.presence.watched.as_ref().map_or(0, |w| w.watchers.len())
     }
 }
 
@@ -270,6 +283,20 @@ mod tests {
     }
 
     #[test]
+    fn an_account_watched_while_leaving_shows_when_it_left() {
+        let r = Registry::default();
+        let me = conn(1);
+        let w = Watcher::new(me.mailbox.clone());
+        let a = DeviceAddr::new(4, 0);
+        assert!(r.insert(a, conn(2)).is_none());
+        let l = r.remove(a, 2, 500).unwrap();
+        r.watch(&w, 1, &[stored(4, 100, false)]);
+        assert_eq!(seen(&me.mailbox), vec![(4, true, 0)], "online during the grace");
+        assert_eq!(r.grace_over(l), Some(500));
+        assert_eq!(seen(&me.mailbox), vec![(4, false, 500)], "not the older stored value");
+    }
+
+    #[test]
     fn a_reconnect_within_the_grace_period_does_not_flap() {
         let r = Registry::default();
         let me = conn(1);
@@ -306,12 +333,15 @@ mod tests {
     }
 
     #[test]
-    fn shutdown_ends_every_grace_period() {
+    fn an_unwatched_account_costs_its_connections_and_a_few_words() {
         let r = Registry::default();
         let a = DeviceAddr::new(3, 0);
         assert!(r.insert(a, conn(1)).is_none());
-        let _ = r.remove(a, 1, 77).unwrap();
-        assert_eq!(r.drain_leaving(), vec![(3, 77)]);
+        assert!(std::mem::size_of::<AccountPresence>() <= 16);
+        assert!(std::mem::size_of::<Account>() <= 40, "a connection vector and the presence words");
+        assert!(r.stripe(3).get(&3).unwrap().presence.watched.is_none());
+        let l = r.remove(a, 1, 77).unwrap();
+        assert_eq!(r.grace_over(l), Some(77), "the departure carries its time");
         assert_eq!(r.accounts_tracked(), 0);
     }
 }

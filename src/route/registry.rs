@@ -182,7 +182,7 @@ impl Account {
 
     /// Holds nothing worth keeping: the entry can go.
     pub(super) fn is_idle(&self) -> bool {
-        !self.is_online() && self.presence.watchers.is_empty()
+        !self.is_online() && !self.presence.is_watched()
     }
 }
 
@@ -200,6 +200,8 @@ pub struct Leaving {
     /// Which departure this is: a reconnect and a new departure make an
     /// older grace period moot.
     pub generation: u64,
+    /// When the last connection left (seconds): the account's last seen.
+    pub at: u64,
 }
 
 /// Online devices and their accounts' presence, striped by account to
@@ -277,9 +279,8 @@ impl Registry {
             acc.conns = Vec::new();
         }
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        acc.presence.leaving = generation;
-        acc.presence.last_seen = now;
-        Some(Leaving { account: addr.account, generation })
+        acc.presence.left(generation, now);
+        Some(Leaving { account: addr.account, generation, at: now })
     }
 
     /// Whether the device is online here.

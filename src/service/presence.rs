@@ -259,13 +259,14 @@ impl Presence {
     /// for room) and stops the timer thread.
     pub fn stop(&self, timeout: Duration) {
         let now = Instant::now();
-        let departed = self.registry.drain_leaving();
         let writes = {
             let mut st = self.lock();
             st.stopped = true;
-            st.grace.clear();
-            for (account, time) in departed {
-                st.queue_write(account, time);
+            let departures = std::mem::take(&mut st.grace);
+            for (_, l) in departures {
+                if let Some(time) = self.registry.grace_over(l) {
+                    st.queue_write(l.account, time);
+                }
             }
             let held: Vec<(u64, u64)> =
                 st.recent.iter_mut().filter_map(|(a, r)| r.held.take().map(|t| (*a, t))).collect();
