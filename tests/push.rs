@@ -414,3 +414,19 @@ async fn bad_tokens_get_clear_answers_and_an_empty_one_removes() {
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert!(gw.seen().is_empty(), "a removed token was woken: {:?}", gw.seen());
 }
+
+#[tokio::test]
+async fn copies_of_what_its_own_account_sent_do_not_wake_a_device() {
+    let gw = Gateway::start(OK).await;
+    let s = TestServer::start(matrix(&gw));
+    let (_a, mut ca) = register(s.addr).await;
+    let tablet = link(&s, &mut ca, 1).await;
+    let mut ct = login(&s, &tablet).await;
+    token(&mut ct, 1, "tablet-token").await;
+    drop(ct);
+    let (b, _cb) = register(s.addr).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send_all(&mut ca, 1, 3, b.account, "from my phone").await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(gw.seen().is_empty(), "the tablet was woken for its own account's message: {:?}", gw.seen());
+}

@@ -316,9 +316,10 @@ impl Deliveries for Registry {
             .map(|(_, h)| h.mailbox.clone());
         match mailbox {
             Some(m) => m.push((id, Box::new(msg))),
-            // Messages wake a sleeping device; receipts and expiry
-            // notices wait for its next connection.
-            None if matches!(msg, Message::Deliver(_)) => {
+            // Messages from others wake a sleeping device; receipts,
+            // expiry notices and copies of what its own account sent
+            // wait for its next connection.
+            None if matches!(&msg, Message::Deliver(d) if d.from != to.account) => {
                 if let Some(w) = self.wakeups.get() {
                     w.wake(to);
                 }
