@@ -78,6 +78,48 @@ pub struct Config {
     pub fanout_step_delay_ms: u64,
     /// Milliseconds between flushes of group receipt counts to senders.
     pub group_receipt_flush_ms: u64,
+    /// Most accounts one connection may watch for presence (at most 256,
+    /// the protocol's limit).
+    pub presence_max_subscriptions: usize,
+    /// Milliseconds an account stays online for its watchers after its
+    /// last connection ended, so a reconnect on a flaky link does not
+    /// flap.
+    pub presence_grace_ms: u64,
+    /// Seconds between two durable writes of one account's last seen.
+    pub last_seen_granularity_secs: u64,
+    /// Typing notices one connection may send per minute, sustained.
+    pub typing_per_minute: u32,
+    /// Typing notices one connection may send at once after a pause.
+    pub typing_burst: u32,
+    /// The Matrix push gateway's notify URL (sygnal:
+    /// `https://HOST/_matrix/push/v1/notify`) for APNs and FCM tokens;
+    /// empty: none.
+    pub push_gateway_url: String,
+    /// The app id the gateway knows the iOS app by; empty: APNs tokens
+    /// are refused.
+    pub push_apns_app_id: String,
+    /// The app id the gateway knows the Android app by; empty: FCM tokens
+    /// are refused.
+    pub push_fcm_app_id: String,
+    /// Accept UnifiedPush endpoints from devices.
+    pub push_unifiedpush: bool,
+    /// Let UnifiedPush endpoints name loopback, private and link-local
+    /// addresses.
+    pub push_allow_private_endpoints: bool,
+    /// At most one wake-up per device per this many seconds.
+    pub push_interval_secs: u64,
+    /// Seconds one gateway request may take.
+    pub push_timeout_secs: u64,
+    /// Retries after a 5xx, 429 or connection error.
+    pub push_retries: u32,
+    /// Milliseconds before the first retry; doubled for each next one.
+    pub push_retry_base_ms: u64,
+    /// Longest wait between retries, seconds.
+    pub push_retry_max_secs: u64,
+    /// Wake-ups waiting or in progress, at most; more are dropped.
+    pub push_queue: usize,
+    /// Gateway requests in flight at once, at most.
+    pub push_concurrency: usize,
 }
 
 impl Default for Config {
@@ -108,6 +150,23 @@ impl Default for Config {
             fanout_concurrency: 16,
             fanout_step_delay_ms: 0,
             group_receipt_flush_ms: 1_000,
+            presence_max_subscriptions: pipit_protocol::limits::MAX_PRESENCE_SUBSCRIPTIONS,
+            presence_grace_ms: 5_000,
+            last_seen_granularity_secs: 60,
+            typing_per_minute: 60,
+            typing_burst: 5,
+            push_gateway_url: String::new(),
+            push_apns_app_id: String::new(),
+            push_fcm_app_id: String::new(),
+            push_unifiedpush: false,
+            push_allow_private_endpoints: false,
+            push_interval_secs: 60,
+            push_timeout_secs: 10,
+            push_retries: 4,
+            push_retry_base_ms: 1_000,
+            push_retry_max_secs: 60,
+            push_queue: 10_000,
+            push_concurrency: 64,
         }
     }
 }
@@ -179,6 +238,34 @@ impl Config {
         if self.group_receipt_flush_ms < 10 {
             return bad("group_receipt_flush_ms must be at least 10");
         }
+        let max_subs = pipit_protocol::limits::MAX_PRESENCE_SUBSCRIPTIONS;
+        if self.presence_max_subscriptions == 0 || self.presence_max_subscriptions > max_subs {
+            return bad("presence_max_subscriptions must be between 1 and 256");
+        }
+        if self.last_seen_granularity_secs == 0 {
+            return bad("last_seen_granularity_secs must be positive");
+        }
+        if self.typing_per_minute == 0 || self.typing_burst == 0 {
+            return bad("typing_per_minute and typing_burst must be positive");
+        }
+        if !self.push_gateway_url.is_empty() {
+            let ok = reqwest::Url::parse(&self.push_gateway_url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+            if !ok {
+                return bad("push_gateway_url must be an http or https URL");
+            }
+            if self.push_apns_app_id.is_empty() && self.push_fcm_app_id.is_empty() {
+                return bad(
+                    "push_gateway_url needs push_apns_app_id or push_fcm_app_id (the app ids the gateway knows)",
+                );
+            }
+        }
+        if self.push_interval_secs == 0 || self.push_timeout_secs == 0 {
+            return bad("push_interval_secs and push_timeout_secs must be positive");
+        }
+        if self.push_queue == 0 || self.push_concurrency == 0 {
+            return bad("push_queue and push_concurrency must be positive");
+        }
         Ok(())
     }
 
@@ -194,6 +281,11 @@ impl Config {
     /// The handshake timeout.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+
+    /// The offline grace period.
+    pub fn presence_grace(&self) -> Duration {
+        Duration::from_millis(self.presence_grace_ms)
     }
 }
 

@@ -8,10 +8,10 @@
 //! signals, metrics and systemd readiness.
 //!
 //! Groups are stored once per message and fanned out to members' inboxes
-//! after "sent" by a driver thread (`service::fanout`). It does not
-//! implement presence, typing, the key directory or push yet:
-//! `LoginOk.features` does not list them, and their requests are answered
-//! `NOT_SUPPORTED` (`service::features` is the one list of what is
+//! after "sent" by a driver thread (`service::fanout`). It serves
+//! presence, typing and push wake-ups; it does not implement the key
+//! directory yet: `LoginOk.features` does not list it, and its requests are
+//! answered `NOT_SUPPORTED` (`service::features` is the one list of what is
 //! offered).
 //!
 //! # Layers
@@ -22,7 +22,7 @@
 //! model            ids and time
 //! store/           the only code that names RocksDB: a file per table, Txn
 //! commit           the group-commit engine, generic over its operations
-//! route/           online devices and their mailboxes (never committed)
+//! route/           online devices, mailboxes, presence (never committed)
 //! service/         the product's rules: a file per concern, its operations
 //! net/             listeners, the connection driver, dispatch
 //! config, admin    settings; the admin socket

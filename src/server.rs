@@ -13,7 +13,7 @@ use crate::commit::EngineConfig;
 use crate::config::Config;
 use crate::net::{listener, ConnCtx, NetConfig};
 use crate::route::Registry;
-use crate::service::{self, Rules, Services};
+use crate::service::{self, Live, PresenceConfig, PushConfig, Rules, Services, TypingConfig};
 use crate::store::Store;
 
 /// A running server.
@@ -55,6 +55,9 @@ impl Running {
                 let _ = shard.join();
             }
         }
+        // Every connection is gone: end the grace periods and save the last
+        // seen they held before the final barrier.
+        self.services.presence.stop(Duration::from_secs(5));
         let writer = self.services.writer.clone();
         let _ = writer.barrier_blocking(Duration::from_secs(5));
         drop(self.services);
@@ -86,9 +89,10 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         max_group_members: config.max_group_members,
     };
     let engine = EngineConfig { max_batch: config.max_batch, capacity: config.storage_queue, sync: config.sync_writes };
-    let (services, writer_thread) =
-        service::start(store.clone(), rules, registry.clone(), engine).context("starting the storage writer")?;
     let shutdown = CancellationToken::new();
+    let live = live_config(&config, registry.clone(), shutdown.clone());
+    let (services, writer_thread) =
+        service::start(store.clone(), rules, registry.clone(), engine, live).context("starting the services")?;
     service::expiry::spawn_sweeper(
         services.writer.clone(),
         Duration::from_secs(config.expiry_sweep_secs),
@@ -136,6 +140,33 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running { local_addr, public_key, services, registry, shutdown, shards, writer_thread: Some(writer_thread) })
 }
 
+fn live_config(c: &Config, registry: Arc<Registry>, shutdown: CancellationToken) -> Live {
+    Live {
+        registry,
+        presence: PresenceConfig {
+            grace: c.presence_grace(),
+            granularity: Duration::from_secs(c.last_seen_granularity_secs),
+            max_subscriptions: c.presence_max_subscriptions,
+        },
+        typing: TypingConfig { per_minute: c.typing_per_minute, burst: c.typing_burst },
+        push: PushConfig {
+            gateway_url: c.push_gateway_url.clone(),
+            apns_app_id: c.push_apns_app_id.clone(),
+            fcm_app_id: c.push_fcm_app_id.clone(),
+            unifiedpush: c.push_unifiedpush,
+            allow_private_endpoints: c.push_allow_private_endpoints,
+            interval: Duration::from_secs(c.push_interval_secs),
+            timeout: Duration::from_secs(c.push_timeout_secs),
+            retries: c.push_retries,
+            retry_base: Duration::from_millis(c.push_retry_base_ms),
+            retry_max: Duration::from_secs(c.push_retry_max_secs),
+            queue: c.push_queue,
+            concurrency: c.push_concurrency,
+        },
+        shutdown,
+    }
+}
+
 fn net_config(c: &Config) -> NetConfig {
     NetConfig {
         max_connections: c.max_connections,
@@ -162,6 +193,7 @@ fn spawn_gauges(services: Services, registry: Arc<Registry>, shutdown: Cancellat
                 metrics::gauge!("pipit_fanout_backlog_jobs").set(b.jobs as f64);
                 metrics::gauge!("pipit_fanout_backlog_members").set(b.members as f64);
             }
+            metrics::gauge!("pipit_push_queue").set(services.push.queued() as f64);
             for _ in 0..50 {
                 if shutdown.is_cancelled() {
                     return;

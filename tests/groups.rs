@@ -385,7 +385,7 @@ async fn the_client_library_does_groups_end_to_end() {
         let Event::Group(n) = next_event(events).await else { panic!("expected the group notice") };
         assert_eq!((n.group, n.version), (g, 1));
     }
-    assert!(matches!(bob.add_members(g, &[c]).await, Err(ClientError::Rejected(pb::ErrorCode::Forbidden))));
+    assert!(matches!(bob.add_members(g, &[c]).await, Err(ClientError::Refused(pb::ErrorCode::Forbidden))));
     alice.add_members(g, &[c]).await.unwrap();
     for events in [&mut alice_events, &mut bob_events, &mut carol_events] {
         let Event::Group(n) = next_event(events).await else { panic!("expected the group notice") };
@@ -418,4 +418,36 @@ async fn the_client_library_does_groups_end_to_end() {
     for client in [alice, bob, carol] {
         client.close().await;
     }
+}
+
+/// Typing in a group reaches the other members' connected devices once,
+/// never a member who was offline (not at its next login either), and a
+/// non-member's notice reaches nobody.
+#[tokio::test]
+async fn group_typing_reaches_connected_members_only_and_is_never_stored() {
+    let s = TestServer::start(|_| {});
+    let (a, mut ca) = register(s.addr).await;
+    let (b, mut cb) = register(s.addr).await;
+    let (c, cc) = register(s.addr).await;
+    let (_stranger, mut cs) = register(s.addr).await;
+    drop(cc);
+    ca.send(&[create(1, &[b.account, c.account])]).await.unwrap();
+    let g = created(&mut ca, 1).await.group;
+    notice(&mut cb).await;
+    let typing = |group| -> Message { pb::Typing { group, typing: true, ..Default::default() }.into() };
+    ca.send(&[typing(g)]).await.unwrap();
+    let t = expect(&mut cb, |m| match m {
+        Message::Typing(t) => Some(t),
+        _ => None,
+    })
+    .await;
+    assert_eq!((t.group, t.from, t.peer, t.typing), (g, a.account, 0, true));
+    // A non-member's notice goes nowhere; the sender is not answered.
+    cs.send(&[typing(g)]).await.unwrap();
+    quiet(&mut cb, Duration::from_millis(400)).await;
+    // c was offline: at login it finds the group's notice, never the typing.
+    let mut cc = login(&s, &c).await;
+    notice(&mut cc).await;
+    quiet(&mut cc, Duration::from_millis(400)).await;
+    quiet(&mut cs, Duration::from_millis(100)).await;
 }

@@ -105,7 +105,7 @@ async fn unoffered_features_are_not_supported_attributably_and_req_zero_closes()
     let candidates: Vec<Message> = vec![
         pb::PresenceSubscribe { accounts: vec![1], req: 1 }.into(),
         pb::PushToken { platform: pb::PushPlatform::Fcm as i32, token: Bytes::from_static(b"t"), req: 2 }.into(),
-        pb::PrivacySet { last_seen: pb::LastSeenVisibility::Nobody as i32, req: 3 }.into(),
+        pb::GroupListRequest { req: 3, ..Default::default() }.into(),
         pb::GroupCreate { req: 4, ..Default::default() }.into(),
         pb::KeysFetch { req: 5, account: 1, devices: vec![] }.into(),
         pb::InviteCreate { req: 6 }.into(),

@@ -10,8 +10,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use pipit::commit::EngineConfig;
 use pipit::config::Registration;
 use pipit::model::DeviceAddr;
-use pipit::route::Deliveries;
-use pipit::service::{self, Rules};
+use pipit::route::{Deliveries, Registry};
+use pipit::service::{self, Live, Rules};
 use pipit::store::Store;
 use pipit_protocol::message::pb;
 use pipit_protocol::{Message, PublicKey};
@@ -26,7 +26,14 @@ fn group_commit(c: &mut Criterion) {
     let store = Store::open(dir.path()).unwrap();
     let rules = Rules { ttl_secs: 86_400, registration: Registration::Open, max_group_members: 1_024 };
     let engine = EngineConfig { max_batch: 4_096, capacity: 65_536, sync: true };
-    let (services, writer) = service::start(store, rules, Arc::new(Nobody), engine).unwrap();
+    let live = Live {
+        registry: Arc::new(Registry::default()),
+        presence: Default::default(),
+        typing: Default::default(),
+        push: Default::default(),
+        shutdown: Default::default(),
+    };
+    let (services, writer) = service::start(store, rules, Arc::new(Nobody), engine, live).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let register =
         |key: u8| rt.block_on(services.accounts.register(PublicKey([key; 32]), String::new(), Bytes::new())).unwrap();

@@ -8,7 +8,7 @@
 //! the connection alive at the negotiated interval, and reports everything
 //! as [`Event`]s.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -142,11 +142,16 @@ pub struct Stats {
 
 enum Cmd {
     Send(pb::Send, oneshot::Sender<Result<u64, ClientError>>),
-    /// A request whose answer (matched by `req`) goes back to the caller.
-    Call(Message, oneshot::Sender<Result<Message, ClientError>>),
     Raw(Vec<Message>),
+    /// A request the task numbers, sends (again after a reconnect) until
+    /// it is answered, and answers.
+    Call(Message, oneshot::Sender<Result<Message, ClientError>>),
     Close(oneshot::Sender<()>),
 }
+
+/// Request ids the library assigns start here, so they never meet the
+/// small ids an app picks for [`Client::request`].
+const CALL_REQ_BASE: u64 = 1 << 20;
 
 /// Handle to a running client. Dropping it stops the client.
 pub struct Client {
@@ -200,9 +205,10 @@ impl Client {
             events: ev_tx,
             cmds: cmd_rx,
             stats: stats.clone(),
-            calls: HashMap::new(),
-            next_req: 0,
             deferred: BTreeMap::new(),
+            calls: BTreeMap::new(),
+            next_req: CALL_REQ_BASE,
+            watching: Vec::new(),
         };
         tokio::spawn(task.run());
         Ok((Client { cmds: cmd_tx, stats, identity }, Events { rx: ev_rx }))
@@ -235,25 +241,65 @@ impl Client {
         rx.await.map_err(|_| ClientError::Stopped)?
     }
 
-    /// Sends a request (its `req` is filled in here) and waits for the
-    /// answer with the same `req`. Not queued across reconnects: offline,
-    /// or if the connection drops before the answer, it fails with
-    /// [`ClientError::Offline`].
-    pub(crate) async fn call(&self, request: Message) -> Result<Message, ClientError> {
-        check_size(std::slice::from_ref(&request))?;
-        let (tx, rx) = oneshot::channel();
-        self.cmds.send(Cmd::Call(request, tx)).await.map_err(|_| ClientError::Stopped)?;
-        rx.await.map_err(|_| ClientError::Stopped)?
-    }
-
     /// Tells `peer` this device read its messages up to `through`.
     pub async fn mark_read(&self, peer: u64, through: u64) -> Result<(), ClientError> {
         let r = pb::Receipt { kind: pb::ReceiptKind::Read as i32, peer, through, ..Default::default() };
         self.request(vec![r.into()]).await
     }
 
+    /// Watches these accounts' presence (typically the contacts whose
+    /// chats are open), replacing the set watched before; an empty list
+    /// stops watching. Returns once the server has answered, by which
+    /// time each account's current state has arrived as an
+    /// [`Event::Presence`]; changes follow as they happen. The set is
+    /// sent again after every reconnect (the server forgets it with the
+    /// connection). Waits for a connection if there is none; refused
+    /// with `NOT_FOUND` for an unknown account and `TOO_LARGE` past the
+    /// server's limit (256), and the set in force stays.
+    pub async fn watch_presence(&self, accounts: Vec<u64>) -> Result<(), ClientError> {
+        self.call(pb::PresenceSubscribe { accounts, req: 0 }.into()).await.map(drop)
+    }
+
+    /// Shows (`true`) or hides this account's last seen from everyone who
+    /// watches it. Returns once the setting is durable on the server.
+    pub async fn set_last_seen_visible(&self, visible: bool) -> Result<(), ClientError> {
+        let last_seen = if visible { pb::LastSeenVisibility::Everyone } else { pb::LastSeenVisibility::Nobody };
+        self.call(pb::PrivacySet { last_seen: last_seen as i32, req: 0 }.into()).await.map(drop)
+    }
+
+    /// Tells `peer` that this device is typing (`true`) or stopped.
+    /// At most once: dropped when not connected, and the server drops it
+    /// when the peer is offline or this device sends too many.
+    pub async fn typing(&self, peer: u64, typing: bool) -> Result<(), ClientError> {
+        self.request(vec![pb::Typing { peer, typing, ..Default::default() }.into()]).await
+    }
+
+    /// Registers this device's push token (`platform` and the token its
+    /// push library gave the app: an FCM registration token, the base64
+    /// APNs device token, or a UnifiedPush endpoint URL), so the server
+    /// wakes the app when something arrives while it has no connection;
+    /// an empty token removes it. Returns once the server has stored it;
+    /// `NOT_SUPPORTED` when the server delivers no wake-ups for this
+    /// platform.
+    pub async fn set_push_token(&self, platform: pb::PushPlatform, token: impl Into<Bytes>) -> Result<(), ClientError> {
+        let m = pb::PushToken { platform: platform as i32, token: token.into(), req: 0 };
+        self.call(m.into()).await.map(drop)
+    }
+
+    /// Sends a request (its `req` is chosen here) and waits for its
+    /// answer: the result, `Done`, or the server's refusal as
+    /// [`ClientError::Refused`]. Sent again after a reconnect until
+    /// answered, and after the pause the server asks when it is busy.
+    pub async fn call(&self, request: Message) -> Result<Message, ClientError> {
+        check_size(std::slice::from_ref(&request))?;
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Call(request, tx)).await.map_err(|_| ClientError::Stopped)?;
+        rx.await.map_err(|_| ClientError::Stopped)?
+    }
+
     /// Sends other protocol messages (requests, typing) if connected; they
-    /// are not queued across reconnects.
+    /// are not queued across reconnects. Request ids below 2^20 are the
+    /// app's; the library's own start there.
     pub async fn request(&self, messages: Vec<Message>) -> Result<(), ClientError> {
         check_size(&messages)?;
         self.cmds.send(Cmd::Raw(messages)).await.map_err(|_| ClientError::Stopped)
@@ -277,12 +323,32 @@ struct Task {
     events: mpsc::Sender<Event>,
     cmds: mpsc::Receiver<Cmd>,
     stats: Arc<Stats>,
-    /// Requests waiting for their answer, by `req`.
-    calls: HashMap<u64, oneshot::Sender<Result<Message, ClientError>>>,
-    next_req: u64,
     /// Outbox entries the server asked us to send again later, on this
     /// connection: when, and how often in a row it has refused them.
     deferred: BTreeMap<u64, Deferred>,
+    /// Requests waiting for their answer, by the `req` given them.
+    calls: BTreeMap<u64, Call>,
+    next_req: u64,
+    /// The presence subscription in force, sent again on every new
+    /// connection.
+    watching: Vec<u64>,
+}
+
+struct Call {
+    msg: Message,
+    /// `None` for the library's own (a subscription sent again).
+    reply: Option<oneshot::Sender<Result<Message, ClientError>>>,
+    /// Not before this (the server asked for a pause), on this connection.
+    deferred: Option<Deferred>,
+    /// Written to a connection (so it may have been acted on).
+    sent: bool,
+}
+
+/// Whether a request may be sent again when its answer was lost with a
+/// connection. Creating a group is the one that is not: a second copy
+/// makes a second group. Every other request sets a state or reads one.
+fn repeatable(m: &Message) -> bool {
+    !matches!(m, Message::GroupCreate(_))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -338,10 +404,7 @@ impl Task {
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     let end = self.online(conn).await;
-                    // Answers to requests on that connection will not come.
-                    for (_, call) in self.calls.drain() {
-                        let _ = call.send(Err(ClientError::Offline));
-                    }
+                    self.drop_unrepeatable_calls();
                     match end {
                         End::Closed(done) => {
                             finish(done);
@@ -390,11 +453,83 @@ impl Task {
                 }
                 // Not queued: requests are only meaningful online.
                 Some(Cmd::Raw(_)) => {}
-                Some(Cmd::Call(_, reply)) => {
-                    let _ = reply.send(Err(ClientError::Offline));
+                // Queued: sent once connected.
+                Some(Cmd::Call(msg, reply)) => {
+                    self.add_call(msg, Some(reply));
                 }
             }
         }
+    }
+
+    /// Numbers a request and keeps it until answered; returns it to send.
+    fn add_call(&mut self, mut msg: Message, reply: Option<oneshot::Sender<Result<Message, ClientError>>>) -> Message {
+        let req = self.next_req;
+        self.next_req += 1;
+        msg.set_request_id(req);
+        self.calls.insert(req, Call { msg: msg.clone(), reply, deferred: None, sent: false });
+        msg
+    }
+
+    /// A connection ended: requests that were sent on it and must not be
+    /// repeated (creating a group twice makes two groups) fail with
+    /// [`ClientError::Offline`], since their answer will not come; the
+    /// others go again on the next connection.
+    fn drop_unrepeatable_calls(&mut self) {
+        let lost: Vec<u64> =
+            self.calls.iter().filter(|(_, c)| c.sent && !repeatable(&c.msg)).map(|(req, _)| *req).collect();
+        for req in lost {
+            if let Some(Call { reply: Some(reply), .. }) = self.calls.remove(&req) {
+                let _ = reply.send(Err(ClientError::Offline));
+            }
+        }
+    }
+
+    /// What a new connection must be sent besides the outbox: the
+    /// presence subscription in force, then every unanswered request.
+    fn calls_to_send(&mut self) -> Vec<Message> {
+        let resubscribe =
+            !self.watching.is_empty() && !self.calls.values().any(|c| matches!(c.msg, Message::PresenceSubscribe(_)));
+        if resubscribe {
+            let m = pb::PresenceSubscribe { accounts: self.watching.clone(), req: 0 };
+            self.add_call(m.into(), None);
+        }
+        self.calls
+            .values_mut()
+            .map(|c| {
+                c.deferred = None;
+                c.sent = true;
+                c.msg.clone()
+            })
+            .collect()
+    }
+
+    /// An answer to request `req`; `Ok(true)` when it was one of ours.
+    fn answer_call(&mut self, req: u64, m: &Message) -> bool {
+        let Some(call) = self.calls.get_mut(&req) else { return false };
+        if let Message::Error(e) = m {
+            let code = pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified);
+            if matches!(code, pb::ErrorCode::Unavailable | pb::ErrorCode::RateLimited | pb::ErrorCode::Internal) {
+                // Not final: again after the pause, on this connection.
+                let refusals = call.deferred.map_or(0, |d| d.refusals) + 1;
+                let at = Instant::now() + retry_delay(e.retry_after_secs, refusals);
+                call.deferred = Some(Deferred { at, refusals });
+                return true;
+            }
+        }
+        let Some(call) = self.calls.remove(&req) else { return false };
+        let result = match m {
+            Message::Error(e) => {
+                Err(ClientError::Refused(pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified)))
+            }
+            other => Ok(other.clone()),
+        };
+        if let (Ok(_), Message::PresenceSubscribe(s)) = (&result, &call.msg) {
+            self.watching = s.accounts.clone();
+        }
+        if let Some(reply) = call.reply {
+            let _ = reply.send(result);
+        }
+        true
     }
 
     fn enqueue(&mut self, mut send: pb::Send) -> Result<pb::Send, ClientError> {
@@ -476,8 +611,10 @@ impl Task {
         // Everything goes again below; pauses asked on an old connection
         // do not carry over.
         self.deferred.clear();
-        // Everything not yet confirmed goes again, same ids, in order.
-        let unsent: Vec<Message> = self.outbox.values().cloned().map(Message::from).collect();
+        // Everything not yet confirmed goes again, same ids, in order; then
+        // the presence subscription and the unanswered requests.
+        let mut unsent: Vec<Message> = self.outbox.values().cloned().map(Message::from).collect();
+        unsent.extend(self.calls_to_send());
         if !unsent.is_empty() {
             self.stats.resent.fetch_add(unsent.len() as u64, Ordering::Relaxed);
             if let Err(e) = conn.send(&unsent).await {
@@ -501,7 +638,12 @@ impl Task {
                 ack_due = false;
             }
             let deadline = tokio::time::Instant::from_std(ka.next_deadline());
-            let retry_at = self.deferred.values().map(|d| d.at).min();
+            let retry_at = self
+                .deferred
+                .values()
+                .map(|d| d.at)
+                .chain(self.calls.values().filter_map(|c| c.deferred.map(|d| d.at)))
+                .min();
             tokio::select! {
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(retry_at.unwrap_or_else(Instant::now))),
                     if retry_at.is_some() =>
@@ -518,6 +660,15 @@ impl Task {
                         })
                         .collect();
                     self.deferred.retain(|id, _| self.outbox.contains_key(id));
+                    let mut due = due;
+                    for c in self.calls.values_mut() {
+                        if let Some(d) = &mut c.deferred {
+                            if d.at <= now {
+                                d.at = now + MAX_RETRY_DELAY * 4;
+                                due.push(c.msg.clone());
+                            }
+                        }
+                    }
                     if !due.is_empty() {
                         self.stats.deferred.fetch_add(due.len() as u64, Ordering::Relaxed);
                         if let Err(e) = conn.send(&due).await {
@@ -541,13 +692,11 @@ impl Task {
                             }
                         },
                         Some(Cmd::Raw(msgs)) => msgs,
-                        Some(Cmd::Call(mut m, reply)) => {
-                            self.next_req += 1;
-                            if !set_req(&mut m, self.next_req) {
-                                let _ = reply.send(Err(ClientError::Rejected(pb::ErrorCode::BadRequest)));
-                                continue;
+                        Some(Cmd::Call(msg, reply)) => {
+                            let m = self.add_call(msg, Some(reply));
+                            if let Some(c) = m.request_id().and_then(|req| self.calls.get_mut(&req)) {
+                                c.sent = true;
                             }
-                            self.calls.insert(self.next_req, reply);
                             vec![m]
                         }
                     };
@@ -599,9 +748,10 @@ impl Task {
                 return Ok(true);
             }
         }
-        if let Some(call) = answer_req(&m).and_then(|req| self.calls.remove(&req)) {
-            let _ = call.send(Ok(m));
-            return Ok(false);
+        if let Some(req) = m.answered_request() {
+            if self.answer_call(req, &m) {
+                return Ok(false);
+            }
         }
         let event = match m {
             Message::Deliver(d) => {
@@ -668,41 +818,6 @@ impl Task {
         }
         Ok(false)
     }
-}
-
-/// Fills in a request's `req`; false for kinds that are not requests.
-fn set_req(m: &mut Message, req: u64) -> bool {
-    match m {
-        Message::GroupCreate(x) => x.req = req,
-        Message::GroupAdd(x) => x.req = req,
-        Message::GroupRemove(x) => x.req = req,
-        Message::GroupLeave(x) => x.req = req,
-        Message::GroupListRequest(x) => x.req = req,
-        Message::LinkDevice(x) => x.req = req,
-        Message::DeviceListRequest(x) => x.req = req,
-        Message::UnlinkDevice(x) => x.req = req,
-        Message::InviteCreate(x) => x.req = req,
-        Message::KeysUpload(x) => x.req = req,
-        Message::KeysFetch(x) => x.req = req,
-        _ => return false,
-    }
-    true
-}
-
-/// The `req` a server message answers, if it answers a request.
-fn answer_req(m: &Message) -> Option<u64> {
-    let req = match m {
-        Message::GroupInfo(x) => x.req,
-        Message::GroupList(x) => x.req,
-        Message::Done(x) => x.req,
-        Message::Error(x) if x.id == 0 => x.req,
-        Message::Linked(x) => x.req,
-        Message::DeviceList(x) => x.req,
-        Message::Invite(x) => x.req,
-        Message::KeysResult(x) => x.req,
-        _ => 0,
-    };
-    (req != 0).then_some(req)
 }
 
 /// Refuses a message that could never be sent: it would fail on every

@@ -51,13 +51,11 @@ pub enum ClientError {
     /// The client has stopped.
     #[error("client stopped")]
     Stopped,
-    /// Not connected, or the connection dropped before the answer came: a
-    /// request is not queued across reconnects. Retry once connected.
-    #[error("not connected")]
+    /// The connection dropped after a request that must not be sent twice
+    /// (creating a group) went out and before its answer came: whether it
+    /// took effect is unknown. List the groups to find out.
+    #[error("the connection dropped before the server answered; check whether it took effect")]
     Offline,
-    /// The server answered the request with an error; it changed nothing.
-    #[error("request refused: {0:?}")]
-    Rejected(pb::ErrorCode),
 }
 
 impl ClientError {

@@ -5,10 +5,11 @@
 //! with `group`, `seq` and `count` (how many members received or read that
 //! message).
 //!
-//! Requests are not queued across reconnects ([`ClientError::Offline`]).
-//! Adding someone already in, or removing someone already out, changes
-//! nothing, so those are safe to retry; a retried create makes a second
-//! group.
+//! Requests wait for a connection and are sent again after a reconnect
+//! until answered, except a create whose answer was lost with its
+//! connection ([`ClientError::Offline`]): a second create would make a
+//! second group. Adding someone already in, or removing someone already
+//! out, changes nothing, so those are safe to repeat.
 
 use bytes::Bytes;
 use pipit_protocol::message::pb;
@@ -27,9 +28,9 @@ fn done(answer: Message) -> Result<(), ClientError> {
 fn refusal(answer: Message) -> ClientError {
     match answer {
         Message::Error(e) => {
-            ClientError::Rejected(pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified))
+            ClientError::Refused(pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified))
         }
-        _ => ClientError::Rejected(pb::ErrorCode::Unspecified),
+        _ => ClientError::Refused(pb::ErrorCode::Unspecified),
     }
 }
 

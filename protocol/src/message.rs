@@ -226,6 +226,48 @@ impl Message {
         })
     }
 
+    /// Sets the request id of a kind that carries one (see
+    /// [`Message::request_id`]); false for kinds that carry none.
+    pub fn set_request_id(&mut self, req: u64) -> bool {
+        let slot = match self {
+            Message::GroupCreate(x) => &mut x.req,
+            Message::GroupAdd(x) => &mut x.req,
+            Message::GroupRemove(x) => &mut x.req,
+            Message::GroupLeave(x) => &mut x.req,
+            Message::GroupListRequest(x) => &mut x.req,
+            Message::KeysUpload(x) => &mut x.req,
+            Message::KeysFetch(x) => &mut x.req,
+            Message::PushToken(x) => &mut x.req,
+            Message::LinkDevice(x) => &mut x.req,
+            Message::DeviceListRequest(x) => &mut x.req,
+            Message::UnlinkDevice(x) => &mut x.req,
+            Message::PrivacySet(x) => &mut x.req,
+            Message::PresenceSubscribe(x) => &mut x.req,
+            Message::InviteCreate(x) => &mut x.req,
+            _ => return false,
+        };
+        *slot = req;
+        true
+    }
+
+    /// The request a server message answers: `Done`, an `Error` with a
+    /// `req`, or a request's result (`GroupInfo` only with a `req`: with
+    /// 0 it is a change notice).
+    pub fn answered_request(&self) -> Option<u64> {
+        let req = match self {
+            Message::Done(x) => x.req,
+            Message::Error(x) => x.req,
+            Message::Linked(x) => x.req,
+            Message::DeviceList(x) => x.req,
+            Message::Invite(x) => x.req,
+            Message::GroupInfo(x) => x.req,
+            Message::GroupList(x) => x.req,
+            Message::KeysResult(x) => x.req,
+            _ => return None,
+        };
+        (req != 0).then_some(req)
+    }
+
     /// The client message id of a `Send`.
     pub fn send_id(&self) -> Option<u64> {
         match self {
@@ -439,6 +481,13 @@ mod tests {
                     | Message::Pong(_)
             );
             assert!(by_req != other, "{}: a request id, or one of the kinds without", m.kind());
+        }
+        for mut m in Message::one_of_each() {
+            let carries = m.request_id().is_some();
+            assert_eq!(m.set_request_id(77), carries, "{}", m.kind());
+            if carries {
+                assert_eq!(m.request_id(), Some(77), "{}", m.kind());
+            }
         }
         let group_send: Message = pb::Send { id: 1, group: 3, ..Default::default() }.into();
         assert_eq!(group_send.feature(), Some(pb::Feature::Groups));

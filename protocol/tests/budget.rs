@@ -129,6 +129,29 @@ fn report_sizes() {
     rows.push(("Keepalive (zero-length frame)", 2));
     rows.push(("Ping (authenticated)", frame_len(&[pb::Ping { id: 1 }.into()])));
 
+    // Presence: a chat list of 50 contacts (accounts near 123,456), 10 of
+    // them online; the states and the Done share one frame.
+    let contacts: Vec<u64> = (0..50).map(|i| 123_456 + i * 37).collect();
+    let subscribe: Message = pb::PresenceSubscribe { accounts: contacts.clone(), req: 12 }.into();
+    rows.push(("PresenceSubscribe, 50 accounts", frame_len(&[subscribe])));
+    let mut answer: Vec<Message> = contacts
+        .iter()
+        .enumerate()
+        .map(|(i, &account)| {
+            let online = i % 5 == 0;
+            let last_seen = if online { 0 } else { 1_795_000_000 - i as u64 * 3_600 };
+            pb::Presence { account, online, last_seen }.into()
+        })
+        .collect();
+    answer.push(pb::Done { req: 12 }.into());
+    rows.push(("its answer: 50 Presence + Done", frame_len(&answer)));
+    let online: Message = pb::Presence { account: 123_456, online: true, last_seen: 0 }.into();
+    rows.push(("Presence, came online", frame_len(&[online])));
+    let offline: Message = pb::Presence { account: 123_456, online: false, last_seen: 1_795_000_000 }.into();
+    rows.push(("Presence, went offline (with last seen)", frame_len(&[offline])));
+    let typing: Message = pb::Typing { peer: 123_456, typing: true, ..Default::default() }.into();
+    rows.push(("Typing", frame_len(&[typing])));
+
     println!("| what | bytes on the wire (before TCP/IP) |\n|---|---|");
     for (what, n) in &rows {
         println!("| {what} | {n} |");

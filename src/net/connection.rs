@@ -20,8 +20,9 @@ use tokio::net::TcpStream;
 
 use super::{ConnCtx, ConnError};
 use crate::model::DeviceAddr;
-use crate::route::{ConnHandle, Push};
+use crate::route::{ConnHandle, Events, Push, Watcher};
 use crate::service::receipts::{acked_meta, Acked};
+use crate::service::typing::TypingLimiter;
 use crate::service::Submission;
 
 /// Serves one accepted socket until it closes.
@@ -43,7 +44,10 @@ async fn serve(stream: TcpStream, ctx: &Arc<ConnCtx>) -> Result<(), ConnError> {
     let super::handshake::Established { stream, session, inbuf, mut conn, keepalive } =
         Box::pin(super::handshake::establish(stream, ctx)).await?;
     let result = conn.run(stream, session, inbuf, keepalive).await;
-    ctx.registry.remove(conn.addr, conn.handle.id);
+    if let Some(w) = &conn.watcher {
+        ctx.services.presence.unwatch(w);
+    }
+    ctx.services.presence.disconnect(conn.addr, conn.handle.id);
     result
 }
 
@@ -76,6 +80,11 @@ pub(super) async fn write_out(stream: &mut TcpStream, out: &mut BytesMut, timeou
     Ok(())
 }
 
+/// Messages' worth of queue an idle connection keeps between turns.
+const OUTQ_KEEP: usize = 8;
+/// Bytes of write buffer an idle connection keeps between turns.
+const OUT_KEEP: usize = 1024;
+
 /// An answer that becomes ready later (a send made durable, a read done).
 pub(super) type Answer = futures_util::future::BoxFuture<'static, Message>;
 
@@ -104,6 +113,14 @@ pub(super) struct Conn {
     /// after it is processed; earlier answers go out, then this code as a
     /// connection-level error, then the server closes (SPEC.md 7.1).
     pub(super) closing: Option<pb::ErrorCode>,
+    /// This connection's presence subscriptions, from its first
+    /// `PresenceSubscribe` on.
+    pub(super) watcher: Option<Arc<Watcher>>,
+    /// Numbers this connection's subscription requests, so a slow one
+    /// cannot undo a later one.
+    pub(super) watch_seq: u64,
+    /// How many typing notices this connection may still send.
+    pub(super) typing: TypingLimiter,
 }
 
 impl Conn {
@@ -135,6 +152,9 @@ impl Conn {
             stalled: VecDeque::new(),
             outq,
             closing: None,
+            watcher: None,
+            watch_seq: 0,
+            typing: ctx.services.typing.limiter(Instant::now()),
         };
         if !inbox.acked.is_empty() {
             conn.ack_entries(inbox.acked);
@@ -170,6 +190,15 @@ impl Conn {
                 // Idle connections hold no read buffer.
                 inbuf = BytesMut::new();
             }
+            // Nor what a burst (a window of deliveries, the states of a
+            // presence subscription) grew the write side to: kept, it
+            // would cost every connection its largest turn for ever.
+            if self.outq.capacity() > OUTQ_KEEP {
+                self.outq = Vec::new();
+            }
+            if out.is_empty() && out.capacity() > OUT_KEEP {
+                out = BytesMut::new();
+            }
             let ka_deadline = tokio::time::Instant::from_std(ka.next_deadline());
             let reading = self.pending.len() < max_pending && self.stalled.is_empty();
             tokio::select! {
@@ -190,12 +219,13 @@ impl Conn {
                     return Ok(());
                 }
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => {
-                    self.outq.push(answer);
+                    self.answered(answer);
                 }
                 _ = mailbox.ready.notified() => {
                     for push in mailbox.take() {
                         self.push(push);
                     }
+                    self.take_events();
                 }
                 _ = writer.room(), if !self.stalled.is_empty() => {
                     self.retry_stalled();
@@ -229,13 +259,14 @@ impl Conn {
             // Coalesce whatever else is ready into this turn's write.
             for _ in 0..1024 {
                 match self.pending.next().now_or_never() {
-                    Some(Some(answer)) => self.outq.push(answer),
+                    Some(Some(answer)) => self.answered(answer),
                     _ => break,
                 }
             }
             for push in mailbox.take() {
                 self.push(push);
             }
+            self.take_events();
             if mailbox.overflow.swap(false, Ordering::AcqRel) {
                 self.behind = true;
             }
@@ -252,10 +283,32 @@ impl Conn {
         tokio::pin!(deadline);
         while !self.pending.is_empty() {
             tokio::select! {
-                Some(answer) = self.pending.next() => self.outq.push(answer),
+                Some(answer) = self.pending.next() => self.answered(answer),
                 _ = &mut deadline => break,
             }
         }
+    }
+
+    /// Queues an answer that became ready. A subscription's answer comes
+    /// after the states it queued, so the client has every watched
+    /// account's state by the time it reads `Done`.
+    fn answered(&mut self, answer: Message) {
+        if self.watcher.is_some() {
+            self.take_events();
+        }
+        self.outq.push(answer);
+    }
+
+    /// Queues the presence updates and typing notices waiting in the
+    /// mailbox.
+    fn take_events(&mut self) {
+        let Some(ev) = self.handle.mailbox.take_events() else { return };
+        let Events { presence, typing } = *ev;
+        if !presence.is_empty() {
+            metrics::counter!("pipit_presence_updates_total").increment(presence.len() as u64);
+        }
+        self.outq.extend(presence.into_iter().map(Message::from));
+        self.outq.extend(typing.into_iter().map(Message::from));
     }
 
     async fn flush(

@@ -13,7 +13,7 @@ use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
 use super::connection::Conn;
-use crate::service::features;
+use crate::route::Watcher;
 use crate::service::groups::Change;
 use crate::service::messaging::SendFailure;
 
@@ -23,6 +23,30 @@ pub(super) fn req_error(code: pb::ErrorCode, req: u64) -> Message {
 
 fn send_error(code: pb::ErrorCode, id: u64) -> Message {
     pb::Error { code: code as i32, id, ..Default::default() }.into()
+}
+
+/// A request's answer: `Done`, or its error (with a pause before the
+/// retry when the server failed, which is not final).
+fn done_or(result: Result<(), pb::ErrorCode>, req: u64) -> Message {
+    match result {
+        Ok(()) => pb::Done { req }.into(),
+        Err(code) => {
+            let retry_after_secs = if code == pb::ErrorCode::Internal { OVERLOAD_RETRY_AFTER_SECS } else { 0 };
+            pb::Error { code: code as i32, req, retry_after_secs, ..Default::default() }.into()
+        }
+    }
+}
+
+/// The answer to a request the storage queue had no room for: nothing
+/// was done; the client sends it again after the pause.
+fn unavailable(req: u64) -> Message {
+    pb::Error {
+        code: pb::ErrorCode::Unavailable as i32,
+        req,
+        retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
+        ..Default::default()
+    }
+    .into()
 }
 
 /// Seconds a client waits before repeating what an overloaded server
@@ -47,7 +71,7 @@ impl Conn {
             }
         }
         if let Some(f) = m.feature() {
-            if !features::offers(f) {
+            if !self.ctx.services.features.offers(f) {
                 // Final, unlike UNAVAILABLE: this server does not do it.
                 if let Some(req) = m.request_id() {
                     self.answer_now(req_error(pb::ErrorCode::NotSupported, req));
@@ -77,9 +101,17 @@ impl Conn {
             Message::Ping(p) => self.answer_now(pb::Pong { id: p.id }.into()),
             Message::LinkDevice(l) => self.link(l),
             Message::DeviceListRequest(d) => self.device_list(d),
-            // Never answered: a receipt this server cannot use, a pong, and
-            // typing in a group (relayed once typing is offered).
-            Message::Pong(_) | Message::Receipt(_) | Message::Typing(_) => {}
+            Message::PresenceSubscribe(s) => self.subscribe(s),
+            Message::PrivacySet(p) => self.privacy(p),
+            Message::PushToken(t) => self.push_token(t),
+            Message::Typing(t) => {
+                let now = std::time::Instant::now();
+                if let Some(group) = self.ctx.services.typing.relay(&mut self.typing, self.addr, &t, now) {
+                    tokio::spawn(group);
+                }
+            }
+            // Never answered: a receipt this server cannot use, a pong.
+            Message::Pong(_) | Message::Receipt(_) => {}
             other => {
                 // A kind of an offered feature with no arm here yet: still
                 // answer, so the client does not wait for ever.
@@ -136,15 +168,7 @@ impl Conn {
             return;
         }
         match self.ctx.services.accounts.link(self.addr.account, key, req.name) {
-            Err(_) => self.answer_now(
-                pb::Error {
-                    code: pb::ErrorCode::Unavailable as i32,
-                    req: r,
-                    retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
-                    ..Default::default()
-                }
-                .into(),
-            ),
+            Err(_) => self.answer_now(unavailable(r)),
             Ok(linked) => self.answer_later(async move {
                 match linked.await {
                     Ok(device) => pb::Linked { req: r, device }.into(),
@@ -177,5 +201,31 @@ impl Conn {
                 Err(_) => req_error(pb::ErrorCode::Internal, r),
             }
         });
+    }
+
+    fn subscribe(&mut self, req: pb::PresenceSubscribe) {
+        let r = req.req;
+        let mailbox = self.handle.mailbox.clone();
+        let watcher = self.watcher.get_or_insert_with(|| Watcher::new(mailbox)).clone();
+        self.watch_seq += 1;
+        let seq = self.watch_seq;
+        let presence = self.ctx.services.presence.clone();
+        self.answer_later(async move { done_or(presence.subscribe(watcher, seq, req.accounts).await, r) });
+    }
+
+    fn privacy(&mut self, req: pb::PrivacySet) {
+        let r = req.req;
+        match self.ctx.services.presence.set_privacy(self.addr.account, req) {
+            Err(_) => self.answer_now(unavailable(r)),
+            Ok(stored) => self.answer_later(async move { done_or(stored.await, r) }),
+        }
+    }
+
+    fn push_token(&mut self, req: pb::PushToken) {
+        let r = req.req;
+        match self.ctx.services.push.set_token(self.addr, req.platform, req.token) {
+            Err(_) => self.answer_now(unavailable(r)),
+            Ok(stored) => self.answer_later(async move { done_or(stored.await, r) }),
+        }
     }
 }

@@ -18,7 +18,6 @@ use super::connection::{error, write_out, Conn};
 use super::{ConnCtx, ConnError};
 use crate::model::unix_now;
 use crate::route::{ConnHandle, Mailbox};
-use crate::service::features;
 
 /// A connection past its handshake and login.
 pub(super) struct Established {
@@ -133,11 +132,11 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
     // one is in the read below.
     let handle = ConnHandle { id: ctx.next_conn_id(), mailbox: Arc::new(Mailbox::new(window * 2)) };
     let conn_id = handle.id;
-    if let Some(old) = ctx.registry.insert(addr, handle.clone()) {
+    if let Some(old) = ctx.services.presence.connect(addr, handle.clone()) {
         old.mailbox.kick.notify_one();
     }
     let unregister = |e: ConnError| {
-        ctx.registry.remove(addr, conn_id);
+        ctx.services.presence.disconnect(addr, conn_id);
         e
     };
     let inbox = ctx.services.inbox.at_login(addr, acked_through, window).await.map_err(|e| unregister(e.into()))?;
@@ -160,7 +159,7 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
             bytes::Bytes::new()
         },
         window: window as u32,
-        features: features::OFFERED.iter().map(|f| *f as i32).collect(),
+        features: ctx.services.features.list().iter().map(|f| *f as i32).collect(),
     }
     .into();
     let mut first = vec![login_ok];

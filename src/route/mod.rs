@@ -1,11 +1,13 @@
 //! Where things go that never pass through the commit: which connection
-//! holds which device, and how a new inbox entry reaches it. Later:
-//! presence, and the router that chooses between a local mailbox, another
-//! node and a push wake-up.
+//! holds which device, how a new inbox entry reaches it (its mailbox, or
+//! a push wake-up when it has none), who watches whose presence, and
+//! typing notices.
 
+pub mod presence;
 pub mod registry;
 
-pub use registry::{ConnHandle, Mailbox, Push, Registry};
+pub use presence::{Stored, Watcher};
+pub use registry::{ConnHandle, Events, Leaving, Mailbox, Push, Registry};
 
 use pipit_protocol::Message;
 
@@ -22,4 +24,11 @@ pub trait Deliveries: Send + Sync + 'static {
     fn nudge(&self, to: DeviceAddr) {
         let _ = to;
     }
+}
+
+/// Where a message for a device with no connection goes: the push
+/// wake-up queue. Called on the writer thread: must never block.
+pub trait Wakeups: Send + Sync + 'static {
+    /// A message waits for `to`, which has no connection.
+    fn wake(&self, to: DeviceAddr);
 }

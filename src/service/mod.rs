@@ -15,6 +15,10 @@
 //!   entries, in bounded steps, after "sent".
 //! - `group_receipts`: delivered and read counts per group message,
 //!   coalesced for the sender.
+//! - `presence`: online, offline after a grace period, last seen, privacy,
+//!   subscriptions.
+//! - `typing`: typing notices, relayed at most once, rate-limited.
+//! - `push`: push tokens and content-free wake-ups through a gateway.
 
 pub mod accounts;
 pub mod expiry;
@@ -25,21 +29,30 @@ pub mod group_send;
 pub mod groups;
 pub mod inbox;
 pub mod messaging;
+pub mod presence;
+pub mod push;
 pub mod receipts;
+pub mod typing;
 
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::commit::{self, EngineConfig, SubmitError};
 use crate::config::Registration;
-use crate::route::Deliveries;
+use crate::route::{Deliveries, Registry};
 use crate::store::Store;
 
 pub use accounts::Accounts;
 pub use fanout::Fanout;
+pub use features::Features;
 pub use groups::Groups;
 pub use inbox::InboxReader;
 pub use messaging::Messaging;
+pub use presence::{Presence, PresenceConfig};
+pub use push::{Push, PushConfig, PushSetupError};
 pub use receipts::Receipts;
+pub use typing::{Typing, TypingConfig};
 
 /// The rules the writer applies.
 #[derive(Debug, Clone)]
@@ -102,8 +115,43 @@ pub struct Services {
     pub groups: Groups,
     /// The group fan-out.
     pub fanout: Fanout,
+    /// Presence: connect and disconnect hooks, subscriptions, privacy.
+    pub presence: Presence,
+    /// Typing notices.
+    pub typing: Typing,
+    /// Push tokens and wake-ups.
+    pub push: Push,
+    /// The optional features offered.
+    pub features: Features,
     /// The writer itself (barriers at shutdown, metrics).
     pub writer: Writer,
+}
+
+/// What the services that never pass through the commit need: the
+/// registry they work on, their settings, and when to stop.
+pub struct Live {
+    /// Online devices and presence.
+    pub registry: Arc<Registry>,
+    /// Presence settings.
+    pub presence: PresenceConfig,
+    /// Typing settings.
+    pub typing: TypingConfig,
+    /// Push settings.
+    pub push: PushConfig,
+    /// Stops the push worker.
+    pub shutdown: CancellationToken,
+}
+
+/// Why the services did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A thread could not be started.
+    #[error("starting a thread: {0}")]
+    Thread(#[from] std::io::Error),
+    /// The push client could not be built.
+    #[error(transparent)]
+    Push(#[from] PushSetupError),
 }
 
 /// Starts the writer thread and returns the handles over it.
@@ -112,17 +160,23 @@ pub fn start(
     rules: Rules,
     deliveries: Arc<dyn Deliveries>,
     engine: EngineConfig,
-) -> std::io::Result<(Services, std::thread::JoinHandle<()>)> {
+    live: Live,
+) -> Result<(Services, std::thread::JoinHandle<()>), StartError> {
     let shared = fanout::Shared::new(std::time::Duration::ZERO);
     let ctx = Ctx { rules, deliveries, expiry: expiry::Cursor::default(), fanout: shared.clone() };
     let (writer, thread) = Writer::start(store.clone(), ctx, engine)?;
+    let push = Push::start(live.push, store.clone(), live.registry.clone(), writer.clone(), live.shutdown)?;
     let services = Services {
         accounts: Accounts::new(writer.clone(), store.clone()),
         messaging: Messaging::new(writer.clone()),
         receipts: Receipts,
         groups: Groups::new(writer.clone(), store.clone()),
         fanout: Fanout::new(shared, store.clone()),
-        inbox: InboxReader::new(store),
+        inbox: InboxReader::new(store.clone()),
+        presence: Presence::start(live.registry.clone(), store.clone(), writer.clone(), live.presence)?,
+        typing: Typing::new(live.registry, store, live.typing),
+        features: Features::new(push.enabled()),
+        push,
         writer,
     };
     Ok((services, thread))
@@ -168,7 +222,11 @@ pub(crate) mod testing {
     impl Drop for Setup {
         fn drop(&mut self) {
             // Close the database before its directory goes: the writer
-            // ends once every handle is gone; wait for it.
+            // ends once every handle is gone (the presence timer holds
+            // one until it stops); wait for it.
+            if let Some(s) = &self.services {
+                s.presence.stop(std::time::Duration::from_secs(1));
+            }
             self.services = None;
             if let Some(w) = self.writer.take() {
                 let _ = w.join();
@@ -182,7 +240,14 @@ pub(crate) mod testing {
         let pushed = Arc::new(Collect::default());
         let rules = Rules { ttl_secs: 100, registration, max_group_members: 8 };
         let engine = EngineConfig { max_batch: 64, capacity: 1024, sync: true };
-        let (services, writer) = start(store.clone(), rules, pushed.clone(), engine).unwrap();
+        let live = Live {
+            registry: Arc::new(Registry::default()),
+            presence: PresenceConfig::default(),
+            typing: TypingConfig::default(),
+            push: PushConfig::default(),
+            shutdown: CancellationToken::new(),
+        };
+        let (services, writer) = start(store.clone(), rules, pushed.clone(), engine, live).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         Setup { store, pushed, rt, services: Some(services), writer: Some(writer), _dir: dir }
     }

@@ -19,6 +19,11 @@ impl Store {
         self.get(Table::Accounts, &account.to_be_bytes())?.map(|v| decode(&v)).transpose()
     }
 
+    /// Whether `account` exists, without decoding its device list.
+    pub fn account_exists(&self, account: u64) -> Result<bool, StorageError> {
+        Ok(self.get(Table::Accounts, &account.to_be_bytes())?.is_some())
+    }
+
     /// Up to `limit` accounts, in id order (admin).
     pub fn accounts(&self, limit: usize) -> Result<Vec<pb::DeviceList>, StorageError> {
         let mut out = Vec::new();

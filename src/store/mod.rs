@@ -19,6 +19,9 @@
 //! | `group_bodies` | `group_bodies` | group seq [account device] | packet of one Deliver/GroupInfo [or a device's ciphertext] |
 //! | `fanout` | `fanout` | group seq | `FanoutJob`: cursor and progress |
 //! | `group_receipts` | `group_receipts` | `r`/`d` group seq | counts (37) / empty (dirty index) |
+//! | `last_seen` | `last_seen` | account | time (8) |
+//! | `privacy` | `privacy` | account | `pb::PrivacySet` (absent: defaults) |
+//! | `push_tokens` | `push_tokens` | account device | platform (1) registered (8) token |
 //!
 //! Writes go through a [`Txn`]: each operation's writes are staged and
 //! either kept whole or dropped whole, and one round of operations becomes
@@ -34,7 +37,10 @@ pub mod group_receipts;
 pub mod groups;
 pub mod inbox;
 pub mod invites;
+pub mod last_seen;
 mod overlay;
+pub mod privacy;
+pub mod push_tokens;
 mod schema;
 mod txn;
 

@@ -27,11 +27,17 @@ pub enum Table {
     Fanout,
     /// Per group message: delivered and read counts for its sender.
     GroupReceipts,
+    /// When each account was last online.
+    LastSeen,
+    /// Each account's privacy settings.
+    Privacy,
+    /// Each device's push token.
+    PushTokens,
 }
 
 impl Table {
     /// Every family, created at open.
-    pub const ALL: [Table; 11] = [
+    pub const ALL: [Table; 14] = [
         Table::Accounts,
         Table::DeviceKeys,
         Table::Inbox,
@@ -43,6 +49,9 @@ impl Table {
         Table::GroupBodies,
         Table::Fanout,
         Table::GroupReceipts,
+        Table::LastSeen,
+        Table::Privacy,
+        Table::PushTokens,
     ];
 
     /// The family's name in RocksDB (never change one: it names data on
@@ -60,6 +69,9 @@ impl Table {
             Table::GroupBodies => "group_bodies",
             Table::Fanout => "fanout",
             Table::GroupReceipts => "group_receipts",
+            Table::LastSeen => "last_seen",
+            Table::Privacy => "privacy",
+            Table::PushTokens => "push_tokens",
         }
     }
 

@@ -19,6 +19,7 @@ use super::group_receipts::GroupCounts;
 use super::groups::GroupRecord;
 use super::inbox::GroupRef;
 use super::overlay::Overlay;
+use super::push_tokens::PushRecord;
 use super::{StorageError, Store, Table};
 use crate::model::DeviceAddr;
 
@@ -50,6 +51,7 @@ pub struct TxnState {
     /// Group references written or taken this round, so that one taken
     /// twice in a round drops its body's count once.
     pub(super) inbox_refs: Overlay<(DeviceAddr, u64), GroupRef>,
+    pub(super) push_tokens: Overlay<DeviceAddr, PushRecord>,
 }
 
 impl Default for TxnState {
@@ -67,6 +69,7 @@ impl Default for TxnState {
             groups: Overlay::new(GROUP_CACHE_MAX),
             group_counts: Overlay::new(GROUP_COUNTS_CACHE_MAX),
             inbox_refs: Overlay::new(0),
+            push_tokens: Overlay::new(0),
         }
     }
 }
@@ -81,6 +84,7 @@ impl TxnState {
         self.groups.op_commit();
         self.group_counts.op_commit();
         self.inbox_refs.op_commit();
+        self.push_tokens.op_commit();
     }
 
     fn overlays_op_rollback(&mut self) {
@@ -92,6 +96,7 @@ impl TxnState {
         self.groups.op_rollback();
         self.group_counts.op_rollback();
         self.inbox_refs.op_rollback();
+        self.push_tokens.op_rollback();
     }
 
     fn overlays_round_done(&mut self, ok: bool) {
@@ -103,6 +108,7 @@ impl TxnState {
         self.groups.round_done(ok);
         self.group_counts.round_done(ok);
         self.inbox_refs.round_done(ok);
+        self.push_tokens.round_done(ok);
     }
 }
 

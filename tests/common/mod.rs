@@ -33,6 +33,25 @@ impl TestServer {
         Self { addr: running.local_addr, key: running.public_key, running: Some(running), dir }
     }
 
+    /// Stops the server gracefully and starts it again on the same data
+    /// directory (a new port).
+    pub fn restart(&mut self, tweak: impl FnOnce(&mut Config)) {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(2));
+        }
+        let mut cfg = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: self.dir.path().to_path_buf(),
+            shards: 2,
+            ..Config::default()
+        };
+        tweak(&mut cfg);
+        let running = pipit::start(cfg).unwrap();
+        self.addr = running.local_addr;
+        self.key = running.public_key;
+        self.running = Some(running);
+    }
+
     pub fn opts(&self) -> ConnectOptions {
         ConnectOptions { server_key: Some(self.key), ..ConnectOptions::default() }
     }
@@ -123,6 +142,19 @@ pub async fn expect_sent(c: &mut Connection, id: u64) -> pb::Sent {
         _ => None,
     })
     .await
+}
+
+/// Everything that arrives before the answer to a `Ping` sent now: by
+/// SPEC.md 4, all that the server had queued for this connection.
+pub async fn until_pong(c: &mut Connection, id: u64) -> Vec<Message> {
+    c.send(&[pb::Ping { id }.into()]).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        match c.recv_timeout(T).await.unwrap_or_else(|e| panic!("waiting for pong {id}: {e}")) {
+            Message::Pong(p) if p.id == id => return got,
+            m => got.push(m),
+        }
+    }
 }
 
 pub async fn ack(c: &mut Connection, through: u64) {

@@ -10,7 +10,10 @@
 //! memory (`/proc/net/sockstat`). Storm: every connection closes at once,
 //! `--probe` of the devices get a message while offline, and all devices
 //! reconnect at once; reports the time until all are back and checks every
-//! probe message arrived. Raise `ulimit -n` for large runs.
+//! probe message arrived. With `--subscribe N`, each held connection
+//! then watches the presence of N other devices' accounts, and the
+//! server's resident memory per subscription is reported. Raise
+//! `ulimit -n` for large runs.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -23,6 +26,16 @@ use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::{Message, PublicKey, StaticKeypair};
 use pipit_client::{ConnectOptions, Connection};
 use tokio::net::TcpStream;
+
+/// A held connection: the bare socket (least client memory), or the
+/// whole connection when it still has requests to send.
+enum Held {
+    Stream {
+        /// Held only to keep the connection open.
+        _socket: TcpStream,
+    },
+    Conn(Box<Connection>),
+}
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -59,6 +72,10 @@ struct Args {
     /// Write the ramp (seconds, connections) here as CSV, for plotting.
     #[arg(long)]
     ramp_csv: Option<std::path::PathBuf>,
+    /// Accounts each held connection watches for presence (0: none), to
+    /// measure the server's memory per subscription.
+    #[arg(long, default_value_t = 0)]
+    subscribe: usize,
     /// Devices file: when it exists, its devices log in (IK) instead of
     /// registering, so a freshly started server's memory growth is the
     /// connections' alone; when it does not, registered devices are saved
@@ -85,6 +102,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.addr.ip().is_loopback(), "loopback targets only");
     anyhow::ensure!(args.probe <= args.connections, "--probe exceeds --connections");
+    anyhow::ensure!(args.subscribe < args.connections, "--subscribe must be below --connections");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(run(args))
 }
@@ -159,6 +177,28 @@ where
     Ok((out.into_iter().map(|o| o.expect("every task reported")).collect(), samples))
 }
 
+/// Each held connection watches the accounts of the `n` devices after
+/// it (wrapping); returns the subscriptions made.
+async fn watch_all(devices: &[Device], held: &mut [Held], n: usize) -> anyhow::Result<usize> {
+    let t = Instant::now();
+    let mut total = 0;
+    for (i, h) in held.iter_mut().enumerate() {
+        let Held::Conn(c) = h else { continue };
+        let accounts: Vec<u64> = (1..=n).map(|k| devices[(i + k) % devices.len()].account).collect();
+        c.send(&[pb::PresenceSubscribe { accounts, req: 1 }.into()]).await?;
+        loop {
+            match c.recv_timeout(Duration::from_secs(30)).await? {
+                Message::Done(d) if d.req == 1 => break,
+                Message::Error(e) => anyhow::bail!("subscription refused: code {}", e.code),
+                _ => {}
+            }
+        }
+        total += n;
+    }
+    eprintln!("subscribed: {total} subscriptions in {:.1} s", t.elapsed().as_secs_f64());
+    Ok(total)
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.run_until(run_local(args)).await
@@ -183,6 +223,7 @@ async fn run_local(args: Args) -> anyhow::Result<()> {
         anyhow::ensure!(k.len() >= args.connections, "the devices file has only {} devices", k.len());
     }
     let t = Instant::now();
+    let subscribe = args.subscribe;
     let (held, ramp_samples) = ramp(args.connections, args.concurrency, |i| {
         let o = opts(i);
         let addr = args.addr;
@@ -194,7 +235,8 @@ async fn run_local(args: Args) -> anyhow::Result<()> {
             };
             let c = Connection::connect(addr, &key, hello, &o).await.context("connect")?;
             let account = c.login().account;
-            Ok((Device { key, account }, c.into_stream()))
+            let held = if subscribe > 0 { Held::Conn(Box::new(c)) } else { Held::Stream { _socket: c.into_stream() } };
+            Ok((Device { key, account }, held))
         }
     })
     .await?;
@@ -207,7 +249,15 @@ async fn run_local(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
     let rss1 = args.server_pid.and_then(rss_kib);
     let mem1 = tcp_mem_bytes();
-    let (devices, streams): (Vec<Device>, Vec<TcpStream>) = held.into_iter().unzip();
+    let (devices, mut held): (Vec<Device>, Vec<Held>) = held.into_iter().unzip();
+    let (subscriptions, rss_subscribed) = if subscribe > 0 {
+        let n = watch_all(&devices, &mut held, subscribe).await?;
+        tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
+        (n, args.server_pid.and_then(rss_kib))
+    } else {
+        (0, None)
+    };
+    let streams: Vec<Held> = held;
 
     // Storm: everyone drops; probe devices get a message while offline.
     drop(streams);
@@ -262,6 +312,12 @@ async fn run_local(args: Args) -> anyhow::Result<()> {
         (Some(a), Some(b)) => format!("{:.0}", (b.saturating_sub(a) * 1024) as f64 / args.connections as f64),
         _ => "null".into(),
     };
+    let per_subscription = match (rss1, rss_subscribed) {
+        (Some(a), Some(b)) if subscriptions > 0 => {
+            format!("{:.1}", (b.saturating_sub(a) * 1024) as f64 / subscriptions as f64)
+        }
+        _ => "null".into(),
+    };
     let kernel = match (mem0, mem1) {
         // Both ends of each connection are on this machine.
         (Some(a), Some(b)) => format!("{:.0}", b.saturating_sub(a) as f64 / (2 * args.connections) as f64),
@@ -272,7 +328,8 @@ async fn run_local(args: Args) -> anyhow::Result<()> {
             "{{\"connections\":{},\"ramp_s\":{:.2},\"handshakes_per_sec\":{:.0},",
             "\"server_rss_kib_before\":{},\"server_rss_kib_after\":{},\"server_rss_bytes_per_connection\":{},",
             "\"kernel_tcp_bytes_per_socket\":{},\"storm_reconnect_s\":{:.2},\"storm_handshakes_per_sec\":{:.0},",
-            "\"probe_messages\":{},\"probe_delivered\":{}}}"
+            "\"probe_messages\":{},\"probe_delivered\":{},\"presence_subscriptions\":{},",
+            "\"server_rss_kib_subscribed\":{},\"server_rss_bytes_per_subscription\":{}}}"
         ),
         args.connections,
         ramp_secs,
@@ -284,7 +341,10 @@ async fn run_local(args: Args) -> anyhow::Result<()> {
         storm_secs,
         args.connections as f64 / storm_secs,
         args.probe,
-        delivered
+        delivered,
+        subscriptions,
+        rss_subscribed.map_or("null".into(), |v| v.to_string()),
+        per_subscription
     );
     println!("{report}");
     if let Some(p) = args.json {

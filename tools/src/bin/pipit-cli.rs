@@ -84,7 +84,9 @@ enum Command {
     },
     /// Chat with one account or in a group: type lines to send; incoming
     /// messages and the state of yours (sent, delivered, read; in a group,
-    /// to how many members) are printed as they happen.
+    /// to how many members) are printed as they happen. With one account,
+    /// whether it is online (or when it was last seen) and typing are shown
+    /// too, and `/typing` tells it you are typing.
     Chat {
         /// Profile directory.
         #[arg(long)]
@@ -104,6 +106,44 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Print whether accounts are online, or when they were last seen.
+    Presence {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+        /// Keep printing changes until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// The accounts (at most 256).
+        #[arg(required = true)]
+        accounts: Vec<u64>,
+    },
+    /// Show or hide this account's last seen.
+    Privacy {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+        /// Who sees when this account was last online.
+        #[arg(long, value_enum)]
+        last_seen: LastSeen,
+    },
+    /// Register this device's push token, so the server wakes it when a
+    /// message arrives while it is offline.
+    PushToken {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+        /// Where the token comes from.
+        #[arg(long, value_enum)]
+        platform: Platform,
+        /// The token (for unifiedpush: the endpoint URL); omit with
+        /// --remove.
+        #[arg(required_unless_present = "remove")]
+        token: Option<String>,
+        /// Remove the token instead.
+        #[arg(long, conflicts_with = "token")]
+        remove: bool,
+    },
     /// Administer a running server on this machine (its admin socket).
     Admin {
         /// The server's data directory.
@@ -112,6 +152,24 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LastSeen {
+    /// Everyone who watches this account.
+    Everyone,
+    /// Nobody: watchers see 0.
+    Nobody,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Platform {
+    /// Apple Push Notification service (through the server's gateway).
+    Apns,
+    /// Firebase Cloud Messaging (through the server's gateway).
+    Fcm,
+    /// A UnifiedPush endpoint URL.
+    Unifiedpush,
 }
 
 #[derive(Subcommand)]
@@ -241,6 +299,30 @@ fn text(d: &pb::Deliver) -> String {
     String::from_utf8_lossy(&d.payload).into_owned()
 }
 
+/// "online", "last seen 5 min ago", or "offline" (hidden or never seen).
+fn presence_text(p: &pb::Presence) -> String {
+    if p.online {
+        return "online".into();
+    }
+    if p.last_seen == 0 {
+        return "offline".into();
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let ago = now.saturating_sub(p.last_seen);
+    let when = match ago {
+        0..=59 => "just now".to_string(),
+        60..=3_599 => format!("{} min ago", ago / 60),
+        3_600..=86_399 => format!("{} h ago", ago / 3_600),
+        _ => format!("{} days ago", ago / 86_400),
+    };
+    format!("last seen {when}")
+}
+
+/// A call the server refused, in words.
+fn refused(what: &str, e: pipit_client::ClientError) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {e}")
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Keygen { out } => {
@@ -327,6 +409,62 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Chat { profile, group: Some(group), .. } => group_chat(&profile, group).await?,
         Command::Chat { .. } => bail!("--to or --group"),
         Command::Group { profile, command } => group_command(&profile, command).await?,
+        Command::Presence { profile, follow, accounts } => {
+            let (client, mut events) = start(&profile)?;
+            connected(&mut events).await?;
+            let mut watch = Box::pin(client.watch_presence(accounts.clone()));
+            let mut answered = false;
+            loop {
+                tokio::select! {
+                    r = &mut watch, if !answered => {
+                        r.map_err(|e| refused("watching presence", e))?;
+                        answered = true;
+                        if !follow {
+                            // Every state arrived before the answer.
+                            while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(1), events.next()).await {
+                                if let Event::Presence(p) = e {
+                                    println!("{}: {}", p.account, presence_text(&p));
+                                }
+                            }
+                            break;
+                        }
+                    }
+                    e = events.next() => match e {
+                        None => bail!("client stopped"),
+                        Some(Event::Presence(p)) => println!("{}: {}", p.account, presence_text(&p)),
+                        Some(Event::Stopped { reason }) => bail!("{reason}"),
+                        Some(_) => {}
+                    },
+                }
+            }
+            drop(watch);
+            client.close().await;
+        }
+        Command::Privacy { profile, last_seen } => {
+            let (client, mut events) = start(&profile)?;
+            connected(&mut events).await?;
+            let visible = matches!(last_seen, LastSeen::Everyone);
+            call_while_draining(&mut events, client.set_last_seen_visible(visible))
+                .await
+                .map_err(|e| refused("setting privacy", e))?;
+            println!("last seen visible to {}", if visible { "everyone" } else { "nobody" });
+            client.close().await;
+        }
+        Command::PushToken { profile, platform, token, remove } => {
+            let (client, mut events) = start(&profile)?;
+            connected(&mut events).await?;
+            let platform = match platform {
+                Platform::Apns => pb::PushPlatform::Apns,
+                Platform::Fcm => pb::PushPlatform::Fcm,
+                Platform::Unifiedpush => pb::PushPlatform::UnifiedPush,
+            };
+            let token = if remove { String::new() } else { token.unwrap_or_default() };
+            call_while_draining(&mut events, client.set_push_token(platform, token.into_bytes()))
+                .await
+                .map_err(|e| refused("registering the push token", e))?;
+            println!("{}", if remove { "push token removed" } else { "push token registered" });
+            client.close().await;
+        }
         Command::Admin { data_dir, command } => {
             let line = match command {
                 AdminCommand::Invite { ttl_secs } => format!("invite {ttl_secs}"),
@@ -346,6 +484,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits for `call` while taking events, so a full event buffer cannot
+/// hold up the answer.
+async fn call_while_draining<T>(
+    events: &mut Events,
+    call: impl std::future::Future<Output = Result<T, pipit_client::ClientError>>,
+) -> Result<T, pipit_client::ClientError> {
+    tokio::pin!(call);
+    loop {
+        tokio::select! {
+            r = &mut call => return r,
+            e = events.next() => if e.is_none() { return Err(pipit_client::ClientError::Stopped) },
+        }
+    }
+}
+
 /// What happened to one of my messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Status {
@@ -358,7 +511,11 @@ enum Status {
 async fn chat(profile: &Path, to: u64) -> anyhow::Result<()> {
     let (client, mut events) = start(profile)?;
     let (me, _) = connected(&mut events).await?;
-    println!("* chatting as {me} with {to}; type a line to send, Ctrl-D to quit");
+    println!("* chatting as {me} with {to}; type a line to send, /typing to show you are typing, Ctrl-D to quit");
+    // Whether the other side is online, and typing; the library watches
+    // again after every reconnect.
+    let mut watch = Box::pin(client.watch_presence(vec![to]));
+    let mut watching = true;
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     // My messages: client id -> (seq once sent, status).
@@ -369,9 +526,16 @@ async fn chat(profile: &Path, to: u64) -> anyhow::Result<()> {
             break;
         }
         tokio::select! {
+            r = &mut watch, if watching => {
+                watching = false;
+                if let Err(e) = r {
+                    println!("* presence of {to} unavailable: {e}");
+                }
+            }
             line = stdin.next_line(), if stdin_open => match line? {
                 None => stdin_open = false,
                 Some(l) if l.trim().is_empty() => {}
+                Some(l) if l.trim() == "/typing" => client.typing(to, true).await?,
                 Some(l) => {
                     let id = client.send(to, l.into_bytes()).await?;
                     mine.insert(id, (0, Status::Queued));
@@ -406,6 +570,10 @@ async fn chat(profile: &Path, to: u64) -> anyhow::Result<()> {
                     mine.remove(&id);
                     println!("* [{id}] not sent: {}", send_failure(code, Some(to), None));
                 }
+                Some(Event::Presence(p)) if p.account == to => println!("* {to} {}", presence_text(&p)),
+                Some(Event::Typing(t)) if t.peer == to && t.group == 0 => {
+                    println!("* {to} {}", if t.typing { "typing..." } else { "stopped typing" });
+                }
                 Some(Event::Disconnected { reason }) => println!("* offline ({reason}); reconnecting"),
                 Some(Event::Connected { .. }) => println!("* online"),
                 Some(Event::Stopped { reason }) => bail!("{reason}"),
@@ -414,6 +582,7 @@ async fn chat(profile: &Path, to: u64) -> anyhow::Result<()> {
             },
         }
     }
+    drop(watch);
     client.close().await;
     Ok(())
 }
@@ -438,6 +607,13 @@ async fn group_command(profile: &Path, command: GroupCommand) -> anyhow::Result<
     connected(&mut events).await?;
     // Keep reading events so the client is never blocked on a full buffer.
     let drain = tokio::spawn(async move { while events.next().await.is_some() {} });
+    let what = match &command {
+        GroupCommand::Create { .. } => "creating the group".to_string(),
+        GroupCommand::Add { group, .. } => format!("adding to group {group}"),
+        GroupCommand::Remove { group, .. } => format!("removing from group {group}"),
+        GroupCommand::Leave { group } => format!("leaving group {group}"),
+        GroupCommand::List => "listing groups".to_string(),
+    };
     let result = match command {
         GroupCommand::Create { name, members } => {
             client.create_group(&name, &members).await.map(|g| println!("{}", describe(&g)))
@@ -455,7 +631,15 @@ async fn group_command(profile: &Path, command: GroupCommand) -> anyhow::Result<
     };
     client.close().await;
     drain.abort();
-    Ok(result?)
+    result.map_err(|e| match e {
+        pipit_client::ClientError::Refused(pb::ErrorCode::Forbidden) => {
+            anyhow::anyhow!("{what}: only the group's admins may add or remove members, and only members may leave")
+        }
+        pipit_client::ClientError::Refused(pb::ErrorCode::NotFound) => {
+            anyhow::anyhow!("{what}: no such group, or an account that does not exist")
+        }
+        e => refused(&what, e),
+    })
 }
 
 /// A chat in a group: like [`chat`], with receipts as member counts.

@@ -105,6 +105,9 @@ checks! {
     "5.5" "register-existing-key" "Register with a registered key logs that device in" => register_existing;
     "5.5" "login-replaces" "a second login gets the first connection REPLACED and closed" => login_replaces;
     "5.5" "link-device" "LinkDevice is answered Linked and the new device logs in" => link_device;
+    "5.8" "presence-states-before-done" "PresenceSubscribe: each account's state, then Done" => presence_states;
+    "5.8" "presence-unknown-account" "a subscription naming an unknown account is answered NOT_FOUND" => presence_unknown;
+    "5.8" "typing-relayed" "Typing reaches the peer's connected device as Typing{peer: sender}" => typing_relayed;
     "5.10" "feature-group-create" "GroupCreate: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupCreate { req: 71, ..Default::default() }.into());
     "5.10" "feature-group-add" "GroupAdd: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupAdd { req: 72, group: 1, ..Default::default() }.into());
     "5.10" "feature-group-remove" "GroupRemove: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupRemove { req: 73, group: 1, ..Default::default() }.into());
@@ -857,6 +860,67 @@ async fn feature(cx: &Ctx, m: Message) -> Outcome {
         })?;
     }
     w.ping(1).await?;
+    Ok(None)
+}
+
+/// Skips a check of a feature the server does not offer.
+fn unless_offered(w: &Wire, f: pb::Feature) -> Option<String> {
+    (!w.login.features.contains(&(f as i32))).then(|| format!("{} not offered", f.as_str_name()))
+}
+
+async fn presence_states(cx: &Ctx) -> Outcome {
+    let (a, _wa) = cx.register().await?;
+    let (_, mut w) = cx.register().await?;
+    if let Some(skip) = unless_offered(&w, pb::Feature::Presence) {
+        return Ok(Some(skip));
+    }
+    w.send(&[pb::PresenceSubscribe { accounts: vec![a.account], req: 90 }.into()]).await?;
+    let mut state = None;
+    let answer = w
+        .expect("the answer to PresenceSubscribe", |m| match m {
+            Message::Presence(p) if p.account == a.account => {
+                state = Some(*p);
+                None
+            }
+            Message::Done(d) if d.req == 90 => Some(m.clone()),
+            Message::Error(e) if e.req == 90 => Some(m.clone()),
+            _ => None,
+        })
+        .await?;
+    check(matches!(answer, Message::Done(_)), || format!("answered {}", describe(&answer)))?;
+    let state = state.ok_or("Done came without the account's state before it")?;
+    check(state.online && state.last_seen == 0, || format!("a connected account shown as {state:?}"))?;
+    Ok(None)
+}
+
+async fn presence_unknown(cx: &Ctx) -> Outcome {
+    let (a, _wa) = cx.register().await?;
+    let (_, mut w) = cx.register().await?;
+    if let Some(skip) = unless_offered(&w, pb::Feature::Presence) {
+        return Ok(Some(skip));
+    }
+    w.send(&[pb::PresenceSubscribe { accounts: vec![a.account, 1 << 62], req: 92 }.into()]).await?;
+    let answer =
+        w.expect("the answer to PresenceSubscribe", |m| (answer_key(m)? == "req 92").then(|| m.clone())).await?;
+    check(is_error(&answer, pb::ErrorCode::NotFound, 92, 0), || format!("answered {}", describe(&answer)))?;
+    w.ping(1).await?;
+    Ok(None)
+}
+
+async fn typing_relayed(cx: &Ctx) -> Outcome {
+    let (a, mut wa) = cx.register().await?;
+    let (b, mut wb) = cx.register().await?;
+    if let Some(skip) = unless_offered(&wa, pb::Feature::Typing) {
+        return Ok(Some(skip));
+    }
+    wa.send(&[pb::Typing { peer: b.account, typing: true, ..Default::default() }.into()]).await?;
+    let t = wb
+        .expect("the relayed Typing", |m| match m {
+            Message::Typing(t) => Some(*t),
+            _ => None,
+        })
+        .await?;
+    check(t.peer == a.account && t.typing && t.group == 0, || format!("relayed as {t:?}"))?;
     Ok(None)
 }
 

@@ -1,0 +1,145 @@
+//! Requests the library answers itself (`Client::call`, and through it
+//! presence, privacy and push tokens): a busy server's `UNAVAILABLE` is
+//! retried on the same connection after the pause, a final refusal is
+//! returned, a request made while offline goes once connected, and the
+//! presence subscription goes again on every new connection. A scripted
+//! server (the protocol crate's real responder over a real socket).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pipit_client::pipit_protocol::handshake::{ServerHandshake, ServerKeys, ServerStep};
+use pipit_client::pipit_protocol::message::pb;
+use pipit_client::pipit_protocol::session::Incoming;
+use pipit_client::pipit_protocol::{Message, Session, StaticKeypair};
+use pipit_client::{Backoff, Client, ClientError, Config, MemoryStore, State, Store as _};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const T: Duration = Duration::from_secs(20);
+
+async fn accept(listener: &TcpListener, keys: &Arc<ServerKeys>) -> (TcpStream, Session, BytesMut) {
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut hs = ServerHandshake::new(keys.clone(), Instant::now(), Duration::from_secs(5));
+    let mut input = BytesMut::new();
+    let mut out = BytesMut::new();
+    let accepted = loop {
+        s.read_buf(&mut input).await.unwrap();
+        match hs.read(&mut input, Instant::now(), &mut out).unwrap() {
+            ServerStep::NeedMore(h) => hs = h,
+            ServerStep::Accepted(a) => break a,
+        }
+    };
+    let ok: Message = pb::LoginOk { account: 7, keepalive_secs: 60, window: 8, ..Default::default() }.into();
+    let session = accepted.finish(&[ok], &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    (s, session, input)
+}
+
+/// Reads until a message `pick` takes.
+async fn read_until<T>(
+    s: &mut TcpStream,
+    session: &mut Session,
+    input: &mut BytesMut,
+    mut pick: impl FnMut(Message) -> Option<T>,
+) -> T {
+    loop {
+        while let Some(inc) = session.open(input).unwrap() {
+            if let Incoming::Messages(msgs) = inc {
+                for m in msgs {
+                    if let Some(t) = pick(m) {
+                        return t;
+                    }
+                }
+            }
+        }
+        let n = tokio::time::timeout(T, s.read_buf(input)).await.unwrap().unwrap();
+        assert!(n > 0, "the client closed");
+    }
+}
+
+async fn answer(s: &mut TcpStream, session: &mut Session, msgs: &[Message]) {
+    let mut out = BytesMut::new();
+    session.seal(msgs, &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn busy_is_retried_final_is_returned_and_the_subscription_follows_reconnects() {
+    let server_kp = StaticKeypair::generate();
+    let keys = Arc::new(ServerKeys::new(server_kp.clone()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    let server = tokio::spawn(async move {
+        let (mut s, mut session, mut input) = accept(&listener, &keys).await;
+        // A privacy change: busy once, then done.
+        let (req, first) = read_until(&mut s, &mut session, &mut input, |m| match m {
+            Message::PrivacySet(p) => Some((p.req, Instant::now())),
+            _ => None,
+        })
+        .await;
+        assert!(req >= 1 << 20, "the library's ids stay clear of the app's: {req}");
+        let busy =
+            pb::Error { code: pb::ErrorCode::Unavailable as i32, req, retry_after_secs: 1, ..Default::default() };
+        answer(&mut s, &mut session, &[busy.into()]).await;
+        let (again, second) = read_until(&mut s, &mut session, &mut input, |m| match m {
+            Message::PrivacySet(p) => Some((p.req, Instant::now())),
+            _ => None,
+        })
+        .await;
+        assert_eq!(again, req, "the same request again");
+        assert!(second - first >= Duration::from_millis(900), "after the pause: {:?}", second - first);
+        answer(&mut s, &mut session, &[pb::Done { req }.into()]).await;
+        // A subscription: the state, then done; then one refused for good.
+        let (req, accounts) = read_until(&mut s, &mut session, &mut input, |m| match m {
+            Message::PresenceSubscribe(p) => Some((p.req, p.accounts)),
+            _ => None,
+        })
+        .await;
+        assert_eq!(accounts, vec![5]);
+        let state = pb::Presence { account: 5, online: true, last_seen: 0 };
+        answer(&mut s, &mut session, &[state.into(), pb::Done { req }.into()]).await;
+        let req = read_until(&mut s, &mut session, &mut input, |m| match m {
+            Message::PresenceSubscribe(p) => Some(p.req),
+            _ => None,
+        })
+        .await;
+        let gone = pb::Error { code: pb::ErrorCode::NotFound as i32, req, ..Default::default() };
+        answer(&mut s, &mut session, &[gone.into()]).await;
+        // Drop the connection: the client comes back and watches 5 again
+        // (not the refused set), unasked.
+        read_until(&mut s, &mut session, &mut input, |m| matches!(m, Message::Ping(_)).then_some(())).await;
+        drop(s);
+        let (mut s, mut session, mut input) = accept(&listener, &keys).await;
+        let (req, accounts) = read_until(&mut s, &mut session, &mut input, |m| match m {
+            Message::PresenceSubscribe(p) => Some((p.req, p.accounts)),
+            _ => None,
+        })
+        .await;
+        answer(&mut s, &mut session, &[pb::Done { req }.into()]).await;
+        accounts
+    });
+
+    let mut store = MemoryStore::new();
+    let mut state = State::new(StaticKeypair::generate());
+    state.account = 7;
+    state.server_key = Some(*server_kp.public());
+    store.save_state(&state).unwrap();
+    let mut config = Config::new(addr.to_string());
+    config.backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(100) };
+    let (client, mut events) = Client::start(config, store).unwrap();
+    // Drain events in the background so the client never waits on us.
+    let drain = tokio::spawn(async move { while events.next().await.is_some() {} });
+
+    tokio::time::timeout(T, client.set_last_seen_visible(false)).await.unwrap().unwrap();
+    tokio::time::timeout(T, client.watch_presence(vec![5])).await.unwrap().unwrap();
+    let e = tokio::time::timeout(T, client.watch_presence(vec![5, 6])).await.unwrap().unwrap_err();
+    assert!(matches!(e, ClientError::Refused(pb::ErrorCode::NotFound)), "{e}");
+    client.request(vec![pb::Ping { id: 1 }.into()]).await.unwrap();
+    let resubscribed = tokio::time::timeout(T, server).await.unwrap().unwrap();
+    assert_eq!(resubscribed, vec![5], "the set in force, on the new connection");
+    client.close().await;
+    drain.abort();
+}

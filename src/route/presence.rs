@@ -1,0 +1,347 @@
+//! Presence by subscription: which connections watch which accounts, and
+//! the fan-out of an account's changes to their mailboxes.
+//!
+//! Nothing here is durable or broadcast. A connection watches at most a
+//! few hundred accounts (the chats open on it); an account's watchers
+//! live in its registry entry, under the same lock as its connections, so
+//! "came online" and "went offline" are decided and published in one
+//! step. An account is online from its first connection until its last
+//! one has been gone for the grace period (the caller runs the timer and
+//! calls [`Registry::grace_over`]), so a phone that reconnects after a
+//! stall does not flap. Updates land in each watcher's coalescing slot
+//! (`Mailbox::presence`), so a slow reader holds at most the latest state
+//! per account.
+//!
+//! A connection's subscription costs one pointer in each watched
+//! account's entry and one id in its own list, and nothing once it is
+//! gone.
+
+use std::sync::{Arc, Mutex};
+
+use pipit_protocol::message::pb;
+
+use super::registry::{Account, Leaving, Mailbox, Registry};
+
+/// One connection's subscriptions.
+#[derive(Debug)]
+pub struct Watcher {
+    mailbox: Arc<Mailbox>,
+    state: Mutex<WatchState>,
+}
+
+#[derive(Debug, Default)]
+struct WatchState {
+    /// Watched accounts, sorted.
+    accounts: Vec<u64>,
+    /// The sequence number of the subscription in force: a request that
+    /// finished its reads after a later one must not undo it.
+    applied: u64,
+}
+
+impl Watcher {
+    /// Subscriptions delivered to `mailbox`.
+    pub fn new(mailbox: Arc<Mailbox>) -> Arc<Self> {
+        Arc::new(Self { mailbox, state: Mutex::new(WatchState::default()) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The accounts watched now.
+    pub fn accounts(&self) -> Vec<u64> {
+        self.lock().accounts.clone()
+    }
+}
+
+/// An account's presence beyond its connections. Every connected account
+/// has one, so it is small: what only watched accounts need is boxed.
+#[derive(Debug, Default)]
+pub(super) struct AccountPresence {
+    /// Nonzero while the last connection has left and the grace period
+    /// runs: the generation [`Registry::grace_over`] must name.
+    pub(super) leaving: u64,
+    /// Watchers and what they are shown; `None` for most accounts.
+    watched: Option<Box<Watched>>,
+}
+
+#[derive(Debug, Default)]
+struct Watched {
+    /// When the account was last seen (seconds): when its last connection
+    /// left, or what storage said when it was first watched.
+    last_seen: u64,
+    /// Whether it hides its last seen (`NOBODY`), once known: what
+    /// storage said when it was first watched, or its latest `PrivacySet`
+    /// while it is here.
+    hidden: Option<bool>,
+    /// Connections watching it.
+    watchers: Vec<Arc<Watcher>>,
+}
+
+impl AccountPresence {
+    pub(super) fn is_watched(&self) -> bool {
+        self.watched.as_ref().is_some_and(|w| !w.watchers.is_empty())
+    }
+
+    /// The last connection left at `now`.
+    pub(super) fn left(&mut self, generation: u64, now: u64) {
+        self.leaving = generation;
+        if let Some(w) = &mut self.watched {
+            w.last_seen = now;
+        }
+    }
+
+    /// What a watcher sees.
+    fn shown(&self, account: u64, online: bool) -> pb::Presence {
+        let w = self.watched.as_deref();
+        let hidden = w.is_some_and(|w| w.hidden == Some(true));
+        let last_seen = if online || hidden { 0 } else { w.map_or(0, |w| w.last_seen) };
+        pb::Presence { account, online, last_seen }
+    }
+
+    /// Tells every watcher the account's state.
+    pub(super) fn publish(&self, account: u64, online: bool) {
+        let Some(w) = &self.watched else { return };
+        if w.watchers.is_empty() {
+            return;
+        }
+        let p = self.shown(account, online);
+        for x in &w.watchers {
+            if !x.mailbox.presence(p) {
+                metrics::counter!("pipit_presence_dropped_total").increment(1);
+            }
+        }
+    }
+}
+
+/// What storage says about an account, for a new subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The account.
+    pub account: u64,
+    /// Its durable last seen (0: never recorded).
+    pub last_seen: u64,
+    /// Whether it hides its last seen.
+    pub hidden: bool,
+}
+
+impl Registry {
+    /// The grace period of departure `l` is over: unless a connection came
+    /// back meanwhile, the account's watchers learn it went offline.
+    /// Returns its last seen (`l.at`), to be made durable.
+    pub fn grace_over(&self, l: Leaving) -> Option<u64> {
+        let mut s = self.stripe(l.account);
+        let acc = s.get_mut(&l.account)?;
+        if acc.presence.leaving != l.generation || !acc.conns.is_empty() {
+            return None;
+        }
+        acc.presence.leaving = 0;
+        if let Some(w) = &mut acc.presence.watched {
+            // Watched since it left: what storage said is older.
+            w.last_seen = w.last_seen.max(l.at);
+        }
+        acc.presence.publish(l.account, false);
+        if acc.is_idle() {
+            s.remove(&l.account);
+        }
+        Some(l.at)
+    }
+
+    /// Replaces `w`'s subscriptions with the accounts of `stored` (sorted,
+    /// distinct, all existing) and queues each one's current state for it.
+    /// `seq` orders a connection's requests: an older one that finishes
+    /// late changes nothing.
+    pub fn watch(&self, w: &Arc<Watcher>, seq: u64, stored: &[Stored]) {
+        let mut st = w.lock();
+        if seq < st.applied {
+            return;
+        }
+        st.applied = seq;
+        let old = std::mem::take(&mut st.accounts);
+        for &a in &old {
+            if stored.binary_search_by_key(&a, |s| s.account).is_err() {
+                self.drop_watcher(a, w);
+            }
+        }
+        for s in stored {
+            let mut stripe = self.stripe(s.account);
+            let acc = stripe.entry(s.account).or_default();
+            let online = acc.is_online();
+            let watched = acc.presence.watched.get_or_insert_with(Box::default);
+            // What memory knows is newer than what was read: a privacy
+            // change or a departure since.
+            watched.hidden.get_or_insert(s.hidden);
+            watched.last_seen = watched.last_seen.max(s.last_seen);
+            if !watched.watchers.iter().any(|x| Arc::ptr_eq(x, w)) {
+                watched.watchers.push(w.clone());
+            }
+            if !w.mailbox.presence(acc.presence.shown(s.account, online)) {
+                metrics::counter!("pipit_presence_dropped_total").increment(1);
+            }
+        }
+        let delta = stored.len() as f64 - old.len() as f64;
+        metrics::gauge!("pipit_presence_subscriptions").increment(delta);
+        st.accounts = stored.iter().map(|s| s.account).collect();
+    }
+
+    /// Ends all of `w`'s subscriptions (its connection closed), for good.
+    pub fn unwatch(&self, w: &Arc<Watcher>) {
+        let mut st = w.lock();
+        st.applied = u64::MAX;
+        let old = std::mem::take(&mut st.accounts);
+        for &a in &old {
+            self.drop_watcher(a, w);
+        }
+        metrics::gauge!("pipit_presence_subscriptions").decrement(old.len() as f64);
+    }
+
+    fn drop_watcher(&self, account: u64, w: &Arc<Watcher>) {
+        let mut s = self.stripe(account);
+        let Some(acc) = s.get_mut(&account) else { return };
+        if let Some(watched) = &mut acc.presence.watched {
+            if let Some(i) = watched.watchers.iter().position(|x| Arc::ptr_eq(x, w)) {
+                watched.watchers.swap_remove(i);
+            }
+            if watched.watchers.is_empty() {
+                acc.presence.watched = None;
+            }
+        }
+        if acc.is_idle() {
+            s.remove(&account);
+        }
+    }
+
+    /// `account` changed whether it hides its last seen: an offline
+    /// account's watchers see the change at once. Kept for an account
+    /// that is here (its device sent the change) even when nobody watches
+    /// it yet, so a subscription whose storage read came just before the
+    /// change cannot show the old setting.
+    pub fn set_hidden(&self, account: u64, hidden: bool) {
+        let mut s = self.stripe(account);
+        let Some(acc) = s.get_mut(&account) else { return };
+        let watched = acc.presence.watched.get_or_insert_with(Box::default);
+        let changed = watched.hidden != Some(hidden);
+        watched.hidden = Some(hidden);
+        if changed && !acc.is_online() {
+            acc.presence.publish(account, false);
+        }
+    }
+
+    /// Accounts with an entry (online, leaving or watched): for tests and
+    /// memory figures.
+    pub fn accounts_tracked(&self) -> usize {
+        (0..self.stripe_count()).map(|i| self.stripe_at(i).len()).sum()
+    }
+}
+
+impl Account {
+    #[cfg(test)]
+    fn watcher_count(&self) -> usize {
+        self.presence.watched.as_ref().map_or(0, |w| w.watchers.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DeviceAddr;
+    use crate::route::ConnHandle;
+
+    fn conn(id: u64) -> ConnHandle {
+        ConnHandle { id, mailbox: Arc::new(Mailbox::new(4)) }
+    }
+
+    fn seen(m: &Mailbox) -> Vec<(u64, bool, u64)> {
+        m.take_events().map_or(Vec::new(), |e| e.presence.iter().map(|p| (p.account, p.online, p.last_seen)).collect())
+    }
+
+    fn stored(account: u64, last_seen: u64, hidden: bool) -> Stored {
+        Stored { account, last_seen, hidden }
+    }
+
+    #[test]
+    fn a_watcher_gets_the_state_at_once_then_each_change_and_nothing_after_it_leaves() {
+        let r = Registry::default();
+        let me = conn(1);
+        let w = Watcher::new(me.mailbox.clone());
+        r.watch(&w, 1, &[stored(5, 100, false), stored(6, 200, true)]);
+        assert_eq!(seen(&me.mailbox), vec![(5, false, 100), (6, false, 0)], "hidden shows 0");
+        let a5 = DeviceAddr::new(5, 0);
+        assert!(r.insert(a5, conn(2)).is_none());
+        assert_eq!(seen(&me.mailbox), vec![(5, true, 0)]);
+        let l = r.remove(a5, 2, 300).unwrap();
+        assert!(seen(&me.mailbox).is_empty(), "still online during the grace period");
+        assert_eq!(r.grace_over(l), Some(300));
+        assert_eq!(seen(&me.mailbox), vec![(5, false, 300)]);
+        assert_eq!(r.grace_over(l), None, "once");
+        r.set_hidden(5, true);
+        assert_eq!(seen(&me.mailbox), vec![(5, false, 0)]);
+        r.unwatch(&w);
+        assert_eq!(r.accounts_tracked(), 0, "nothing is kept for a connection that is gone");
+        assert!(r.insert(a5, conn(3)).is_none());
+        assert!(seen(&me.mailbox).is_empty());
+    }
+
+    #[test]
+    fn an_account_watched_while_leaving_shows_when_it_left() {
+        let r = Registry::default();
+        let me = conn(1);
+        let w = Watcher::new(me.mailbox.clone());
+        let a = DeviceAddr::new(4, 0);
+        assert!(r.insert(a, conn(2)).is_none());
+        let l = r.remove(a, 2, 500).unwrap();
+        r.watch(&w, 1, &[stored(4, 100, false)]);
+        assert_eq!(seen(&me.mailbox), vec![(4, true, 0)], "online during the grace");
+        assert_eq!(r.grace_over(l), Some(500));
+        assert_eq!(seen(&me.mailbox), vec![(4, false, 500)], "not the older stored value");
+    }
+
+    #[test]
+    fn a_reconnect_within_the_grace_period_does_not_flap() {
+        let r = Registry::default();
+        let me = conn(1);
+        let w = Watcher::new(me.mailbox.clone());
+        let a = DeviceAddr::new(9, 0);
+        assert!(r.insert(a, conn(2)).is_none());
+        r.watch(&w, 1, &[stored(9, 0, false)]);
+        assert_eq!(seen(&me.mailbox), vec![(9, true, 0)]);
+        let first = r.remove(a, 2, 50).unwrap();
+        assert!(r.insert(a, conn(3)).is_none());
+        assert_eq!(r.grace_over(first), None, "came back in time");
+        assert!(seen(&me.mailbox).is_empty(), "no offline, no second online");
+        let second = r.remove(a, 3, 60).unwrap();
+        assert_ne!(second.generation, first.generation);
+        assert_eq!(r.grace_over(second), Some(60));
+        assert_eq!(seen(&me.mailbox), vec![(9, false, 60)]);
+    }
+
+    #[test]
+    fn replacing_a_subscription_drops_the_old_accounts_and_a_late_request_changes_nothing() {
+        let r = Registry::default();
+        let me = conn(1);
+        let w = Watcher::new(me.mailbox.clone());
+        r.watch(&w, 1, &[stored(1, 0, false), stored(2, 0, false)]);
+        r.watch(&w, 3, &[stored(2, 0, false), stored(3, 0, false)]);
+        r.watch(&w, 2, &[stored(4, 0, false)]);
+        assert_eq!(w.accounts(), vec![2, 3]);
+        assert!(r.stripe(1).get(&1).is_none(), "no longer watched, not online: gone");
+        assert_eq!(r.stripe(2).get(&2).unwrap().watcher_count(), 1, "watched once, not twice");
+        assert!(r.stripe(4).get(&4).is_none());
+        r.unwatch(&w);
+        r.watch(&w, 4, &[stored(7, 0, false)]);
+        assert_eq!(r.accounts_tracked(), 0, "a closed connection cannot subscribe again");
+    }
+
+    #[test]
+    fn an_unwatched_account_costs_its_connections_and_a_few_words() {
+        let r = Registry::default();
+        let a = DeviceAddr::new(3, 0);
+        assert!(r.insert(a, conn(1)).is_none());
+        assert!(std::mem::size_of::<AccountPresence>() <= 16);
+        assert!(std::mem::size_of::<Account>() <= 40, "a connection vector and the presence words");
+        assert!(r.stripe(3).get(&3).unwrap().presence.watched.is_none());
+        let l = r.remove(a, 1, 77).unwrap();
+        assert_eq!(r.grace_over(l), Some(77), "the departure carries its time");
+        assert_eq!(r.accounts_tracked(), 0);
+    }
+}
