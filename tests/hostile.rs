@@ -120,3 +120,117 @@ async fn hostile_peers_are_closed_while_a_pair_keeps_exchanging() {
         step(&mut ca, &mut cb).await;
     }
 }
+
+/// Defect: a payload that fits a `Send` but not the `Deliver` it becomes
+/// was answered "sent", and then closed the recipient's connection at
+/// every login. Now the server refuses it at send time (TOO_LARGE), the
+/// client library refuses it before queueing, and the largest allowed
+/// payload reaches the recipient.
+#[tokio::test]
+async fn a_payload_too_large_for_the_recipient_is_refused_at_send_time() {
+    use pipit_client::pipit_protocol::limits::MAX_PAYLOAD_LEN;
+    let s = TestServer::start(|_| {});
+    let (a, mut ca) = register(s.addr).await;
+    let (b, cb) = register(s.addr).await;
+    drop(cb);
+
+    // The largest Send the old check let through (it fits a packet; its
+    // Deliver does not).
+    let poison =
+        pb::Send { id: 1, to: b.account, payload: bytes::Bytes::from(vec![7u8; 65_507]), ..Default::default() };
+    ca.send(&[poison.into()]).await.unwrap();
+    let e = expect(&mut ca, |m| match m {
+        pipit_client::pipit_protocol::Message::Sent(s) => panic!("the poison was accepted: {s:?}"),
+        pipit_client::pipit_protocol::Message::Error(e) if e.id == 1 => Some(e),
+        _ => None,
+    })
+    .await;
+    assert_eq!(e.code, pb::ErrorCode::TooLarge as i32);
+
+    // The largest payload that is allowed goes through whole, and so does
+    // what follows it.
+    let biggest = pb::Send {
+        id: 2,
+        to: b.account,
+        payload: bytes::Bytes::from(vec![8u8; MAX_PAYLOAD_LEN]),
+        ..Default::default()
+    };
+    ca.send(&[biggest.into()]).await.unwrap();
+    expect_sent(&mut ca, 2).await;
+    ca.send(&[text(3, b.account, "after")]).await.unwrap();
+    expect_sent(&mut ca, 3).await;
+    let mut cb = login(&s, &b).await;
+    let d = expect_deliver(&mut cb).await;
+    assert_eq!(d.payload.len(), MAX_PAYLOAD_LEN);
+    let d = expect_deliver(&mut cb).await;
+    assert_eq!(&d.payload[..], b"after");
+    let _ = a;
+
+    // The client library refuses the same payload before queueing it.
+    let store = pipit_client::MemoryStore::new();
+    let (client, _events) = pipit_client::Client::start(pipit_client::Config::new(s.addr.to_string()), store).unwrap();
+    let err = client.send(b.account, vec![0u8; MAX_PAYLOAD_LEN + 1]).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::TooLarge { len, max } if len == MAX_PAYLOAD_LEN + 1 && max == MAX_PAYLOAD_LEN),
+        "{err}"
+    );
+    client.close().await;
+}
+
+/// Defect: an oversized entry already in an inbox (stored by a server
+/// without the send-time check) was never delivered and blocked every
+/// entry behind it, at every login. Now it is skipped and deleted, its
+/// sender gets `Expired`, and the entries after it arrive.
+#[tokio::test]
+async fn an_undeliverable_inbox_entry_is_skipped_and_its_sender_told() {
+    use pipit::store::counters::Counter;
+    use pipit_client::pipit_protocol::Message;
+    let mut s = TestServer::start(|_| {});
+    let (a, ca) = register(s.addr).await;
+    let (b, cb) = register(s.addr).await;
+    drop((ca, cb));
+    s.stop();
+    {
+        // Plant what the old server stored: a Deliver larger than a packet,
+        // then an ordinary one.
+        let store = pipit::store::Store::open(&s.dir.path().join("db")).unwrap();
+        let mut state = pipit::store::TxnState::default();
+        let mut txn = pipit::store::Txn::begin(&store, &mut state);
+        let to = pipit::model::DeviceAddr::new(b.account, 0);
+        for (seq, len) in [(1u64, 65_507usize), (2, 5)] {
+            let id = txn.next(Counter::InboxNext(to)).unwrap();
+            let d = pb::Deliver {
+                inbox: id,
+                from: a.account,
+                seq,
+                time: pipit::model::unix_now(),
+                payload: bytes::Bytes::from(vec![1u8; len]),
+                ..Default::default()
+            };
+            txn.put_inbox(to, id, &d.into());
+        }
+        txn.set_counter(Counter::conversation(a.account, b.account), 2);
+        txn.op_commit();
+        txn.commit(true).unwrap();
+    }
+    s.restart();
+
+    // b gets the entry after the poison, and its connection stays up.
+    let mut cb = login(&s, &b).await;
+    let d = expect_deliver(&mut cb).await;
+    assert_eq!((d.seq, d.payload.len()), (2, 5));
+    ack(&mut cb, d.inbox).await;
+    // a learns the poison expired on b's device.
+    let mut ca = login(&s, &a).await;
+    let e = expect(&mut ca, |m| match m {
+        Message::Expired(e) => Some(e),
+        _ => None,
+    })
+    .await;
+    assert_eq!((e.peer, e.seq, e.devices), (b.account, 1, 1));
+    // It is gone from b's inbox: the next login brings nothing.
+    drop(cb);
+    let mut cb = login(&s, &b).await;
+    assert_eq!(cb.login().pending, 0);
+    quiet(&mut cb, Duration::from_millis(500)).await;
+}

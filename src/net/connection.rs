@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::{ConnCtx, ConnError};
-use crate::model::DeviceAddr;
+use crate::model::{DeviceAddr, LogGate};
 use crate::route::{ConnHandle, Push};
 use crate::service::receipts::{acked_meta, Acked};
 use crate::service::Submission;
@@ -111,29 +111,25 @@ impl Conn {
         inbox: crate::service::inbox::LoginInbox,
     ) -> Self {
         let window = ctx.cfg.delivery_window;
-        let mut inflight = VecDeque::with_capacity(inbox.send.len());
-        let mut outq = Vec::with_capacity(inbox.send.len() + 1);
-        for (id, m) in inbox.send {
-            inflight.push_back(acked_meta(addr.account, id, &m));
-            outq.push(m);
-        }
-        let messages = outq.iter().filter(|m| matches!(m, Message::Deliver(_))).count();
-        metrics::counter!("pipit_messages_delivered_total").increment(messages as u64);
         let mut conn = Self {
             ctx: ctx.clone(),
             addr,
             handle,
             window,
             cursor: inbox.cursor,
-            inflight,
+            inflight: VecDeque::with_capacity(inbox.send.len()),
             behind: inbox.behind,
             pending: FuturesOrdered::new(),
             stalled: VecDeque::new(),
-            outq,
+            outq: Vec::with_capacity(inbox.send.len() + 1),
         };
         if !inbox.acked.is_empty() {
             conn.ack_entries(inbox.acked);
         }
+        for (id, m) in inbox.send {
+            conn.deliver(id, m);
+        }
+        conn.cursor = inbox.cursor;
         conn
     }
 
@@ -328,8 +324,12 @@ impl Conn {
     }
 
     fn deliver(&mut self, id: u64, m: Message) {
-        self.inflight.push_back(acked_meta(self.addr.account, id, &m));
         self.cursor = id;
+        if !m.fits_packet() {
+            self.undeliverable(id, &m);
+            return;
+        }
+        self.inflight.push_back(acked_meta(self.addr.account, id, &m));
         if matches!(m, Message::Deliver(_)) {
             metrics::counter!("pipit_messages_delivered_total").increment(1);
         }
@@ -347,6 +347,25 @@ impl Conn {
             // from there when the window opens.
             self.behind = true;
         }
+    }
+
+    /// An entry that cannot be sealed would close this connection now and
+    /// at every login after, blocking every entry behind it: move past it,
+    /// and have it deleted with an expiry notice to its sender.
+    fn undeliverable(&mut self, id: u64, m: &Message) {
+        static LOG: LogGate = LogGate::new(10_000);
+        metrics::counter!("pipit_undeliverable_total").increment(1);
+        if let Some(suppressed) = LOG.open() {
+            tracing::warn!(
+                device = %self.addr,
+                inbox = id,
+                bytes = m.encoded_len(),
+                suppressed,
+                "inbox entry too large to deliver; dropped, and its sender told it expired"
+            );
+        }
+        let op = crate::service::expiry::undeliverable(self.addr, id, m);
+        self.submit(op);
     }
 
     async fn catch_up(&mut self) -> Result<(), ConnError> {

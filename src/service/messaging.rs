@@ -100,6 +100,11 @@ fn store_send(
         metrics::counter!("pipit_messages_deduplicated_total").increment(1);
         return Ok(Ok(pb::Sent { id: send.id, seq: r.seq, time: r.time }));
     }
+    // What the recipient gets must fit a packet; a payload that would not
+    // is refused now rather than stored to block the recipient's inbox.
+    if pipit_protocol::message::check_send(send).is_err() {
+        return fail(pb::ErrorCode::TooLarge);
+    }
     if send.group != 0 {
         // Groups are served by a later version of this server.
         return fail(pb::ErrorCode::Unavailable);
