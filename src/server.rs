@@ -57,6 +57,9 @@ pub struct Running {
     shutdown: CancellationToken,
     shards: Vec<std::thread::JoinHandle<()>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    /// Held while the server runs: the data directory's lock and the
+    /// listening address's.
+    _locks: (std::fs::File, Option<listener::Shared>),
 }
 
 impl Running {
@@ -105,6 +108,11 @@ impl Running {
 pub fn start(config: Config) -> anyhow::Result<Running> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let dir_lock = lock_data_dir(&config.data_dir)?;
+    let n = config.shard_count();
+    let mut shared = listener::bind_all(config.listen, n)?;
+    let listeners = std::mem::take(&mut shared.listeners);
+    let local_addr = listeners[0].local_addr()?;
     let key = load_or_create_key(&config.data_dir)?;
     let public_key = *key.public();
     let keys = Arc::new(ServerKeys::new(key));
@@ -122,13 +130,6 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     )
     .context("starting the expiry sweeper")?;
 
-    let n = config.shard_count();
-    let first = listener::bind(config.listen)?;
-    let local_addr = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..n {
-        listeners.push(listener::bind(local_addr)?);
-    }
     let ctx = Arc::new(ConnCtx::new(net_config(&config), keys, services.clone(), registry.clone(), shutdown.clone()));
     let mut shards = Vec::with_capacity(n);
     for (i, l) in listeners.into_iter().enumerate() {
@@ -148,7 +149,52 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     crate::admin::spawn(admin).context("starting the admin socket")?;
     spawn_gauges(services.clone(), registry.clone(), shutdown.clone());
     tracing::info!(%local_addr, shards = n, server_key = %public_key, "listening");
-    Ok(Running { local_addr, public_key, services, registry, shutdown, shards, writer_thread: Some(writer_thread) })
+    Ok(Running {
+        local_addr,
+        public_key,
+        services,
+        registry,
+        shutdown,
+        shards,
+        writer_thread: Some(writer_thread),
+        _locks: (dir_lock, Some(shared)),
+    })
+}
+
+/// Locks `data_dir` for this process (`pipit.lock`, holding the pid of
+/// the server that has it): a second server on the same directory would
+/// take over its admin socket and fail on RocksDB's own lock with a less
+/// helpful message. The kernel releases the lock when the process ends,
+/// however it ends.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = data_dir.join("pipit.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            anyhow::bail!(
+                "data directory {} is in use by another pipit server (pid {})",
+                data_dir.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 fn net_config(c: &Config) -> NetConfig {

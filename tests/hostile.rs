@@ -234,3 +234,43 @@ async fn an_undeliverable_inbox_entry_is_skipped_and_its_sender_told() {
     assert_eq!(cb.login().pending, 0);
     quiet(&mut cb, Duration::from_millis(500)).await;
 }
+
+/// Defect: shards listen with `SO_REUSEPORT`, which let a second server
+/// (same user, another data directory) bind the same address and take
+/// most new registrations. Now a second server fails at start with
+/// "address in use", and a second server on the same data directory with
+/// "in use by another pipit server"; the first keeps every client.
+#[tokio::test]
+async fn a_second_server_on_the_same_address_or_data_directory_fails_at_start() {
+    let s = TestServer::start(|_| {});
+    let other = tempfile::tempdir().unwrap();
+    for listen in [s.addr, format!("0.0.0.0:{}", s.addr.port()).parse().unwrap()] {
+        let cfg = pipit::Config { listen, data_dir: other.path().to_path_buf(), shards: 2, ..pipit::Config::default() };
+        let err = pipit::start(cfg).err().unwrap_or_else(|| panic!("a second server started on {listen}"));
+        assert!(format!("{err:#}").contains("in use"), "{err:#}");
+    }
+    // The real binary, as an operator would start it: a separate process
+    // of the same user.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pipit"))
+        .args(["serve", "--shards", "2", "--listen", &s.addr.to_string(), "--data-dir"])
+        .arg(other.path())
+        .env("PIPIT_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a second pipit process started");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use"), "{stderr}");
+    // Same data directory, free address.
+    let cfg = pipit::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: s.dir.path().to_path_buf(),
+        ..pipit::Config::default()
+    };
+    let err = pipit::start(cfg).err().expect("a second server started on the same data directory");
+    assert!(format!("{err:#}").contains("in use by another pipit server"), "{err:#}");
+    // Every new client reaches the first server.
+    for _ in 0..20 {
+        let (_, c) = register(s.addr).await;
+        assert_eq!(c.server_key(), &s.key);
+    }
+}
