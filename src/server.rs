@@ -176,9 +176,9 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
         .truncate(false)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    match f.try_lock() {
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
+        Err(rustix::io::Errno::WOULDBLOCK) => {
             let mut holder = String::new();
             let _ = f.read_to_string(&mut holder);
             anyhow::bail!(
@@ -187,8 +187,8 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
                 holder.trim()
             );
         }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", path.display()));
+        Err(e) => {
+            return Err(std::io::Error::from(e)).with_context(|| format!("locking {}", path.display()));
         }
     }
     f.set_len(0)?;
