@@ -15,7 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::DeviceAddr;
-use crate::route::Registry;
+use crate::route::{Budget, Registry};
 use crate::service::Services;
 
 pub use pipit_client::admin::{request, socket_path};
@@ -31,6 +31,8 @@ pub struct AdminCtx {
     pub services: Services,
     /// Online devices.
     pub registry: Arc<Registry>,
+    /// The memory budget.
+    pub budget: Arc<Budget>,
     /// Stops the socket.
     pub shutdown: CancellationToken,
 }
@@ -110,7 +112,16 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
             let online = shared.registry.is_online(addr);
             Ok(format!("{depth} waiting, {}\n", if online { "online" } else { "offline" }))
         }
-        ["stats"] => Ok(format!("online_devices {}\n", shared.registry.online())),
+        ["stats"] => {
+            let b = &shared.budget;
+            Ok(format!(
+                "online_devices {}\nmemory_budget {} of {} bytes used, {} waits\n",
+                shared.registry.online(),
+                b.used(),
+                b.limit(),
+                b.hits()
+            ))
+        }
         _ => anyhow::bail!("unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats"),
     }
 }

@@ -66,6 +66,27 @@ pub struct Config {
     pub storage_queue: usize,
     /// Fsync every commit (never disable outside benchmarks of the rest).
     pub sync_writes: bool,
+    /// Memory budget in MiB for what peers make the server hold in
+    /// transient buffers (read buffers and partial frames, sends waiting
+    /// for storage, outbound buffers, mailboxes); 0 = an eighth of the
+    /// machine's memory. Over it, the heaviest connections stop reading.
+    pub memory_budget_mb: u64,
+    /// Bytes of sends one connection may have waiting for storage before
+    /// the server stops reading from it.
+    pub max_pending_send_bytes: usize,
+    /// Seconds a frame may take from its first byte to its last before the
+    /// connection is closed.
+    pub partial_frame_timeout_secs: u64,
+    /// Handshakes in progress at once; more new connections are refused.
+    pub max_handshakes: usize,
+    /// New connections per second per source address (IPv6: per /64);
+    /// 0 = no limit.
+    pub handshake_rate_per_source: u32,
+    /// New connections a source may open at once before its rate applies.
+    pub handshake_burst_per_source: u32,
+    /// Threads for handshake cryptography (below the shards' priority);
+    /// 0 = one per shard.
+    pub handshake_threads: usize,
 }
 
 impl Default for Config {
@@ -91,6 +112,13 @@ impl Default for Config {
             write_timeout_secs: 120,
             storage_queue: 65_536,
             sync_writes: true,
+            memory_budget_mb: 0,
+            max_pending_send_bytes: 1 << 20,
+            partial_frame_timeout_secs: 30,
+            max_handshakes: 4_096,
+            handshake_rate_per_source: 100,
+            handshake_burst_per_source: 400,
+            handshake_threads: 0,
         }
     }
 }
@@ -150,7 +178,34 @@ impl Config {
         if self.storage_queue == 0 {
             return bad("storage_queue must be positive");
         }
+        if self.max_pending_send_bytes < pipit_protocol::limits::MAX_PACKET_LEN {
+            return bad("max_pending_send_bytes must be at least one packet (65519)");
+        }
+        if self.partial_frame_timeout_secs == 0 || self.max_handshakes == 0 {
+            return bad("partial_frame_timeout_secs and max_handshakes must be positive");
+        }
         Ok(())
+    }
+
+    /// The memory budget in bytes: the configured one, or an eighth of the
+    /// machine's memory (at least 64 MiB).
+    pub fn memory_budget_bytes(&self) -> usize {
+        if self.memory_budget_mb > 0 {
+            return (self.memory_budget_mb as usize).saturating_mul(1 << 20);
+        }
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| {
+                let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
+                line.split_whitespace().nth(1)?.parse::<usize>().ok()
+            })
+            .map_or(4 << 30, |kib| kib.saturating_mul(1024));
+        (total / 8).max(64 << 20)
+    }
+
+    /// The partial-frame timeout.
+    pub fn partial_frame_timeout(&self) -> Duration {
+        Duration::from_secs(self.partial_frame_timeout_secs)
     }
 
     /// Shards to run: the configured number, or one per core.

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::EngineConfig;
 use crate::config::Config;
-use crate::net::{listener, ConnCtx, NetConfig};
-use crate::route::Registry;
+use crate::net::{listener, AdmissionConfig, ConnCtx, NetConfig};
+use crate::route::{Budget, Registry};
 use crate::service::{self, Rules, Services};
 use crate::store::Store;
 
@@ -54,6 +54,7 @@ pub struct Running {
     pub public_key: pipit_protocol::PublicKey,
     services: Services,
     registry: Arc<Registry>,
+    budget: Arc<Budget>,
     shutdown: CancellationToken,
     shards: Vec<std::thread::JoinHandle<()>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
@@ -71,6 +72,11 @@ impl Running {
     /// Online devices (tests, admin).
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The memory budget (tests, admin).
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// Stops accepting, tells connections to close, waits up to `grace`
@@ -118,6 +124,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let keys = Arc::new(ServerKeys::new(key));
     let store = Store::open(&config.data_dir.join("db")).context("opening the database")?;
     let registry = Arc::new(Registry::default());
+    let budget = Budget::new(config.memory_budget_bytes());
     let rules = Rules { ttl_secs: config.message_ttl_secs, registration: config.registration };
     let engine = EngineConfig { max_batch: config.max_batch, capacity: config.storage_queue, sync: config.sync_writes };
     let (services, writer_thread) =
@@ -130,7 +137,10 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     )
     .context("starting the expiry sweeper")?;
 
-    let ctx = Arc::new(ConnCtx::new(net_config(&config), keys, services.clone(), registry.clone(), shutdown.clone()));
+    let ctx = Arc::new(
+        ConnCtx::new(net_config(&config), keys, services.clone(), registry.clone(), budget.clone(), shutdown.clone())
+            .context("starting the handshake threads")?,
+    );
     let mut shards = Vec::with_capacity(n);
     for (i, l) in listeners.into_iter().enumerate() {
         let ctx = ctx.clone();
@@ -144,16 +154,18 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         data_dir: config.data_dir.clone(),
         services: services.clone(),
         registry: registry.clone(),
+        budget: budget.clone(),
         shutdown: shutdown.clone(),
     };
     crate::admin::spawn(admin).context("starting the admin socket")?;
-    spawn_gauges(services.clone(), registry.clone(), shutdown.clone());
+    spawn_gauges(services.clone(), registry.clone(), budget.clone(), ctx.clone(), shutdown.clone());
     tracing::info!(%local_addr, shards = n, server_key = %public_key, "listening");
     Ok(Running {
         local_addr,
         public_key,
         services,
         registry,
+        budget,
         shutdown,
         shards,
         writer_thread: Some(writer_thread),
@@ -209,13 +221,30 @@ fn net_config(c: &Config) -> NetConfig {
         write_timeout: Duration::from_secs(c.write_timeout_secs),
         tcp_user_timeout: Duration::from_secs(c.tcp_user_timeout_secs),
         shutdown_grace: Duration::from_secs(c.shutdown_grace_secs),
+        max_pending_send_bytes: c.max_pending_send_bytes,
+        partial_frame_timeout: c.partial_frame_timeout(),
+        admission: AdmissionConfig {
+            max_handshakes: c.max_handshakes,
+            rate_per_source: f64::from(c.handshake_rate_per_source),
+            burst_per_source: f64::from(c.handshake_burst_per_source),
+            threads: if c.handshake_threads > 0 { c.handshake_threads } else { c.shard_count() },
+        },
     }
 }
 
 /// Refreshes gauges that are cheaper to sample than to keep exact.
-fn spawn_gauges(services: Services, registry: Arc<Registry>, shutdown: CancellationToken) {
+fn spawn_gauges(
+    services: Services,
+    registry: Arc<Registry>,
+    budget: Arc<Budget>,
+    ctx: Arc<ConnCtx>,
+    shutdown: CancellationToken,
+) {
     let spawned = std::thread::Builder::new().name("pipit-gauges".into()).spawn(move || {
+        metrics::gauge!("pipit_memory_budget_limit_bytes").set(budget.limit() as f64);
         while !shutdown.is_cancelled() {
+            metrics::gauge!("pipit_memory_budget_used_bytes").set(budget.used() as f64);
+            metrics::gauge!("pipit_handshakes_in_progress").set(ctx.handshakes_in_progress() as f64);
             metrics::gauge!("pipit_inbox_entries").set(services.inbox.estimate() as f64);
             metrics::gauge!("pipit_online_devices").set(registry.online() as f64);
             metrics::gauge!("pipit_storage_queue").set(services.writer.queued() as f64);

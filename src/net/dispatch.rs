@@ -39,6 +39,9 @@ impl Conn {
 
     fn send(&mut self, send: pb::Send) {
         let id = send.id;
+        // What this send holds until it is durable: its payloads (each a
+        // slice of the frame it came in).
+        let bytes = send.payload.len() + send.per_device.iter().map(|c| c.payload.len()).sum::<usize>();
         match self.ctx.services.messaging.send(self.addr, send) {
             Err(_) => {
                 // Storage is saturated or stopping: nothing was stored; the
@@ -53,7 +56,7 @@ impl Conn {
                     .into(),
                 );
             }
-            Ok(durable) => self.answer_later(async move {
+            Ok(durable) => self.answer_later_holding(bytes, async move {
                 match durable.await {
                     Ok(sent) => {
                         metrics::counter!("pipit_messages_sent_total").increment(1);

@@ -113,16 +113,26 @@ pub fn run_shard(index: usize, listener: std::net::TcpListener, ctx: Arc<ConnCtx
                     };
                     if ctx.connections.fetch_add(1, Ordering::AcqRel) >= ctx.cfg.max_connections {
                         ctx.connections.fetch_sub(1, Ordering::AcqRel);
-                        metrics::counter!("pipit_connections_refused_total").increment(1);
+                        metrics::counter!("pipit_connections_refused_total", "reason" => "max_connections").increment(1);
                         drop(stream);
                         continue;
                     }
+                    let slot = match ctx.admission.admit(peer.ip(), std::time::Instant::now()) {
+                        Ok(slot) => slot,
+                        Err(_) => {
+                            ctx.connections.fetch_sub(1, Ordering::AcqRel);
+                            if let Ok(s) = stream.into_std() {
+                                super::admission::refuse(s);
+                            }
+                            continue;
+                        }
+                    };
                     tune(&stream, &ctx.cfg);
                     metrics::counter!("pipit_connections_accepted_total").increment(1);
                     let ctx = ctx.clone();
                     tracker.spawn(async move {
                         tracing::trace!(%peer, "accepted");
-                        super::connection::run(stream, &ctx).await;
+                        super::connection::run(stream, peer, slot, &ctx).await;
                         ctx.connections.fetch_sub(1, Ordering::AcqRel);
                     });
                 }

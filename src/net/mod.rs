@@ -2,10 +2,13 @@
 //! protocol crate's state machines, and dispatch from message kind to the
 //! service that handles it. It holds no product rules and no storage.
 
+mod admission;
 mod connection;
 mod dispatch;
 mod handshake;
 pub mod listener;
+
+pub use admission::AdmissionConfig;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,7 +17,7 @@ use std::time::Duration;
 use pipit_protocol::handshake::ServerKeys;
 use tokio_util::sync::CancellationToken;
 
-use crate::route::Registry;
+use crate::route::{Budget, Registry};
 use crate::service::Services;
 
 /// What the network layer needs to know from the configuration.
@@ -41,6 +44,13 @@ pub struct NetConfig {
     pub tcp_user_timeout: Duration,
     /// Time a draining connection waits for answers at shutdown.
     pub shutdown_grace: Duration,
+    /// Bytes of sends a connection may have waiting for storage before it
+    /// stops reading.
+    pub max_pending_send_bytes: usize,
+    /// Time a frame may take from its first byte to its last.
+    pub partial_frame_timeout: Duration,
+    /// Handshake admission.
+    pub admission: AdmissionConfig,
 }
 
 /// The handles a connection uses, and nothing else.
@@ -55,20 +65,41 @@ pub struct ConnCtx {
     pub registry: Arc<Registry>,
     /// Cancelled when the server stops.
     pub shutdown: CancellationToken,
+    /// The server's memory budget.
+    pub budget: Arc<Budget>,
+    admission: admission::Admission,
     conn_ids: AtomicU64,
     connections: AtomicUsize,
 }
 
 impl ConnCtx {
-    /// A context for the connections of one server.
+    /// A context for the connections of one server; starts its handshake
+    /// threads.
     pub fn new(
         cfg: NetConfig,
         keys: Arc<ServerKeys>,
         services: Services,
         registry: Arc<Registry>,
+        budget: Arc<Budget>,
         shutdown: CancellationToken,
-    ) -> Self {
-        Self { cfg, keys, services, registry, shutdown, conn_ids: AtomicU64::new(0), connections: AtomicUsize::new(0) }
+    ) -> std::io::Result<Self> {
+        let admission = admission::Admission::start(cfg.admission)?;
+        Ok(Self {
+            cfg,
+            keys,
+            services,
+            registry,
+            shutdown,
+            budget,
+            admission,
+            conn_ids: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+        })
+    }
+
+    /// Handshakes in progress (metrics, admin).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.admission.in_progress()
     }
 
     fn next_conn_id(&self) -> u64 {
@@ -101,4 +132,14 @@ pub enum ConnError {
     /// Refused at login (code sent to the peer).
     #[error("login refused: {0:?}")]
     Refused(pipit_protocol::message::pb::ErrorCode),
+    /// A frame did not complete within the partial-frame timeout.
+    #[error("a frame stayed incomplete too long")]
+    SlowFrame,
+}
+
+impl ConnError {
+    /// Whether the peer broke the protocol (as opposed to going away).
+    fn is_violation(&self) -> bool {
+        matches!(self, ConnError::Handshake(_) | ConnError::Protocol(_) | ConnError::SlowFrame)
+    }
 }

@@ -1,10 +1,13 @@
 //! Where things go that never pass through the commit: which connection
-//! holds which device, and how a new inbox entry reaches it. Later:
+//! holds which device, how a new inbox entry reaches it, and the memory
+//! budget that bounds what waits in between. Later:
 //! presence, and the router that chooses between a local mailbox, another
 //! node and a push wake-up.
 
+pub mod budget;
 pub mod registry;
 
+pub use budget::{Budget, Charge};
 pub use registry::{ConnHandle, Mailbox, Push, Registry};
 
 use pipit_protocol::Message;

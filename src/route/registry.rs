@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use pipit_protocol::Message;
 use tokio::sync::Notify;
 
+use super::budget::{Budget, Charge};
 use super::Deliveries;
 use crate::model::DeviceAddr;
 
@@ -26,8 +27,10 @@ pub type Push = (u64, Box<Message>);
 /// The queue between the storage writer and one connection.
 #[derive(Debug)]
 pub struct Mailbox {
-    queue: Mutex<VecDeque<Push>>,
+    /// The pushes, and their bytes charged to the server's budget.
+    queue: Mutex<(VecDeque<Push>, Charge)>,
     capacity: usize,
+    budget: Arc<Budget>,
     /// Wakes the connection when something was pushed (or dropped).
     pub ready: Notify,
     /// Set when a push was dropped because the mailbox was full: the
@@ -39,29 +42,38 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    /// A mailbox holding at most `capacity` pushes.
-    pub fn new(capacity: usize) -> Self {
+    /// A mailbox holding at most `capacity` pushes, and nothing that would
+    /// take the server over its memory `budget`.
+    pub fn new(capacity: usize, budget: Arc<Budget>) -> Self {
         Self {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new((VecDeque::new(), budget.charge(0))),
             capacity,
+            budget,
             ready: Notify::new(),
             overflow: AtomicBool::new(false),
             kick: Notify::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Push>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Push>, Charge)> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a push, or flags overflow when full. Never blocks on the
-    /// connection.
+    /// Adds a push, or flags overflow when the mailbox is full or the
+    /// server is over its memory budget. Never blocks on the connection.
     pub fn push(&self, p: Push) {
+        let bytes = p.1.encoded_len();
         {
             let mut q = self.lock();
-            if q.len() < self.capacity {
-                q.push_back(p);
+            let over_budget = self.budget.used() + bytes > self.budget.limit();
+            if q.0.len() < self.capacity && !over_budget {
+                q.0.push_back(p);
+                let held = q.1.bytes() + bytes;
+                q.1.set(held);
             } else {
+                if over_budget {
+                    self.budget.hit("mailbox");
+                }
                 self.overflow.store(true, Ordering::Release);
             }
         }
@@ -70,7 +82,9 @@ impl Mailbox {
 
     /// Takes everything queued, in order, and releases the queue's memory.
     pub fn take(&self) -> VecDeque<Push> {
-        std::mem::take(&mut *self.lock())
+        let mut q = self.lock();
+        q.1.set(0);
+        std::mem::take(&mut q.0)
     }
 }
 
@@ -142,13 +156,27 @@ mod tests {
 
     #[test]
     fn a_full_mailbox_drops_and_flags_and_an_empty_one_holds_nothing() {
-        let m = Mailbox::new(2);
+        let budget = Budget::new(1 << 20);
+        let m = Mailbox::new(2, budget.clone());
         for id in 1..=3 {
             m.push((id, Box::new(pb::Ping { id }.into())));
         }
         assert!(m.overflow.load(Ordering::Acquire));
+        assert!(budget.used() > 0, "pushes count against the budget");
         let got: Vec<u64> = m.take().into_iter().map(|(id, _)| id).collect();
         assert_eq!(got, vec![1, 2]);
-        assert_eq!(m.lock().capacity(), 0, "taking releases the buffer");
+        assert_eq!(m.lock().0.capacity(), 0, "taking releases the buffer");
+        assert_eq!(budget.used(), 0, "and gives its bytes back");
+    }
+
+    #[test]
+    fn a_push_that_would_go_over_budget_is_dropped_and_flagged() {
+        let budget = Budget::new(100);
+        let m = Mailbox::new(8, budget.clone());
+        let big = pb::Deliver { payload: bytes::Bytes::from(vec![0u8; 200]), ..Default::default() };
+        m.push((1, Box::new(big.into())));
+        assert!(m.overflow.load(Ordering::Acquire));
+        assert!(m.take().is_empty());
+        assert_eq!(budget.hits(), 1);
     }
 }
