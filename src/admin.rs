@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::commit::StorageState;
 use crate::model::DeviceAddr;
 use crate::route::{Budget, Registry};
 use crate::service::Services;
@@ -114,12 +115,19 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
         }
         ["stats"] => {
             let b = &shared.budget;
+            let w = &shared.services.writer;
+            let storage = match w.storage() {
+                StorageState::Ok => "ok",
+                StorageState::Low => "low: free space below the reserve, refusing new sends",
+                StorageState::Full => "full: commits wait for room, refusing new sends",
+            };
             Ok(format!(
-                "online_devices {}\nmemory_budget {} of {} bytes used, {} waits\n",
+                "online_devices {}\nmemory_budget {} of {} bytes used, {} waits\nstorage {storage} ({} bytes free)\n",
                 shared.registry.online(),
                 b.used(),
                 b.limit(),
-                b.hits()
+                b.hits(),
+                w.free_bytes()
             ))
         }
         _ => anyhow::bail!("unknown command; try: invite [ttl_secs] | accounts | inbox <account> <device> | stats"),

@@ -87,6 +87,15 @@ pub struct Config {
     /// Threads for handshake cryptography (below the shards' priority);
     /// 0 = one per shard.
     pub handshake_threads: usize,
+    /// MiB of free disk below which new sends and registrations are
+    /// refused (`UNAVAILABLE`, retry later), so the database never fills
+    /// the disk and a restart always has room to open it. At least 64
+    /// (RocksDB resumes after a full disk only with a memtable's worth
+    /// free); 0 = no reserve.
+    pub storage_reserve_mb: u64,
+    /// Seconds a commit waits for a full disk to have room again before
+    /// the requests in it are answered `UNAVAILABLE` (retry later).
+    pub storage_full_wait_secs: u64,
 }
 
 impl Default for Config {
@@ -119,6 +128,8 @@ impl Default for Config {
             handshake_rate_per_source: 100,
             handshake_burst_per_source: 400,
             handshake_threads: 0,
+            storage_reserve_mb: 256,
+            storage_full_wait_secs: 30,
         }
     }
 }
@@ -180,6 +191,12 @@ impl Config {
         }
         if self.max_pending_send_bytes < pipit_protocol::limits::MAX_PACKET_LEN {
             return bad("max_pending_send_bytes must be at least one packet (65519)");
+        }
+        if self.storage_reserve_mb != 0 && self.storage_reserve_mb < 64 {
+            return bad("storage_reserve_mb must be 0 or at least 64 (RocksDB needs 64 MiB free to resume)");
+        }
+        if self.storage_full_wait_secs == 0 {
+            return bad("storage_full_wait_secs must be positive");
         }
         if self.partial_frame_timeout_secs == 0 || self.max_handshakes == 0 {
             return bad("partial_frame_timeout_secs and max_handshakes must be positive");

@@ -126,7 +126,13 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let registry = Arc::new(Registry::default());
     let budget = Budget::new(config.memory_budget_bytes());
     let rules = Rules { ttl_secs: config.message_ttl_secs, registration: config.registration };
-    let engine = EngineConfig { max_batch: config.max_batch, capacity: config.storage_queue, sync: config.sync_writes };
+    let engine = EngineConfig {
+        max_batch: config.max_batch,
+        capacity: config.storage_queue,
+        sync: config.sync_writes,
+        reserve_bytes: config.storage_reserve_mb.saturating_mul(1 << 20),
+        full_wait: Duration::from_secs(config.storage_full_wait_secs),
+    };
     let (services, writer_thread) =
         service::start(store, rules, registry.clone(), engine).context("starting the storage writer")?;
     let shutdown = CancellationToken::new();

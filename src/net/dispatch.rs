@@ -43,14 +43,15 @@ impl Conn {
         // slice of the frame it came in).
         let bytes = send.payload.len() + send.per_device.iter().map(|c| c.payload.len()).sum::<usize>();
         match self.ctx.services.messaging.send(self.addr, send) {
-            Err(_) => {
-                // Storage is saturated or stopping: nothing was stored; the
-                // client keeps the message in its outbox and retries.
+            Err(reason) => {
+                // Storage is saturated, without room, or stopping: nothing
+                // was stored; the client keeps the message in its outbox
+                // and retries after the time it is told.
                 self.outq.push(
                     pb::Error {
                         code: pb::ErrorCode::Unavailable as i32,
                         id,
-                        retry_after_secs: 1,
+                        retry_after_secs: crate::service::retry_after(reason),
                         ..Default::default()
                     }
                     .into(),
@@ -64,6 +65,13 @@ impl Conn {
                     }
                     Err(SendFailure::Code(code)) => pb::Error { code: code as i32, id, ..Default::default() }.into(),
                     Err(SendFailure::Mismatch(m)) => m.into(),
+                    Err(SendFailure::Unavailable { retry_after_secs }) => pb::Error {
+                        code: pb::ErrorCode::Unavailable as i32,
+                        id,
+                        retry_after_secs,
+                        ..Default::default()
+                    }
+                    .into(),
                 }
             }),
         }
@@ -80,7 +88,15 @@ impl Conn {
             return;
         }
         match self.ctx.services.accounts.link(self.addr.account, key, req.name) {
-            Err(_) => self.outq.push(req_error(pb::ErrorCode::Unavailable, r)),
+            Err(reason) => self.outq.push(
+                pb::Error {
+                    code: pb::ErrorCode::Unavailable as i32,
+                    req: r,
+                    retry_after_secs: crate::service::retry_after(reason),
+                    ..Default::default()
+                }
+                .into(),
+            ),
             Ok(linked) => self.answer_later(async move {
                 match linked.await {
                     Ok(device) => pb::Linked { req: r, device }.into(),

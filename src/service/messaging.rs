@@ -25,6 +25,11 @@ pub enum SendFailure {
     Code(pb::ErrorCode),
     /// Per-device ciphertexts did not match the devices.
     Mismatch(pb::DeviceMismatch),
+    /// Not stored for now (the disk was full): retry after this long.
+    Unavailable {
+        /// Seconds.
+        retry_after_secs: u32,
+    },
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<pb::Sent, SendFailure>>;
@@ -41,8 +46,8 @@ impl Messaging {
     }
 
     /// Queues `send` from `from`; the future answers once it is durable
-    /// (or refused). A full queue is refused at once: nothing was stored
-    /// and the client retries.
+    /// (or refused). A full queue, or storage without room, is refused at
+    /// once: nothing was stored and the client retries.
     pub fn send(
         &self,
         from: DeviceAddr,
@@ -50,7 +55,7 @@ impl Messaging {
     ) -> Result<impl Future<Output = Result<pb::Sent, SendFailure>> + Send + 'static, SubmitError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let op = SendOp { from, send, received: Instant::now(), result: None, pushes: Pushes::default(), reply: tx };
-        self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
+        self.writer.try_submit_new(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(SendFailure::Code(pb::ErrorCode::Unavailable))) })
     }
 }
@@ -80,6 +85,9 @@ impl Operation<Ctx> for SendOp {
                 }
                 self.pushes.release(&*ctx.deliveries);
                 r
+            }
+            Outcome::Failed(e) if e.is_full() => {
+                Err(SendFailure::Unavailable { retry_after_secs: super::STORAGE_RETRY_SECS })
             }
             Outcome::Failed(_) => Err(SendFailure::Code(pb::ErrorCode::Internal)),
         };
