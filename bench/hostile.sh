@@ -10,7 +10,7 @@
 #           a 64 KiB frame, for 45 s (the server's RSS, and how many it
 #           closed)
 #
-# Usage: bench/hostile.sh SERVER_BINARY OUT_DIR
+# Usage: [SERVER_ARGS="--config f.toml"] bench/hostile.sh SERVER_BINARY OUT_DIR
 # The server runs on CPU 0 with one shard, the tools on CPU 1 (taskset).
 # Tools come from $CARGO_TARGET_DIR/release (cargo build --release -p
 # pipit-bench). Everything is bounded in time; disk use is at most
@@ -24,7 +24,8 @@ mkdir -p "$OUT"
 
 start_server() {
     DIR=$(mktemp -d /tmp/pipit-hostile.XXXXXX)
-    taskset -c 0 "$BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$DIR" --shards 1 \
+    # shellcheck disable=SC2086
+    taskset -c 0 "$BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$DIR" --shards 1 ${SERVER_ARGS:-} \
         >"$DIR/stdout" 2>"$DIR/stderr" &
     SPID=$!
     for _ in $(seq 100); do

@@ -74,6 +74,12 @@ pub struct Config {
     /// Bytes of sends one connection may have waiting for storage before
     /// the server stops reading from it.
     pub max_pending_send_bytes: usize,
+    /// Bytes of sends all connections together may have waiting for
+    /// storage; over it, connections with more than a frame's worth
+    /// waiting stop reading. Every new send waits behind what is queued,
+    /// so this bounds the latency a flood of large sends adds for
+    /// everyone else.
+    pub max_queued_send_bytes: usize,
     /// Seconds a frame may take from its first byte to its last before the
     /// connection is closed.
     pub partial_frame_timeout_secs: u64,
@@ -123,6 +129,7 @@ impl Default for Config {
             sync_writes: true,
             memory_budget_mb: 0,
             max_pending_send_bytes: 1 << 20,
+            max_queued_send_bytes: 4 << 20,
             partial_frame_timeout_secs: 30,
             max_handshakes: 4_096,
             handshake_rate_per_source: 100,
@@ -189,8 +196,10 @@ impl Config {
         if self.storage_queue == 0 {
             return bad("storage_queue must be positive");
         }
-        if self.max_pending_send_bytes < pipit_protocol::limits::MAX_PACKET_LEN {
-            return bad("max_pending_send_bytes must be at least one packet (65519)");
+        if self.max_pending_send_bytes < pipit_protocol::limits::MAX_PACKET_LEN
+            || self.max_queued_send_bytes < pipit_protocol::limits::MAX_PACKET_LEN
+        {
+            return bad("max_pending_send_bytes and max_queued_send_bytes must be at least one packet (65519)");
         }
         if self.storage_reserve_mb != 0 && self.storage_reserve_mb < 64 {
             return bad("storage_reserve_mb must be 0 or at least 64 (RocksDB needs 64 MiB free to resume)");

@@ -228,6 +228,7 @@ fn net_config(c: &Config) -> NetConfig {
         tcp_user_timeout: Duration::from_secs(c.tcp_user_timeout_secs),
         shutdown_grace: Duration::from_secs(c.shutdown_grace_secs),
         max_pending_send_bytes: c.max_pending_send_bytes,
+        max_queued_send_bytes: c.max_queued_send_bytes,
         partial_frame_timeout: c.partial_frame_timeout(),
         admission: AdmissionConfig {
             max_handshakes: c.max_handshakes,

@@ -123,6 +123,9 @@ pub(super) struct Conn {
     /// What this connection holds in buffers and in the writer's queue,
     /// charged to the server's memory budget.
     held: Charge,
+    /// `pending_bytes`, charged to the server-wide bound on the writer's
+    /// queue.
+    queued: Charge,
     /// Acks and read receipts the writer had no room for, in order. While
     /// any wait here the connection reads nothing more, so TCP pushes back
     /// on the client and this holds at most one frame's worth.
@@ -152,6 +155,7 @@ impl Conn {
             pending_sizes: VecDeque::new(),
             pending_bytes: 0,
             held: ctx.budget.charge(0),
+            queued: ctx.queued.charge(0),
             stalled: VecDeque::new(),
             outq: Vec::with_capacity(inbox.send.len() + 1),
         };
@@ -200,7 +204,7 @@ impl Conn {
             let ka_deadline = tokio::time::Instant::from_std(ka.next_deadline());
             // The heaviest connections stop reading while the server is
             // over its memory budget; TCP pushes back on their clients.
-            let over_budget = budget.must_wait(self.held.bytes());
+            let over_budget = budget.must_wait(self.held.bytes()) || self.ctx.queued.must_wait(self.pending_bytes);
             if over_budget && !budget_wait {
                 budget.hit("read");
             }
@@ -354,6 +358,9 @@ impl Conn {
         let n = inbuf + self.pending_bytes;
         if n != self.held.bytes() {
             self.held.set(n);
+        }
+        if self.pending_bytes != self.queued.bytes() {
+            self.queued.set(self.pending_bytes);
         }
     }
 

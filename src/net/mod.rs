@@ -47,6 +47,9 @@ pub struct NetConfig {
     /// Bytes of sends a connection may have waiting for storage before it
     /// stops reading.
     pub max_pending_send_bytes: usize,
+    /// Bytes of sends all connections together may have waiting for
+    /// storage before the heaviest stop reading.
+    pub max_queued_send_bytes: usize,
     /// Time a frame may take from its first byte to its last.
     pub partial_frame_timeout: Duration,
     /// Handshake admission.
@@ -67,6 +70,10 @@ pub struct ConnCtx {
     pub shutdown: CancellationToken,
     /// The server's memory budget.
     pub budget: Arc<Budget>,
+    /// Payload bytes of sends waiting for storage, server-wide: kept
+    /// small so that a light sender's message waits behind little of a
+    /// flood (what waits in the queue is what every new send waits for).
+    pub queued: Arc<Budget>,
     admission: admission::Admission,
     conn_ids: AtomicU64,
     connections: AtomicUsize,
@@ -84,7 +91,9 @@ impl ConnCtx {
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
         let admission = admission::Admission::start(cfg.admission)?;
+        let queued = Budget::named("storage_queue", cfg.max_queued_send_bytes);
         Ok(Self {
+            queued,
             cfg,
             keys,
             services,

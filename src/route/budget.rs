@@ -20,6 +20,8 @@ use crate::model::LogGate;
 /// The shared count and its limit.
 #[derive(Debug)]
 pub struct Budget {
+    /// What it bounds, for logs and metrics.
+    name: &'static str,
     used: AtomicUsize,
     limit: usize,
     heavy: usize,
@@ -36,9 +38,15 @@ pub const HEAVY_BYTES: usize = 64 * 1024;
 static LOG: LogGate = LogGate::new(10_000);
 
 impl Budget {
-    /// A budget of `limit` bytes.
+    /// The memory budget: `limit` bytes.
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { used: AtomicUsize::new(0), limit, heavy: HEAVY_BYTES, hits: AtomicU64::new(0) })
+        Self::named("memory", limit)
+    }
+
+    /// A budget of `limit` bytes for `name` (in logs and the metric's
+    /// `budget` label).
+    pub fn named(name: &'static str, limit: usize) -> Arc<Self> {
+        Arc::new(Self { name, used: AtomicUsize::new(0), limit, heavy: HEAVY_BYTES, hits: AtomicU64::new(0) })
     }
 
     /// Bytes held now.
@@ -69,14 +77,15 @@ impl Budget {
     /// Counts, logs (at most once per 10 s) and meters one hit.
     pub fn hit(&self, what: &'static str) {
         self.hits.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("pipit_memory_budget_hits_total", "what" => what).increment(1);
+        metrics::counter!("pipit_memory_budget_hits_total", "budget" => self.name, "what" => what).increment(1);
         if let Some(suppressed) = LOG.open() {
             tracing::warn!(
+                budget = self.name,
                 used = self.used(),
                 limit = self.limit,
                 what,
                 suppressed,
-                "memory budget reached: the heaviest connections stop reading until it frees"
+                "budget reached: the heaviest connections stop reading until it frees"
             );
         }
     }
