@@ -15,8 +15,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::commit::StorageState;
 use crate::model::DeviceAddr;
-use crate::route::Registry;
+use crate::route::{Budget, Registry};
 use crate::service::Services;
 
 pub use pipit_client::admin::{request, socket_path};
@@ -34,6 +35,8 @@ pub struct AdminCtx {
     pub registry: Arc<Registry>,
     /// The keys handshakes use, reloaded by `keys reload`.
     pub keys: Arc<crate::keys::KeyRing>,
+    /// The memory budget.
+    pub budget: Arc<Budget>,
     /// Stops the socket.
     pub shutdown: CancellationToken,
 }
@@ -126,11 +129,22 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
         }
         ["stats"] => {
             let backlog = shared.services.fanout.backlog(None, 100_000).await?;
+            let b = &shared.budget;
+            let w = &shared.services.writer;
+            let storage = match w.storage() {
+                StorageState::Ok => "ok",
+                StorageState::Low => "low: free space below the reserve, refusing new sends",
+                StorageState::Full => "full: commits wait for room, refusing new sends",
+            };
             Ok(format!(
-                "online_devices {}\nfanout_jobs {}\nfanout_members {}\n",
+                "online_devices {}\nfanout_jobs {}\nfanout_members {}\nmemory_budget {} of {} bytes used, {} waits\nstorage {storage} ({} bytes free)\n",
                 shared.registry.online(),
                 backlog.jobs,
-                backlog.members
+                backlog.members,
+                b.used(),
+                b.limit(),
+                b.hits(),
+                w.free_bytes()
             ))
         }
         _ => anyhow::bail!(

@@ -120,6 +120,42 @@ pub struct Config {
     pub push_queue: usize,
     /// Gateway requests in flight at once, at most.
     pub push_concurrency: usize,
+    /// Memory budget in MiB for what peers make the server hold in
+    /// transient buffers (read buffers and partial frames, sends waiting
+    /// for storage, outbound buffers, mailboxes); 0 = an eighth of the
+    /// machine's memory. Over it, the heaviest connections stop reading.
+    pub memory_budget_mb: u64,
+    /// Bytes of sends one connection may have waiting for storage before
+    /// the server stops reading from it.
+    pub max_pending_send_bytes: usize,
+    /// Bytes of sends all connections together may have waiting for
+    /// storage; over it, connections with more than a frame's worth
+    /// waiting stop reading. Every new send waits behind what is queued,
+    /// so this bounds the latency a flood of large sends adds for
+    /// everyone else.
+    pub max_queued_send_bytes: usize,
+    /// Seconds a frame may take from its first byte to its last before the
+    /// connection is closed.
+    pub partial_frame_timeout_secs: u64,
+    /// Handshakes in progress at once; more new connections are refused.
+    pub max_handshakes: usize,
+    /// New connections per second per source address (IPv6: per /64);
+    /// 0 = no limit.
+    pub handshake_rate_per_source: u32,
+    /// New connections a source may open at once before its rate applies.
+    pub handshake_burst_per_source: u32,
+    /// Threads for handshake cryptography (below the shards' priority);
+    /// 0 = one per shard.
+    pub handshake_threads: usize,
+    /// MiB of free disk below which new sends and registrations are
+    /// refused (`UNAVAILABLE`, retry later), so the database never fills
+    /// the disk and a restart always has room to open it. At least 64
+    /// (RocksDB resumes after a full disk only with a memtable's worth
+    /// free); 0 = no reserve.
+    pub storage_reserve_mb: u64,
+    /// Seconds a commit waits for a full disk to have room again before
+    /// the requests in it are answered `UNAVAILABLE` (retry later).
+    pub storage_full_wait_secs: u64,
 }
 
 impl Default for Config {
@@ -167,6 +203,16 @@ impl Default for Config {
             push_retry_max_secs: 60,
             push_queue: 10_000,
             push_concurrency: 64,
+            memory_budget_mb: 0,
+            max_pending_send_bytes: 1 << 20,
+            max_queued_send_bytes: 4 << 20,
+            partial_frame_timeout_secs: 30,
+            max_handshakes: 4_096,
+            handshake_rate_per_source: 100,
+            handshake_burst_per_source: 400,
+            handshake_threads: 0,
+            storage_reserve_mb: 256,
+            storage_full_wait_secs: 30,
         }
     }
 }
@@ -266,7 +312,42 @@ impl Config {
         if self.push_queue == 0 || self.push_concurrency == 0 {
             return bad("push_queue and push_concurrency must be positive");
         }
+        if self.max_pending_send_bytes < pipit_protocol::limits::MAX_PACKET_LEN
+            || self.max_queued_send_bytes < pipit_protocol::limits::MAX_PACKET_LEN
+        {
+            return bad("max_pending_send_bytes and max_queued_send_bytes must be at least one packet (65519)");
+        }
+        if self.storage_reserve_mb != 0 && self.storage_reserve_mb < 64 {
+            return bad("storage_reserve_mb must be 0 or at least 64 (RocksDB needs 64 MiB free to resume)");
+        }
+        if self.storage_full_wait_secs == 0 {
+            return bad("storage_full_wait_secs must be positive");
+        }
+        if self.partial_frame_timeout_secs == 0 || self.max_handshakes == 0 {
+            return bad("partial_frame_timeout_secs and max_handshakes must be positive");
+        }
         Ok(())
+    }
+
+    /// The memory budget in bytes: the configured one, or an eighth of the
+    /// machine's memory (at least 64 MiB).
+    pub fn memory_budget_bytes(&self) -> usize {
+        if self.memory_budget_mb > 0 {
+            return (self.memory_budget_mb as usize).saturating_mul(1 << 20);
+        }
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| {
+                let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
+                line.split_whitespace().nth(1)?.parse::<usize>().ok()
+            })
+            .map_or(4 << 30, |kib| kib.saturating_mul(1024));
+        (total / 8).max(64 << 20)
+    }
+
+    /// The partial-frame timeout.
+    pub fn partial_frame_timeout(&self) -> Duration {
+        Duration::from_secs(self.partial_frame_timeout_secs)
     }
 
     /// Shards to run: the configured number, or one per core.

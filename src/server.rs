@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::EngineConfig;
 use crate::config::Config;
-use crate::net::{listener, ConnCtx, NetConfig};
-use crate::route::Registry;
+use crate::net::{listener, AdmissionConfig, ConnCtx, NetConfig};
+use crate::route::{Budget, Registry};
 use crate::service::{self, Live, PresenceConfig, PushConfig, Rules, Services, TypingConfig};
 use crate::store::Store;
 
@@ -24,9 +24,13 @@ pub struct Running {
     pub public_key: pipit_protocol::PublicKey,
     services: Services,
     registry: Arc<Registry>,
+    budget: Arc<Budget>,
     shutdown: CancellationToken,
     shards: Vec<std::thread::JoinHandle<()>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    /// Held while the server runs: the data directory's lock and the
+    /// listening address's.
+    _locks: (std::fs::File, Option<listener::Shared>),
 }
 
 impl Running {
@@ -38,6 +42,11 @@ impl Running {
     /// Online devices (tests, admin).
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The memory budget (tests, admin).
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// Stops accepting, tells connections to close, waits up to `grace`
@@ -78,17 +87,29 @@ impl Running {
 pub fn start(config: Config) -> anyhow::Result<Running> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let dir_lock = lock_data_dir(&config.data_dir)?;
+    let n = config.shard_count();
+    let mut shared = listener::bind_all(config.listen, n)?;
+    let listeners = std::mem::take(&mut shared.listeners);
+    let local_addr = listeners[0].local_addr()?;
     let key_files = crate::keys::load_or_create(&config.data_dir)?;
     let public_key = *key_files.current.public();
     let keys = Arc::new(crate::keys::KeyRing::new(key_files.server_keys()));
     let store = Store::open(&config.data_dir.join("db")).context("opening the database")?;
     let registry = Arc::new(Registry::default());
+    let budget = Budget::new(config.memory_budget_bytes());
     let rules = Rules {
         ttl_secs: config.message_ttl_secs,
         registration: config.registration,
         max_group_members: config.max_group_members,
     };
-    let engine = EngineConfig { max_batch: config.max_batch, capacity: config.storage_queue, sync: config.sync_writes };
+    let engine = EngineConfig {
+        max_batch: config.max_batch,
+        capacity: config.storage_queue,
+        sync: config.sync_writes,
+        reserve_bytes: config.storage_reserve_mb.saturating_mul(1 << 20),
+        full_wait: Duration::from_secs(config.storage_full_wait_secs),
+    };
     let shutdown = CancellationToken::new();
     let live = live_config(&config, registry.clone(), shutdown.clone());
     let (services, writer_thread) =
@@ -110,14 +131,10 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     )
     .context("starting the group receipt flusher")?;
 
-    let n = config.shard_count();
-    let first = listener::bind(config.listen)?;
-    let local_addr = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..n {
-        listeners.push(listener::bind(local_addr)?);
-    }
-    let ctx = Arc::new(ConnCtx::new(net_config(&config), keys, services.clone(), registry.clone(), shutdown.clone()));
+    let ctx = Arc::new(
+        ConnCtx::new(net_config(&config), keys, services.clone(), registry.clone(), budget.clone(), shutdown.clone())
+            .context("starting the handshake threads")?,
+    );
     let mut shards = Vec::with_capacity(n);
     for (i, l) in listeners.into_iter().enumerate() {
         let ctx = ctx.clone();
@@ -132,12 +149,59 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         services: services.clone(),
         registry: registry.clone(),
         keys: ctx.keys.clone(),
+        budget: budget.clone(),
         shutdown: shutdown.clone(),
     };
     crate::admin::spawn(admin).context("starting the admin socket")?;
-    spawn_gauges(services.clone(), registry.clone(), shutdown.clone());
+    spawn_gauges(services.clone(), registry.clone(), budget.clone(), ctx.clone(), shutdown.clone());
     tracing::info!(%local_addr, shards = n, server_key = %public_key, retired_keys = key_files.retired.len(), "listening");
-    Ok(Running { local_addr, public_key, services, registry, shutdown, shards, writer_thread: Some(writer_thread) })
+    Ok(Running {
+        local_addr,
+        public_key,
+        services,
+        registry,
+        budget,
+        shutdown,
+        shards,
+        writer_thread: Some(writer_thread),
+        _locks: (dir_lock, Some(shared)),
+    })
+}
+
+/// Locks `data_dir` for this process (`pipit.lock`, holding the pid of
+/// the server that has it): a second server on the same directory would
+/// take over its admin socket and fail on RocksDB's own lock with a less
+/// helpful message. The kernel releases the lock when the process ends,
+/// however it ends.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = data_dir.join("pipit.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            anyhow::bail!(
+                "data directory {} is in use by another pipit server (pid {})",
+                data_dir.display(),
+                holder.trim()
+            );
+        }
+        Err(e) => {
+            return Err(std::io::Error::from(e)).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 fn live_config(c: &Config, registry: Arc<Registry>, shutdown: CancellationToken) -> Live {
@@ -179,13 +243,31 @@ fn net_config(c: &Config) -> NetConfig {
         write_timeout: Duration::from_secs(c.write_timeout_secs),
         tcp_user_timeout: Duration::from_secs(c.tcp_user_timeout_secs),
         shutdown_grace: Duration::from_secs(c.shutdown_grace_secs),
+        max_pending_send_bytes: c.max_pending_send_bytes,
+        max_queued_send_bytes: c.max_queued_send_bytes,
+        partial_frame_timeout: c.partial_frame_timeout(),
+        admission: AdmissionConfig {
+            max_handshakes: c.max_handshakes,
+            rate_per_source: f64::from(c.handshake_rate_per_source),
+            burst_per_source: f64::from(c.handshake_burst_per_source),
+            threads: if c.handshake_threads > 0 { c.handshake_threads } else { c.shard_count() },
+        },
     }
 }
 
 /// Refreshes gauges that are cheaper to sample than to keep exact.
-fn spawn_gauges(services: Services, registry: Arc<Registry>, shutdown: CancellationToken) {
+fn spawn_gauges(
+    services: Services,
+    registry: Arc<Registry>,
+    budget: Arc<Budget>,
+    ctx: Arc<ConnCtx>,
+    shutdown: CancellationToken,
+) {
     let spawned = std::thread::Builder::new().name("pipit-gauges".into()).spawn(move || {
+        metrics::gauge!("pipit_memory_budget_limit_bytes").set(budget.limit() as f64);
         while !shutdown.is_cancelled() {
+            metrics::gauge!("pipit_memory_budget_used_bytes").set(budget.used() as f64);
+            metrics::gauge!("pipit_handshakes_in_progress").set(ctx.handshakes_in_progress() as f64);
             metrics::gauge!("pipit_inbox_entries").set(services.inbox.estimate() as f64);
             metrics::gauge!("pipit_online_devices").set(registry.online() as f64);
             metrics::gauge!("pipit_storage_queue").set(services.writer.queued() as f64);

@@ -36,7 +36,9 @@ async fn a_fan_out_killed_half_way_resumes_and_every_member_device_gets_the_mess
     // Slow on purpose, so that the kill lands in the middle: 8 members a
     // step, 20 ms between steps.
     let slow = dir.path().join("slow.toml");
-    std::fs::write(&slow, "fanout_batch = 8\nfanout_step_delay_ms = 20\n").unwrap();
+    // A thousand logins from one address: the per-source admission limit
+    // (for hostile sources) is off, as for a bulk loader.
+    std::fs::write(&slow, "fanout_batch = 8\nfanout_step_delay_ms = 20\nhandshake_rate_per_source = 0\n").unwrap();
     let server = BinaryServer::spawn(&data, &["--config", slow.to_str().unwrap()], &[]);
     let (devices, mut conns) = register_many(server.addr, MEMBERS, 32, 4).await;
     // Three members have a second device.
@@ -77,7 +79,9 @@ async fn a_fan_out_killed_half_way_resumes_and_every_member_device_gets_the_mess
     drop(sender);
 
     // Restarted at full speed: the job resumes from its durable cursor.
-    let server = BinaryServer::spawn(&data, &[], &[]);
+    let unlimited = dir.path().join("unlimited.toml");
+    std::fs::write(&unlimited, "handshake_rate_per_source = 0\n").unwrap();
+    let server = BinaryServer::spawn(&data, &["--config", unlimited.to_str().unwrap()], &[]);
     let after = backlog(&data, g);
     assert!(after.0 == 0 || after.1 <= at_kill.1, "resumed from the last commit, not from the start: {after:?}");
     wait_until("the fan-out to finish after the restart", || backlog(&data, g).0 == 0).await;

@@ -144,7 +144,7 @@ async fn last_seen_survives_a_restart_and_an_account_online_at_shutdown_gets_one
     drop(cw);
     // b is still online when the server stops.
     let stopped = pipit::model::unix_now();
-    s.restart(tweak);
+    s.restart_with(tweak);
     drop(cb);
     let (_w2, mut cw) = register(s.addr).await;
     let (got, answer) = request(&mut cw, subscribe(2, &[a.account, b.account]), 2).await;

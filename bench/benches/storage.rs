@@ -25,7 +25,13 @@ fn group_commit(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let rules = Rules { ttl_secs: 86_400, registration: Registration::Open, max_group_members: 1_024 };
-    let engine = EngineConfig { max_batch: 4_096, capacity: 65_536, sync: true };
+    let engine = EngineConfig {
+        max_batch: 4_096,
+        capacity: 65_536,
+        sync: true,
+        reserve_bytes: 0,
+        full_wait: std::time::Duration::from_secs(30),
+    };
     let live = Live {
         registry: Arc::new(Registry::default()),
         presence: Default::default(),

@@ -822,12 +822,28 @@ impl Task {
 
 /// Refuses a message that could never be sent: it would fail on every
 /// connection and, in the outbox, be retried forever.
+/// Refuses what no server could deliver: a message larger than a packet,
+/// and a `Send` whose payload would not fit the recipient's `Deliver`
+/// (the protocol crate's rule, the same one the server applies).
 fn check_size(messages: &[Message]) -> Result<(), ClientError> {
     let max = pipit_protocol::limits::MAX_PACKET_LEN;
-    match messages.iter().map(Message::encoded_len).find(|l| *l > max) {
-        Some(len) => Err(ClientError::TooLarge { len, max }),
-        None => Ok(()),
+    for m in messages {
+        if let Message::Send(s) = m {
+            let largest = s.per_device.iter().map(|c| c.payload.len()).chain([s.payload.len()]).max().unwrap_or(0);
+            if pipit_protocol::message::check_send(s).is_err() {
+                let max_payload = pipit_protocol::limits::MAX_PAYLOAD_LEN;
+                return Err(if largest > max_payload {
+                    ClientError::TooLarge { len: largest, max: max_payload }
+                } else {
+                    ClientError::TooLarge { len: m.encoded_len(), max }
+                });
+            }
+        }
+        if m.encoded_len() > max {
+            return Err(ClientError::TooLarge { len: m.encoded_len(), max });
+        }
     }
+    Ok(())
 }
 
 /// Hands an event to the app; false when the app has dropped the stream.

@@ -13,6 +13,21 @@ pub const TAG_LEN: usize = 16;
 /// The largest plaintext one transport frame carries.
 pub const MAX_PACKET_LEN: usize = MAX_FRAME_LEN - TAG_LEN;
 
+/// The largest payload one message may carry: `Send.payload`, and each
+/// `per_device` ciphertext on its own (each becomes one recipient device's
+/// `Deliver.payload`).
+///
+/// A payload is checked against what the *recipient* will receive, not
+/// against the `Send` that carries it: the `Deliver` the server makes of
+/// it adds an inbox id, the sender, a sequence number, a time, a peer and
+/// a group, each up to 11 bytes, and that must still fit one packet
+/// ([`MAX_PACKET_LEN`]). At 64 KiB less 256 bytes, a `Deliver` with every
+/// id at its largest takes at most 65,360 bytes (tested in
+/// `message::tests`), which leaves 159 bytes for the envelope of the forms
+/// a later version adds (a group fan-out, a copy forwarded between nodes)
+/// without lowering this number. `message::check_send` applies it.
+pub const MAX_PAYLOAD_LEN: usize = 65_280;
+
 /// The largest handshake frame a client may send. A handshake message
 /// carries at most a Login or Register, which are tiny; a server refuses
 /// bigger ones before reading them, so a handshake cannot be used to make

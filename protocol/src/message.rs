@@ -13,7 +13,7 @@ use prost::encoding::{decode_varint, encode_varint, encoded_len_varint, WireType
 use prost::Message as _;
 
 use crate::error::MessageError;
-use crate::limits::MAX_MESSAGES_PER_PACKET;
+use crate::limits::{MAX_MESSAGES_PER_PACKET, MAX_PACKET_LEN, MAX_PAYLOAD_LEN};
 use crate::role::Role;
 
 /// Types generated from `pipit.proto`.
@@ -323,6 +323,31 @@ impl Message {
     }
 }
 
+/// Checks a `Send` against what its recipients will receive: the payload,
+/// and each per-device ciphertext, at most [`MAX_PAYLOAD_LEN`] bytes, and
+/// the `Send` itself within one packet. The client library checks before
+/// queueing and the server before storing, so a message that would not fit
+/// a recipient's `Deliver` is refused at send time, never stored.
+pub fn check_send(send: &pb::Send) -> Result<(), MessageError> {
+    let largest = send.per_device.iter().map(|c| c.payload.len()).chain([send.payload.len()]).max().unwrap_or(0);
+    if largest > MAX_PAYLOAD_LEN {
+        return Err(MessageError::TooLarge { len: largest });
+    }
+    let whole = Message::Send(send.clone()).encoded_len();
+    if whole > MAX_PACKET_LEN {
+        return Err(MessageError::TooLarge { len: whole });
+    }
+    Ok(())
+}
+
+impl Message {
+    /// Whether the message fits one packet on its own: a server delivers
+    /// nothing that does not (it would close the recipient's connection).
+    pub fn fits_packet(&self) -> bool {
+        self.encoded_len() <= MAX_PACKET_LEN
+    }
+}
+
 /// Encodes `messages` as one packet.
 pub fn encode_packet(messages: &[Message], buf: &mut impl BufMut) {
     for m in messages {
@@ -500,6 +525,69 @@ mod tests {
         for bad in [&[0x0a, 0x05, 1][..], &[0x0b][..], &[0x00, 0x00][..], &[0x0a][..], &[0xff; 11][..]] {
             assert!(decode_packet(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    /// The poison-message rule: the largest payload a `Send` may carry
+    /// still fits the recipient's `Deliver` with every id at its largest,
+    /// in a transport frame and in an `IkReply`, with room to spare for
+    /// later envelope forms.
+    #[test]
+    fn the_largest_payload_fits_the_largest_deliver() {
+        let deliver = |n: usize| -> Message {
+            pb::Deliver {
+                inbox: u64::MAX,
+                from: u64::MAX,
+                from_device: u32::MAX,
+                seq: u64::MAX,
+                time: u64::MAX,
+                payload: Bytes::from(vec![0xAB; n]),
+                peer: u64::MAX,
+                group: u64::MAX,
+                // A group entry carries either one payload for every
+                // member or a device's own; the group send check bounds
+                // their sum (`group_send::fits`).
+                device_payload: Bytes::new(),
+            }
+            .into()
+        };
+        let largest = deliver(MAX_PAYLOAD_LEN).encoded_len();
+        assert_eq!(largest, 65_360);
+        assert!(largest <= crate::handshake::IK_REPLY_MAX_PACKET);
+        assert!(MAX_PACKET_LEN - largest >= 128, "room for later envelope fields");
+        assert!(deliver(MAX_PAYLOAD_LEN).fits_packet());
+
+        let ok = pb::Send {
+            id: u64::MAX,
+            to: u64::MAX,
+            payload: Bytes::from(vec![1; MAX_PAYLOAD_LEN]),
+            ..Default::default()
+        };
+        assert_eq!(check_send(&ok), Ok(()));
+        // What the old check (the Send within a packet) let through.
+        let poison = pb::Send { id: 1, to: 2, payload: Bytes::from(vec![1; 65_498]), ..Default::default() };
+        assert!(Message::Send(poison.clone()).encoded_len() <= MAX_PACKET_LEN);
+        assert!(!deliver(65_498).fits_packet(), "its Deliver would not fit");
+        assert_eq!(check_send(&poison), Err(MessageError::TooLarge { len: 65_498 }));
+        let per_device = pb::Send {
+            id: 1,
+            to: 2,
+            per_device: vec![
+                pb::DeviceCiphertext { account: 0, device: 0, payload: Bytes::from_static(b"x") },
+                pb::DeviceCiphertext { account: 0, device: 1, payload: Bytes::from(vec![1; MAX_PAYLOAD_LEN + 1]) },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(check_send(&per_device), Err(MessageError::TooLarge { len: MAX_PAYLOAD_LEN + 1 }));
+        // Ciphertexts that fit one by one but not together in one Send.
+        let together = pb::Send {
+            id: 1,
+            to: 2,
+            per_device: (0..2)
+                .map(|d| pb::DeviceCiphertext { account: 0, device: d, payload: Bytes::from(vec![1; 40_000]) })
+                .collect(),
+            ..Default::default()
+        };
+        assert!(matches!(check_send(&together), Err(MessageError::TooLarge { .. })));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! due into as few frames and `write` calls as possible per turn.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,32 +18,47 @@ use pipit_protocol::session::Incoming;
 use pipit_protocol::{Message, Session};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{ConnCtx, ConnError};
-use crate::model::DeviceAddr;
-use crate::route::{ConnHandle, Events, Push, Watcher};
+use crate::model::{DeviceAddr, LogGate};
+use crate::route::{Charge, ConnHandle, Events, Push, Watcher};
 use crate::service::receipts::{acked_meta, Acked};
 use crate::service::typing::TypingLimiter;
 use crate::service::Submission;
 
-/// Serves one accepted socket until it closes.
-pub(super) async fn run(stream: TcpStream, ctx: &Arc<ConnCtx>) {
+/// Serves one accepted socket until it closes. `slot` is its place among
+/// the handshakes in progress.
+pub(super) async fn run(stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit, ctx: &Arc<ConnCtx>) {
     metrics::gauge!("pipit_connections").increment(1.0);
-    let result = serve(stream, ctx).await;
+    let result = serve(stream, slot, ctx).await;
     metrics::gauge!("pipit_connections").decrement(1.0);
     match result {
         Ok(()) | Err(ConnError::Closed) => {}
-        Err(ConnError::Io(e)) => tracing::debug!(error = %e, "connection i/o error"),
-        Err(e) => tracing::debug!(error = %e, "connection closed"),
+        Err(e) if e.is_violation() => {
+            // Scanners and attackers can make these as fast as they can
+            // connect: count each, log a line per 10 s.
+            static LOG: LogGate = LogGate::new(10_000);
+            let stage = if matches!(e, ConnError::Handshake(_)) { "handshake" } else { "session" };
+            metrics::counter!("pipit_protocol_violations_total", "stage" => stage).increment(1);
+            match LOG.open() {
+                Some(suppressed) => {
+                    tracing::warn!(%peer, error = %e, suppressed, "closed a connection for a protocol violation")
+                }
+                None => tracing::debug!(%peer, error = %e, "closed a connection for a protocol violation"),
+            }
+        }
+        Err(ConnError::Io(e)) => tracing::debug!(%peer, error = %e, "connection i/o error"),
+        Err(e) => tracing::debug!(%peer, error = %e, "connection closed"),
     }
 }
 
-async fn serve(stream: TcpStream, ctx: &Arc<ConnCtx>) -> Result<(), ConnError> {
+async fn serve(stream: TcpStream, slot: OwnedSemaphorePermit, ctx: &Arc<ConnCtx>) -> Result<(), ConnError> {
     // The handshake and the login hold state an established connection no
     // longer needs; run them in their own allocation so it is freed once
     // they are done instead of sizing every idle connection's future.
     let super::handshake::Established { stream, session, inbuf, mut conn, keepalive } =
-        Box::pin(super::handshake::establish(stream, ctx)).await?;
+        Box::pin(super::handshake::establish(stream, slot, ctx)).await?;
     let result = conn.run(stream, session, inbuf, keepalive).await;
     if let Some(w) = &conn.watcher {
         ctx.services.presence.unwatch(w);
@@ -50,6 +66,12 @@ async fn serve(stream: TcpStream, ctx: &Arc<ConnCtx>) -> Result<(), ConnError> {
     ctx.services.presence.disconnect(conn.addr, conn.handle.id);
     result
 }
+
+/// Most bytes one turn reads: one full frame and its length.
+const READ_MAX: usize = pipit_protocol::limits::MAX_FRAME_LEN + 2;
+
+/// How often a connection held back by the memory budget looks again.
+const BUDGET_RECHECK: Duration = Duration::from_millis(50);
 
 /// A connection-level error message (no `req`, no `id`): the server closes
 /// after it.
@@ -103,6 +125,16 @@ pub(super) struct Conn {
     behind: bool,
     /// Requests waiting for storage, answered in order.
     pub(super) pending: FuturesOrdered<Answer>,
+    /// The payload bytes of each of `pending`, in the same order.
+    pending_sizes: VecDeque<usize>,
+    /// Their sum: what this connection holds in the writer's queue.
+    pending_bytes: usize,
+    /// What this connection holds in buffers and in the writer's queue,
+    /// charged to the server's memory budget.
+    held: Charge,
+    /// `pending_bytes`, charged to the server-wide bound on the writer's
+    /// queue.
+    queued: Charge,
     /// Acks and read receipts the writer had no room for, in order. While
     /// any wait here the connection reads nothing more, so TCP pushes back
     /// on the client and this holds at most one frame's worth.
@@ -132,25 +164,21 @@ impl Conn {
         inbox: crate::service::inbox::LoginInbox,
     ) -> Self {
         let window = ctx.cfg.delivery_window;
-        let mut inflight = VecDeque::with_capacity(inbox.send.len());
-        let mut outq = Vec::with_capacity(inbox.send.len() + 1);
-        for (id, m) in inbox.send {
-            inflight.push_back(acked_meta(addr.account, id, &m));
-            outq.push(m);
-        }
-        let messages = outq.iter().filter(|m| matches!(m, Message::Deliver(_))).count();
-        metrics::counter!("pipit_messages_delivered_total").increment(messages as u64);
         let mut conn = Self {
             ctx: ctx.clone(),
             addr,
             handle,
             window,
             cursor: inbox.cursor,
-            inflight,
+            inflight: VecDeque::with_capacity(inbox.send.len()),
             behind: inbox.behind,
             pending: FuturesOrdered::new(),
+            pending_sizes: VecDeque::new(),
+            pending_bytes: 0,
+            held: ctx.budget.charge(0),
+            queued: ctx.queued.charge(0),
             stalled: VecDeque::new(),
-            outq,
+            outq: Vec::with_capacity(inbox.send.len() + 1),
             closing: None,
             watcher: None,
             watch_seq: 0,
@@ -159,6 +187,10 @@ impl Conn {
         if !inbox.acked.is_empty() {
             conn.ack_entries(inbox.acked);
         }
+        for (id, m) in inbox.send {
+            conn.deliver(id, m);
+        }
+        conn.cursor = inbox.cursor;
         conn
     }
 
@@ -175,6 +207,11 @@ impl Conn {
         let mailbox = self.handle.mailbox.clone();
         let writer = self.ctx.services.writer.clone();
         let max_pending = self.ctx.cfg.max_pending_sends;
+        let max_pending_bytes = self.ctx.cfg.max_pending_send_bytes;
+        let budget = self.ctx.budget.clone();
+        // When the frame now in `inbuf` began to arrive (while reading).
+        let mut partial_since: Option<Instant> = None;
+        let mut budget_wait = false;
         // Process bytes that arrived with the hello (pipelined frames).
         self.process_input(&mut session, &mut inbuf, &mut out)?;
         loop {
@@ -199,8 +236,28 @@ impl Conn {
             if out.is_empty() && out.capacity() > OUT_KEEP {
                 out = BytesMut::new();
             }
+            self.recharge(inbuf.capacity());
             let ka_deadline = tokio::time::Instant::from_std(ka.next_deadline());
-            let reading = self.pending.len() < max_pending && self.stalled.is_empty();
+            // The heaviest connections stop reading while the server is
+            // over its memory budget; TCP pushes back on their clients.
+            let over_budget = budget.must_wait(self.held.bytes()) || self.ctx.queued.must_wait(self.pending_bytes);
+            if over_budget && !budget_wait {
+                budget.hit("read");
+            }
+            budget_wait = over_budget;
+            let reading = self.pending.len() < max_pending
+                && self.pending_bytes < max_pending_bytes
+                && self.stalled.is_empty()
+                && !over_budget;
+            if !reading || inbuf.is_empty() {
+                // Only time a frame while we let it arrive.
+                partial_since = None;
+            } else if partial_since.is_none() {
+                partial_since = Some(Instant::now());
+            }
+            let partial_deadline = tokio::time::Instant::from_std(
+                partial_since.unwrap_or_else(Instant::now) + self.ctx.cfg.partial_frame_timeout,
+            );
             tokio::select! {
                 biased;
                 // Answers already owed go out before the connection-level
@@ -237,17 +294,39 @@ impl Conn {
                 r = stream.readable(), if reading => {
                     r?;
                     inbuf.reserve(4096);
-                    match stream.try_read_buf(&mut inbuf) {
+                    // At most a frame's worth per turn, so a connection
+                    // passes the memory budget by at most that much before
+                    // it looks at it again.
+                    let mut room = bytes::BufMut::limit(&mut inbuf, READ_MAX);
+                    match stream.try_read_buf(&mut room) {
                         Ok(0) => return Err(ConnError::Closed),
                         Ok(n) => {
                             metrics::counter!("pipit_bytes_in_total").increment(n as u64);
                             ka.on_receive(Instant::now());
-                            self.process_input(&mut session, &mut inbuf, &mut out)?;
+                            if self.process_input(&mut session, &mut inbuf, &mut out)? > 0 {
+                                // A new frame, if any, starts its own clock.
+                                partial_since = None;
+                            }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
+                // A frame that stays incomplete holds up to 64 KiB for
+                // nothing: a client that sends part of one and stops is
+                // closed (it reconnects and sends again).
+                _ = tokio::time::sleep_until(partial_deadline), if partial_since.is_some() => {
+                    static LOG: LogGate = LogGate::new(10_000);
+                    metrics::counter!("pipit_partial_frame_timeouts_total").increment(1);
+                    if let Some(suppressed) = LOG.open() {
+                        tracing::warn!(device = %self.addr, bytes = inbuf.len(), suppressed, "closed a connection whose frame stayed incomplete");
+                    }
+                    return Err(ConnError::SlowFrame);
+                }
+                // Over budget: look again shortly (releases come from every
+                // connection and the writer; polling is simpler than
+                // waking every waiter on each).
+                _ = tokio::time::sleep(BUDGET_RECHECK), if over_budget => {}
                 _ = tokio::time::sleep_until(ka_deadline) => {
                     if ka.poll(Instant::now()) == KeepaliveAction::Dead {
                         self.outq.push(error(pb::ErrorCode::Timeout));
@@ -289,16 +368,6 @@ impl Conn {
         }
     }
 
-    /// Queues an answer that became ready. A subscription's answer comes
-    /// after the states it queued, so the client has every watched
-    /// account's state by the time it reads `Done`.
-    fn answered(&mut self, answer: Message) {
-        if self.watcher.is_some() {
-            self.take_events();
-        }
-        self.outq.push(answer);
-    }
-
     /// Queues the presence updates and typing notices waiting in the
     /// mailbox.
     fn take_events(&mut self) {
@@ -322,31 +391,69 @@ impl Conn {
             metrics::counter!("pipit_frames_out_total").increment(frames as u64);
             self.outq.clear();
         }
-        write_out(stream, out, self.ctx.cfg.write_timeout).await
+        if out.is_empty() {
+            return Ok(());
+        }
+        // What waits for a slow reader's socket counts against the budget
+        // until it is written.
+        let rest = self.held.bytes();
+        self.held.set(rest + out.capacity());
+        let written = write_out(stream, out, self.ctx.cfg.write_timeout).await;
+        // An idle connection holds no write buffer.
+        *out = BytesMut::new();
+        self.held.set(rest);
+        written
     }
 
+    /// Charges the read buffer and the writer queue's bytes.
+    fn recharge(&mut self, inbuf: usize) {
+        let n = inbuf + self.pending_bytes;
+        if n != self.held.bytes() {
+            self.held.set(n);
+        }
+        if self.pending_bytes != self.queued.bytes() {
+            self.queued.set(self.pending_bytes);
+        }
+    }
+
+    /// An answer that waited is ready: it goes out this turn, and its
+    /// send's bytes are no longer held. A subscription's answer comes
+    /// after the states it queued, so the client has every watched
+    /// account's state by the time it reads `Done`.
+    fn answered(&mut self, answer: Message) {
+        let n = self.pending_sizes.pop_front().unwrap_or(0);
+        self.pending_bytes -= n;
+        if self.watcher.is_some() {
+            self.take_events();
+        }
+        self.outq.push(answer);
+    }
+
+    /// Handles every whole frame in `inbuf`; returns how many.
     fn process_input(
         &mut self,
         session: &mut Session,
         inbuf: &mut BytesMut,
         out: &mut BytesMut,
-    ) -> Result<(), ConnError> {
+    ) -> Result<usize, ConnError> {
+        let mut frames = 0;
         while self.closing.is_none() {
             let Some(incoming) = session.open(inbuf)? else { break };
+            frames += 1;
             metrics::counter!("pipit_frames_in_total").increment(1);
             match incoming {
                 Incoming::Keepalive => session.write_keepalive(out),
                 Incoming::Messages(msgs) => {
                     for m in msgs {
                         if self.closing.is_some() {
-                            return Ok(());
+                            return Ok(frames);
                         }
                         self.dispatch(m);
                     }
                 }
             }
         }
-        Ok(())
+        Ok(frames)
     }
 
     /// Queues an ack or receipt for the writer, behind any that already
@@ -394,8 +501,12 @@ impl Conn {
     }
 
     fn deliver(&mut self, id: u64, m: Message) {
-        self.inflight.push_back(acked_meta(self.addr.account, id, &m));
         self.cursor = id;
+        if !m.fits_packet() {
+            self.undeliverable(id, &m);
+            return;
+        }
+        self.inflight.push_back(acked_meta(self.addr.account, id, &m));
         if matches!(m, Message::Deliver(_)) {
             metrics::counter!("pipit_messages_delivered_total").increment(1);
         }
@@ -415,6 +526,25 @@ impl Conn {
         }
     }
 
+    /// An entry that cannot be sealed would close this connection now and
+    /// at every login after, blocking every entry behind it: move past it,
+    /// and have it deleted with an expiry notice to its sender.
+    fn undeliverable(&mut self, id: u64, m: &Message) {
+        static LOG: LogGate = LogGate::new(10_000);
+        metrics::counter!("pipit_undeliverable_total").increment(1);
+        if let Some(suppressed) = LOG.open() {
+            tracing::warn!(
+                device = %self.addr,
+                inbox = id,
+                bytes = m.encoded_len(),
+                suppressed,
+                "inbox entry too large to deliver; dropped, and its sender told it expired"
+            );
+        }
+        let op = crate::service::expiry::undeliverable(self.addr, id, m);
+        self.submit(op);
+    }
+
     async fn catch_up(&mut self) -> Result<(), ConnError> {
         let want = self.window - self.inflight.len();
         let entries = self.ctx.services.inbox.after(self.addr, self.cursor, want).await?;
@@ -427,7 +557,19 @@ impl Conn {
 
     /// Answers a request later, in order with the others.
     pub(super) fn answer_later(&mut self, answer: impl std::future::Future<Output = Message> + Send + 'static) {
+        self.answer_later_holding(0, answer);
+    }
+
+    /// [`Conn::answer_later`] for a request that holds `bytes` in the
+    /// writer's queue until it is answered.
+    pub(super) fn answer_later_holding(
+        &mut self,
+        bytes: usize,
+        answer: impl std::future::Future<Output = Message> + Send + 'static,
+    ) {
         self.pending.push_back(answer.boxed());
+        self.pending_sizes.push_back(bytes);
+        self.pending_bytes += bytes;
     }
 
     /// Answers a request that needs no waiting. Answers keep the order of
@@ -437,7 +579,7 @@ impl Conn {
         if self.pending.is_empty() {
             self.outq.push(answer);
         } else {
-            self.pending.push_back(futures_util::future::ready(answer).boxed());
+            self.answer_later_holding(0, futures_util::future::ready(answer));
         }
     }
 }

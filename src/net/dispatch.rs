@@ -13,6 +13,7 @@ use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
 use super::connection::Conn;
+use crate::commit::SubmitError;
 use crate::route::Watcher;
 use crate::service::groups::Change;
 use crate::service::messaging::SendFailure;
@@ -37,13 +38,14 @@ fn done_or(result: Result<(), pb::ErrorCode>, req: u64) -> Message {
     }
 }
 
-/// The answer to a request the storage queue had no room for: nothing
-/// was done; the client sends it again after the pause.
-fn unavailable(req: u64) -> Message {
+/// The answer to a request the writer did not take (its queue full, or
+/// storage short of room): nothing was done; the client sends it again
+/// after the pause.
+pub(super) fn unavailable(req: u64, reason: SubmitError) -> Message {
     pb::Error {
         code: pb::ErrorCode::Unavailable as i32,
         req,
-        retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
+        retry_after_secs: crate::service::retry_after(reason),
         ..Default::default()
     }
     .into()
@@ -125,22 +127,25 @@ impl Conn {
 
     fn send(&mut self, send: pb::Send) {
         let id = send.id;
+        // What this send holds until it is durable: its payloads (each a
+        // slice of the frame it came in).
+        let bytes = send.payload.len() + send.per_device.iter().map(|c| c.payload.len()).sum::<usize>();
         match self.ctx.services.messaging.send(self.addr, send) {
-            Err(_) => {
-                // Storage is saturated or stopping: nothing was stored; the
-                // client keeps the message and sends it again after the
-                // delay, on this connection.
+            Err(reason) => {
+                // Storage is saturated, without room, or stopping: nothing
+                // was stored; the client keeps the message in its outbox
+                // and retries after the time it is told.
                 self.answer_now(
                     pb::Error {
                         code: pb::ErrorCode::Unavailable as i32,
                         id,
-                        retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
+                        retry_after_secs: crate::service::retry_after(reason),
                         ..Default::default()
                     }
                     .into(),
                 );
             }
-            Ok(durable) => self.answer_later(async move {
+            Ok(durable) => self.answer_later_holding(bytes, async move {
                 match durable.await {
                     Ok(sent) => {
                         metrics::counter!("pipit_messages_sent_total").increment(1);
@@ -152,6 +157,13 @@ impl Conn {
                         pb::Error { code: code as i32, id, retry_after_secs, ..Default::default() }.into()
                     }
                     Err(SendFailure::Mismatch(m)) => m.into(),
+                    Err(SendFailure::Unavailable { retry_after_secs }) => pb::Error {
+                        code: pb::ErrorCode::Unavailable as i32,
+                        id,
+                        retry_after_secs,
+                        ..Default::default()
+                    }
+                    .into(),
                 }
             }),
         }
@@ -168,7 +180,7 @@ impl Conn {
             return;
         }
         match self.ctx.services.accounts.link(self.addr.account, key, req.name) {
-            Err(_) => self.answer_now(unavailable(r)),
+            Err(reason) => self.answer_now(unavailable(r, reason)),
             Ok(linked) => self.answer_later(async move {
                 match linked.await {
                     Ok(device) => pb::Linked { req: r, device }.into(),
@@ -216,7 +228,7 @@ impl Conn {
     fn privacy(&mut self, req: pb::PrivacySet) {
         let r = req.req;
         match self.ctx.services.presence.set_privacy(self.addr.account, req) {
-            Err(_) => self.answer_now(unavailable(r)),
+            Err(reason) => self.answer_now(unavailable(r, reason)),
             Ok(stored) => self.answer_later(async move { done_or(stored.await, r) }),
         }
     }
@@ -224,7 +236,7 @@ impl Conn {
     fn push_token(&mut self, req: pb::PushToken) {
         let r = req.req;
         match self.ctx.services.push.set_token(self.addr, req.platform, req.token) {
-            Err(_) => self.answer_now(unavailable(r)),
+            Err(reason) => self.answer_now(unavailable(r, reason)),
             Ok(stored) => self.answer_later(async move { done_or(stored.await, r) }),
         }
     }

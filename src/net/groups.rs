@@ -6,7 +6,7 @@ use pipit_protocol::limits::{MAX_GROUP_MEMBERS, MAX_NAME_LEN};
 use pipit_protocol::message::pb;
 
 use super::connection::Conn;
-use super::dispatch::req_error;
+use super::dispatch::{req_error, unavailable};
 use crate::service::groups::Change;
 
 impl Conn {
@@ -17,7 +17,7 @@ impl Conn {
             return;
         }
         match self.ctx.services.groups.create(self.addr, req.name, req.members) {
-            Err(_) => self.answer_now(unavailable(r)),
+            Err(reason) => self.answer_now(unavailable(r, reason)),
             Ok(created) => self.answer_later(async move {
                 match created.await {
                     Ok(info) => pb::GroupInfo { req: r, ..info }.into(),
@@ -36,7 +36,7 @@ impl Conn {
             }
         }
         match self.ctx.services.groups.change(self.addr, group, change) {
-            Err(_) => self.answer_now(unavailable(r)),
+            Err(reason) => self.answer_now(unavailable(r, reason)),
             Ok(changed) => self.answer_later(async move {
                 match changed.await {
                     Ok(()) => pb::Done { req: r }.into(),
@@ -56,9 +56,4 @@ impl Conn {
             }
         });
     }
-}
-
-/// The writer's queue is full: nothing was changed; retry shortly.
-fn unavailable(req: u64) -> pipit_protocol::Message {
-    pb::Error { code: pb::ErrorCode::Unavailable as i32, req, retry_after_secs: 1, ..Default::default() }.into()
 }

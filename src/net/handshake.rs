@@ -13,6 +13,7 @@ use pipit_protocol::limits::{MAX_INVITE_LEN, MAX_NAME_LEN};
 use pipit_protocol::message::pb;
 use pipit_protocol::{Message, Session};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::connection::{error, write_out, Conn};
 use super::{ConnCtx, ConnError};
@@ -44,7 +45,13 @@ async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Con
     }
 }
 
-pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Result<Established, ConnError> {
+/// Runs the handshake and the login. `_slot` is this connection's place
+/// among the handshakes in progress, given back when this returns.
+pub(super) async fn establish(
+    mut stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    ctx: &Arc<ConnCtx>,
+) -> Result<Established, ConnError> {
     let cfg = &ctx.cfg;
     let write_timeout = cfg.write_timeout;
     let started = Instant::now();
@@ -64,7 +71,17 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
             }
             Ok(r) => r?,
         }
-        match hs.read(&mut inbuf, Instant::now(), &mut out) {
+        // The cryptography runs on a handshake thread, below the shards'
+        // priority (see `admission`).
+        let (step, back_in, back_out) = ctx
+            .admission
+            .crypto(move || {
+                let step = hs.read(&mut inbuf, Instant::now(), &mut out);
+                (step, inbuf, out)
+            })
+            .await?;
+        (inbuf, out) = (back_in, back_out);
+        match step {
             Ok(ServerStep::NeedMore(next)) => {
                 hs = next;
                 write_out(&mut stream, &mut out, write_timeout).await?;
@@ -114,7 +131,14 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
         Ok(v) => v,
         Err(code) => {
             handshake_metric(pattern, if code == pb::ErrorCode::UnknownDevice { "unknown_device" } else { "refused" });
-            let _ = accepted.finish(&[error(code)], &mut out);
+            let (_, back) = ctx
+                .admission
+                .crypto(move || {
+                    let r = accepted.finish(&[error(code)], &mut out);
+                    (r.is_ok(), out)
+                })
+                .await?;
+            out = back;
             let _ = write_out(&mut stream, &mut out, write_timeout).await;
             return Err(ConnError::Refused(code));
         }
@@ -130,7 +154,7 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
     // Become the device's connection before reading the inbox, so that
     // every entry committed from now on is pushed to us, and every earlier
     // one is in the read below.
-    let handle = ConnHandle { id: ctx.next_conn_id(), mailbox: Arc::new(Mailbox::new(window * 2)) };
+    let handle = ConnHandle { id: ctx.next_conn_id(), mailbox: Arc::new(Mailbox::new(window * 2, ctx.budget.clone())) };
     let conn_id = handle.id;
     if let Some(old) = ctx.services.presence.connect(addr, handle.clone()) {
         old.mailbox.kick.notify_one();
@@ -164,7 +188,16 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
     .into();
     let mut first = vec![login_ok];
     first.append(&mut conn.outq);
-    let session = accepted.finish(&first, &mut out).map_err(|e| unregister(e.into()))?;
+    let (finished, back) = ctx
+        .admission
+        .crypto(move || {
+            let r = accepted.finish(&first, &mut out);
+            (r, out)
+        })
+        .await
+        .map_err(unregister)?;
+    out = back;
+    let session = finished.map_err(|e| unregister(e.into()))?;
     handshake_metric(pattern, "ok");
     metrics::histogram!("pipit_handshake_seconds").record(started.elapsed().as_secs_f64());
     tracing::debug!(device = %addr, pattern, "logged in");

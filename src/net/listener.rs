@@ -14,8 +14,59 @@ use tokio_util::task::TaskTracker;
 
 use super::{ConnCtx, NetConfig};
 
+/// The listening sockets of `n` shards on `addr`, sharing one port with
+/// `SO_REUSEPORT` so the kernel spreads new connections across them.
+///
+/// `SO_REUSEPORT` would just as gladly let a second server of the same
+/// user join the group and take a share of new connections, so first:
+/// a probe bind without it fails with "address in use" when anything
+/// listens there, pipit or not; and a lock on the address (an abstract
+/// Unix socket named after it, released by the kernel when the process
+/// ends, however it ends) keeps two servers that start at the same moment
+/// from both passing the probe. Port 0 picks a free port and needs
+/// neither.
+pub fn bind_all(addr: SocketAddr, n: usize) -> anyhow::Result<Shared> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Address reuse lets a restart bind past its old connections in
+    // TIME_WAIT; it does not let it bind past a listener.
+    probe.set_reuse_address(true)?;
+    let lock = if addr.port() == 0 { None } else { Some(lock_address(addr)?) };
+    probe.bind(&addr.into()).map_err(|e| in_use(addr, e))?;
+    let addr = probe.local_addr()?.as_socket().context("a TCP address")?;
+    drop(probe);
+    let mut listeners = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        listeners.push(bind(addr)?);
+    }
+    Ok(Shared { listeners, _lock: lock })
+}
+
+/// The shards' listeners, and the lock that keeps another server off
+/// their address while they live.
+#[derive(Debug)]
+pub struct Shared {
+    /// One per shard.
+    pub listeners: Vec<std::net::TcpListener>,
+    _lock: Option<std::os::unix::net::UnixListener>,
+}
+
+fn in_use(addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        anyhow::anyhow!("address {addr} is in use: another server (pipit or not) listens there")
+    } else {
+        anyhow::Error::new(e).context(format!("binding {addr}"))
+    }
+}
+
+fn lock_address(addr: SocketAddr) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    use std::os::linux::net::SocketAddrExt as _;
+    let name = format!("pipit-listen-{addr}");
+    let unix = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    std::os::unix::net::UnixListener::bind_addr(&unix).map_err(|e| in_use(addr, e))
+}
+
 /// A listening socket that shares its port with the other shards'.
-pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -62,16 +113,26 @@ pub fn run_shard(index: usize, listener: std::net::TcpListener, ctx: Arc<ConnCtx
                     };
                     if ctx.connections.fetch_add(1, Ordering::AcqRel) >= ctx.cfg.max_connections {
                         ctx.connections.fetch_sub(1, Ordering::AcqRel);
-                        metrics::counter!("pipit_connections_refused_total").increment(1);
+                        metrics::counter!("pipit_connections_refused_total", "reason" => "max_connections").increment(1);
                         drop(stream);
                         continue;
                     }
+                    let slot = match ctx.admission.admit(peer.ip(), std::time::Instant::now()) {
+                        Ok(slot) => slot,
+                        Err(_) => {
+                            ctx.connections.fetch_sub(1, Ordering::AcqRel);
+                            if let Ok(s) = stream.into_std() {
+                                super::admission::refuse(s);
+                            }
+                            continue;
+                        }
+                    };
                     tune(&stream, &ctx.cfg);
                     metrics::counter!("pipit_connections_accepted_total").increment(1);
                     let ctx = ctx.clone();
                     tracker.spawn(async move {
                         tracing::trace!(%peer, "accepted");
-                        super::connection::run(stream, &ctx).await;
+                        super::connection::run(stream, peer, slot, &ctx).await;
                         ctx.connections.fetch_sub(1, Ordering::AcqRel);
                     });
                 }

@@ -2,11 +2,14 @@
 //! protocol crate's state machines, and dispatch from message kind to the
 //! service that handles it. It holds no product rules and no storage.
 
+mod admission;
 mod connection;
 mod dispatch;
 mod groups;
 mod handshake;
 pub mod listener;
+
+pub use admission::AdmissionConfig;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeyRing;
-use crate::route::Registry;
+use crate::route::{Budget, Registry};
 use crate::service::Services;
 
 /// What the network layer needs to know from the configuration.
@@ -42,6 +45,16 @@ pub struct NetConfig {
     pub tcp_user_timeout: Duration,
     /// Time a draining connection waits for answers at shutdown.
     pub shutdown_grace: Duration,
+    /// Bytes of sends a connection may have waiting for storage before it
+    /// stops reading.
+    pub max_pending_send_bytes: usize,
+    /// Bytes of sends all connections together may have waiting for
+    /// storage before the heaviest stop reading.
+    pub max_queued_send_bytes: usize,
+    /// Time a frame may take from its first byte to its last.
+    pub partial_frame_timeout: Duration,
+    /// Handshake admission.
+    pub admission: AdmissionConfig,
 }
 
 /// The handles a connection uses, and nothing else.
@@ -57,20 +70,47 @@ pub struct ConnCtx {
     pub registry: Arc<Registry>,
     /// Cancelled when the server stops.
     pub shutdown: CancellationToken,
+    /// The server's memory budget.
+    pub budget: Arc<Budget>,
+    /// Payload bytes of sends waiting for storage, server-wide: kept
+    /// small so that a light sender's message waits behind little of a
+    /// flood (what waits in the queue is what every new send waits for).
+    pub queued: Arc<Budget>,
+    admission: admission::Admission,
     conn_ids: AtomicU64,
     connections: AtomicUsize,
 }
 
 impl ConnCtx {
-    /// A context for the connections of one server.
+    /// A context for the connections of one server; starts its handshake
+    /// threads.
     pub fn new(
         cfg: NetConfig,
         keys: Arc<KeyRing>,
         services: Services,
         registry: Arc<Registry>,
+        budget: Arc<Budget>,
         shutdown: CancellationToken,
-    ) -> Self {
-        Self { cfg, keys, services, registry, shutdown, conn_ids: AtomicU64::new(0), connections: AtomicUsize::new(0) }
+    ) -> std::io::Result<Self> {
+        let admission = admission::Admission::start(cfg.admission)?;
+        let queued = Budget::named("storage_queue", cfg.max_queued_send_bytes);
+        Ok(Self {
+            queued,
+            cfg,
+            keys,
+            services,
+            registry,
+            shutdown,
+            budget,
+            admission,
+            conn_ids: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+        })
+    }
+
+    /// Handshakes in progress (metrics, admin).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.admission.in_progress()
     }
 
     fn next_conn_id(&self) -> u64 {
@@ -104,4 +144,14 @@ pub enum ConnError {
     /// (the code was sent to the peer).
     #[error("refused: {0:?}")]
     Refused(pipit_protocol::message::pb::ErrorCode),
+    /// A frame did not complete within the partial-frame timeout.
+    #[error("a frame stayed incomplete too long")]
+    SlowFrame,
+}
+
+impl ConnError {
+    /// Whether the peer broke the protocol (as opposed to going away).
+    fn is_violation(&self) -> bool {
+        matches!(self, ConnError::Handshake(_) | ConnError::Protocol(_) | ConnError::SlowFrame)
+    }
 }

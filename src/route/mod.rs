@@ -1,11 +1,13 @@
 //! Where things go that never pass through the commit: which connection
 //! holds which device, how a new inbox entry reaches it (its mailbox, or
-//! a push wake-up when it has none), who watches whose presence, and
-//! typing notices.
+//! a push wake-up when it has none), who watches whose presence, typing
+//! notices, and the memory budget that bounds what waits in between.
 
+pub mod budget;
 pub mod presence;
 pub mod registry;
 
+pub use budget::{Budget, Charge};
 pub use presence::{Stored, Watcher};
 pub use registry::{ConnHandle, Events, Leaving, Mailbox, Push, Registry};
 

@@ -248,7 +248,7 @@ mod tests {
     use crate::route::ConnHandle;
 
     fn conn(id: u64) -> ConnHandle {
-        ConnHandle { id, mailbox: Arc::new(Mailbox::new(4)) }
+        ConnHandle { id, mailbox: Arc::new(Mailbox::new(4, crate::route::Budget::new(1 << 20))) }
     }
 
     fn seen(m: &Mailbox) -> Vec<(u64, bool, u64)> {

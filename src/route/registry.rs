@@ -30,6 +30,7 @@ use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 use tokio::sync::Notify;
 
+use super::budget::{Budget, Charge};
 use super::presence::AccountPresence;
 use super::{Deliveries, Wakeups};
 use crate::model::DeviceAddr;
@@ -56,12 +57,14 @@ pub struct Events {
     pub typing: VecDeque<pb::Typing>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queue {
     pushes: VecDeque<Push>,
     /// Allocated on the first event, released when the connection takes
     /// them: idle connections pay one pointer.
     events: Option<Box<Events>>,
+    /// The pushes' bytes, charged to the server's memory budget.
+    charge: Charge,
 }
 
 /// The queue between the storage writer (and presence, typing) and one
@@ -70,6 +73,7 @@ struct Queue {
 pub struct Mailbox {
     queue: Mutex<Queue>,
     capacity: usize,
+    budget: Arc<Budget>,
     /// Wakes the connection when something was pushed (or dropped).
     pub ready: Notify,
     /// Set when a push was dropped because the mailbox was full: the
@@ -81,11 +85,13 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    /// A mailbox holding at most `capacity` pushes.
-    pub fn new(capacity: usize) -> Self {
+    /// A mailbox holding at most `capacity` pushes, and nothing that would
+    /// take the server over its memory `budget`.
+    pub fn new(capacity: usize, budget: Arc<Budget>) -> Self {
         Self {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue { pushes: VecDeque::new(), events: None, charge: budget.charge(0) }),
             capacity,
+            budget,
             ready: Notify::new(),
             overflow: AtomicBool::new(false),
             kick: Notify::new(),
@@ -96,14 +102,21 @@ impl Mailbox {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a push, or flags overflow when full. Never blocks on the
-    /// connection.
+    /// Adds a push, or flags overflow when the mailbox is full or the
+    /// server is over its memory budget. Never blocks on the connection.
     pub fn push(&self, p: Push) {
+        let bytes = p.1.encoded_len();
         {
             let mut q = self.lock();
-            if q.pushes.len() < self.capacity {
+            let over_budget = self.budget.used() + bytes > self.budget.limit();
+            if q.pushes.len() < self.capacity && !over_budget {
                 q.pushes.push_back(p);
+                let held = q.charge.bytes() + bytes;
+                q.charge.set(held);
             } else {
+                if over_budget {
+                    self.budget.hit("mailbox");
+                }
                 self.overflow.store(true, Ordering::Release);
             }
         }
@@ -118,7 +131,9 @@ impl Mailbox {
 
     /// Takes every push queued, in order, and releases the queue's memory.
     pub fn take(&self) -> VecDeque<Push> {
-        std::mem::take(&mut self.lock().pushes)
+        let mut q = self.lock();
+        q.charge.set(0);
+        std::mem::take(&mut q.pushes)
     }
 
     /// Takes the waiting presence updates and typing notices.
@@ -352,14 +367,17 @@ mod tests {
 
     #[test]
     fn a_full_mailbox_drops_and_flags_and_an_empty_one_holds_nothing() {
-        let m = Mailbox::new(2);
+        let budget = Budget::new(1 << 20);
+        let m = Mailbox::new(2, budget.clone());
         for id in 1..=3 {
             m.push((id, Box::new(pb::Ping { id }.into())));
         }
         assert!(m.overflow.load(Ordering::Acquire));
+        assert!(budget.used() > 0, "pushes count against the budget");
         let got: Vec<u64> = m.take().into_iter().map(|(id, _)| id).collect();
         assert_eq!(got, vec![1, 2]);
         assert_eq!(m.lock().pushes.capacity(), 0, "taking releases the buffer");
+        assert_eq!(budget.used(), 0, "and gives its bytes back");
         assert!(m.lock().events.is_none(), "no events slot until an event");
         m.overflow.store(false, Ordering::Release);
         m.nudge();
@@ -369,7 +387,7 @@ mod tests {
 
     #[test]
     fn presence_coalesces_per_account_and_typing_is_bounded() {
-        let m = Mailbox::new(2);
+        let m = Mailbox::new(2, Budget::new(1 << 20));
         for online in [true, false, true] {
             assert!(m.presence(pb::Presence { account: 7, online, last_seen: 0 }));
         }
@@ -392,7 +410,7 @@ mod tests {
     #[test]
     fn an_account_is_online_from_its_first_device_until_its_last_leaves() {
         let r = Registry::default();
-        let h = |id| ConnHandle { id, mailbox: Arc::new(Mailbox::new(1)) };
+        let h = |id| ConnHandle { id, mailbox: Arc::new(Mailbox::new(1, Budget::new(1 << 20))) };
         assert!(r.insert(DeviceAddr::new(5, 0), h(1)).is_none());
         assert!(r.insert(DeviceAddr::new(5, 1), h(2)).is_none());
         let replaced = r.insert(DeviceAddr::new(5, 0), h(3)).unwrap();
@@ -403,5 +421,16 @@ mod tests {
         assert_eq!(leaving.account, 5);
         assert_eq!(r.online(), 0);
         assert!(r.stripe(5).get(&5).unwrap().is_online(), "online for watchers until the grace is over");
+    }
+
+    #[test]
+    fn a_push_that_would_go_over_budget_is_dropped_and_flagged() {
+        let budget = Budget::new(100);
+        let m = Mailbox::new(8, budget.clone());
+        let big = pb::Deliver { payload: bytes::Bytes::from(vec![0u8; 200]), ..Default::default() };
+        m.push((1, Box::new(big.into())));
+        assert!(m.overflow.load(Ordering::Acquire));
+        assert!(m.take().is_empty());
+        assert_eq!(budget.hits(), 1);
     }
 }

@@ -52,7 +52,7 @@ impl Accounts {
     pub async fn register(&self, key: PublicKey, name: String, invite: Bytes) -> Result<DeviceAddr, pb::ErrorCode> {
         let (tx, rx) = oneshot::channel();
         let op = Register { key, name, invite, result: None, reply: Some(tx) };
-        if self.writer.try_submit(Box::new(op)).is_err() {
+        if self.writer.try_submit_new(Box::new(op)).is_err() {
             return Err(pb::ErrorCode::Unavailable);
         }
         rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable))
@@ -68,7 +68,7 @@ impl Accounts {
     ) -> Result<impl Future<Output = Result<u32, pb::ErrorCode>> + Send + 'static, SubmitError> {
         let (tx, rx) = oneshot::channel();
         let op = Link { account, key, name, result: None, reply: Some(tx) };
-        self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
+        self.writer.try_submit_new(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) })
     }
 
@@ -96,7 +96,8 @@ fn add_device(txn: &mut Txn<'_>, mut list: pb::DeviceList, key: PublicKey, name:
     addr
 }
 
-/// Sends `r` to the waiting caller: the result if durable, else INTERNAL.
+/// Sends `r` to the waiting caller: the result if durable, UNAVAILABLE
+/// if the disk was full (retry later), else INTERNAL.
 fn answer<T>(
     reply: Option<oneshot::Sender<Result<T, pb::ErrorCode>>>,
     result: Option<Result<T, pb::ErrorCode>>,
@@ -104,6 +105,7 @@ fn answer<T>(
 ) {
     let r = match outcome {
         Outcome::Durable => result.unwrap_or(Err(pb::ErrorCode::Internal)),
+        Outcome::Failed(e) if e.is_full() => Err(pb::ErrorCode::Unavailable),
         Outcome::Failed(_) => Err(pb::ErrorCode::Internal),
     };
     if let Some(tx) = reply {

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::inbox::{enqueue, Pushes};
-use super::{Ctx, Writer};
+use super::{Ctx, Submission, Writer};
 use crate::commit::{Operation, Outcome};
 use crate::model::{unix_now, DeviceAddr};
 use crate::store::inbox::InboxEntry;
@@ -194,6 +194,58 @@ fn expire_group_counts(
         txn.delete_group_counts(group, seq);
     }
     Ok(resume)
+}
+
+/// Drops inbox entry `id` of `device`, which no connection can deliver
+/// (a `Deliver` larger than a packet: stored by a server that checked
+/// payloads against the `Send` and not against the `Deliver` it becomes),
+/// and tells its sender it expired on that device. Left in place it would
+/// close the device's connection at every login and block every entry
+/// after it; the caller moves past it at once and logs it.
+pub fn undeliverable(device: DeviceAddr, id: u64, entry: &Message) -> Submission {
+    let (sender, seq) = match entry {
+        Message::Deliver(d) if d.from != device.account && d.group == 0 => (d.from, d.seq),
+        _ => (0, 0),
+    };
+    Submission(Box::new(UndeliverableOp { device, id, sender, seq, pushes: Pushes::default() }))
+}
+
+struct UndeliverableOp {
+    device: DeviceAddr,
+    id: u64,
+    /// The account to tell, or 0 (an own-device copy, or not a message).
+    sender: u64,
+    seq: u64,
+    pushes: Pushes,
+}
+
+impl Operation<Ctx> for UndeliverableOp {
+    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.pushes = Pushes::default();
+        // A group entry is a reference: its body's count drops with it.
+        match txn.take_inbox_ref(self.device, self.id)? {
+            Some(r) => txn.release_group_body(r.group, r.seq)?,
+            None => txn.delete_inbox(self.device, self.id),
+        }
+        if self.sender == 0 {
+            return Ok(());
+        }
+        let Some(account) = txn.account(self.sender)? else {
+            return Ok(());
+        };
+        for d in &account.devices {
+            let e = pb::Expired { peer: self.device.account, group: 0, seq: self.seq, devices: 1, inbox: 0 };
+            enqueue(txn, DeviceAddr::new(self.sender, d.device), e.into(), &mut self.pushes)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, ctx: &mut Ctx, outcome: Outcome<'_>) {
+        if let Outcome::Durable = outcome {
+            metrics::counter!("pipit_messages_expired_total").increment(1);
+            std::mem::take(&mut self.pushes).release(&*ctx.deliveries);
+        }
+    }
 }
 
 /// Runs an expiry sweep every `every` until `stop`, on its own thread.

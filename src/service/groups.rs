@@ -93,7 +93,7 @@ impl Groups {
     ) -> Result<impl Future<Output = Result<pb::GroupInfo, pb::ErrorCode>> + Send + 'static, SubmitError> {
         let (tx, rx) = oneshot::channel();
         let op = CreateOp { by, name, members, result: None, reply: Some(tx) };
-        self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
+        self.writer.try_submit_new(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) })
     }
 
@@ -108,7 +108,7 @@ impl Groups {
     ) -> Result<impl Future<Output = Result<(), pb::ErrorCode>> + Send + 'static, SubmitError> {
         let (tx, rx) = oneshot::channel();
         let op = ChangeOp { by, group, change, result: None, published: false, reply: Some(tx) };
-        self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
+        self.writer.try_submit_new(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) })
     }
 

@@ -26,6 +26,11 @@ pub enum SendFailure {
     Code(pb::ErrorCode),
     /// Per-device ciphertexts did not match the devices.
     Mismatch(pb::DeviceMismatch),
+    /// Not stored for now (the disk was full): retry after this long.
+    Unavailable {
+        /// Seconds.
+        retry_after_secs: u32,
+    },
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<pb::Sent, SendFailure>>;
@@ -42,8 +47,8 @@ impl Messaging {
     }
 
     /// Queues `send` from `from`; the future answers once it is durable
-    /// (or refused). A full queue is refused at once: nothing was stored
-    /// and the client retries.
+    /// (or refused). A full queue, or storage without room, is refused at
+    /// once: nothing was stored and the client retries.
     ///
     /// The content digest is computed here, on the caller's thread, so
     /// that hashing a large payload does not hold up the writer.
@@ -64,7 +69,7 @@ impl Messaging {
             pushes: Pushes::default(),
             reply: tx,
         };
-        self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
+        self.writer.try_submit_new(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(SendFailure::Code(pb::ErrorCode::Unavailable))) })
     }
 }
@@ -102,6 +107,9 @@ impl Operation<Ctx> for SendOp {
                     ctx.fanout.wake();
                 }
                 r
+            }
+            Outcome::Failed(e) if e.is_full() => {
+                Err(SendFailure::Unavailable { retry_after_secs: super::STORAGE_RETRY_SECS })
             }
             Outcome::Failed(_) => Err(SendFailure::Code(pb::ErrorCode::Internal)),
         };
@@ -162,6 +170,11 @@ fn store_send(
     if send.id == 0 || (send.to == 0) == (send.group == 0) {
         // The connection refuses these before a send gets here.
         return fail(pb::ErrorCode::BadRequest);
+    }
+    // What the recipient gets must fit a packet; a payload that would not
+    // is refused now rather than stored to block the recipient's inbox.
+    if pipit_protocol::message::check_send(send).is_err() {
+        return fail(pb::ErrorCode::TooLarge);
     }
     if send.group != 0 {
         return super::group_send::store(txn, from, send, digest, fanout);

@@ -54,6 +54,23 @@ pub use push::{Push, PushConfig, PushSetupError};
 pub use receipts::Receipts;
 pub use typing::{Typing, TypingConfig};
 
+/// Seconds a client is told to wait before sending again when storage
+/// has no room (below its reserve, or full): long enough not to hammer a
+/// server whose operator is freeing space, short enough that chat resumes
+/// soon after.
+pub const STORAGE_RETRY_SECS: u32 = 10;
+
+/// Seconds a client is told to wait when the writer's queue is full.
+pub const QUEUE_RETRY_SECS: u32 = 1;
+
+/// The `retry_after_secs` for a send refused with `reason`.
+pub fn retry_after(reason: SubmitError) -> u32 {
+    match reason {
+        SubmitError::NoRoom => STORAGE_RETRY_SECS,
+        _ => QUEUE_RETRY_SECS,
+    }
+}
+
 /// The rules the writer applies.
 #[derive(Debug, Clone)]
 pub struct Rules {
@@ -239,7 +256,13 @@ pub(crate) mod testing {
         let store = Store::open(dir.path()).unwrap();
         let pushed = Arc::new(Collect::default());
         let rules = Rules { ttl_secs: 100, registration, max_group_members: 8 };
-        let engine = EngineConfig { max_batch: 64, capacity: 1024, sync: true };
+        let engine = EngineConfig {
+            max_batch: 64,
+            capacity: 1024,
+            sync: true,
+            reserve_bytes: 0,
+            full_wait: std::time::Duration::from_secs(1),
+        };
         let live = Live {
             registry: Arc::new(Registry::default()),
             presence: PresenceConfig::default(),

@@ -58,7 +58,13 @@ pub use txn::{Txn, TxnState};
 pub enum StorageError {
     /// RocksDB reported an error.
     #[error("rocksdb: {0}")]
-    Db(#[from] rocksdb::Error),
+    Db(rocksdb::Error),
+    /// The disk is full. RocksDB stops taking writes until its error
+    /// handler has found room again (it needs a write buffer's worth,
+    /// [`WRITE_BUFFER_BYTES`], free) and resumed by itself; until then
+    /// every write fails with this.
+    #[error("storage full: {0}")]
+    Full(rocksdb::Error),
     /// A stored value does not decode: corruption or a bug.
     #[error("corrupt record in {0}")]
     Corrupt(&'static str),
@@ -67,11 +73,39 @@ pub enum StorageError {
     Stopped,
 }
 
+impl From<rocksdb::Error> for StorageError {
+    fn from(e: rocksdb::Error) -> Self {
+        // RocksDB reports ENOSPC as an IO error whose text says so (its
+        // status subcode is not exposed through the C API).
+        let text = e.as_ref();
+        if text.contains("No space left on device") || text.contains("Space limit") {
+            StorageError::Full(e)
+        } else {
+            StorageError::Db(e)
+        }
+    }
+}
+
+impl StorageError {
+    /// Whether this is the disk being full (the write may succeed once
+    /// there is room again).
+    pub fn is_full(&self) -> bool {
+        matches!(self, StorageError::Full(_))
+    }
+}
+
+/// RocksDB's memtable size (its default, which every family keeps), which
+/// is also the free space its error handler waits for before it resumes
+/// writes after the disk was full.
+pub const WRITE_BUFFER_BYTES: usize = 64 << 20;
+
 /// The database. Reads may happen on any thread that may block (never a
 /// shard's async code: it uses `spawn_blocking`); writes go through the
 /// group-commit writer's [`Txn`].
 pub struct Store {
     db: DB,
+    /// Where the database lives, for its free space.
+    dir: std::path::PathBuf,
 }
 
 impl Store {
@@ -99,7 +133,14 @@ impl Store {
             ColumnFamilyDescriptor::new(t.name(), o)
         });
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        Ok(Arc::new(Self { db }))
+        Ok(Arc::new(Self { db, dir: dir.to_path_buf() }))
+    }
+
+    /// Bytes an unprivileged writer may still use on the database's file
+    /// system.
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        let st = rustix::fs::statvfs(&self.dir)?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     fn cf(&self, t: Table) -> &rocksdb::ColumnFamily {

@@ -17,6 +17,7 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub addr: std::net::SocketAddr,
     pub key: PublicKey,
+    pub cfg: Config,
 }
 
 impl TestServer {
@@ -29,13 +30,29 @@ impl TestServer {
             ..Config::default()
         };
         tweak(&mut cfg);
+        let running = pipit::start(cfg.clone()).unwrap();
+        Self { addr: running.local_addr, key: running.public_key, running: Some(running), dir, cfg }
+    }
+
+    /// Stops the server (its data stays).
+    pub fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(2));
+        }
+    }
+
+    /// Starts it again on the same data and address.
+    pub fn restart_same(&mut self) {
+        self.stop();
+        let mut cfg = self.cfg.clone();
+        cfg.listen = self.addr;
         let running = pipit::start(cfg).unwrap();
-        Self { addr: running.local_addr, key: running.public_key, running: Some(running), dir }
+        self.running = Some(running);
     }
 
     /// Stops the server gracefully and starts it again on the same data
     /// directory (a new port).
-    pub fn restart(&mut self, tweak: impl FnOnce(&mut Config)) {
+    pub fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
         if let Some(r) = self.running.take() {
             r.shutdown(Duration::from_secs(2));
         }
