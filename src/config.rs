@@ -66,6 +66,12 @@ pub struct Config {
     pub storage_queue: usize,
     /// Fsync every commit (never disable outside benchmarks of the rest).
     pub sync_writes: bool,
+    /// A device whose stock of one-time prekeys falls below this is told.
+    pub one_time_keys_low: u32,
+    /// Key bundles one account may fetch at once.
+    pub keys_fetch_burst: u32,
+    /// Key bundles one account may fetch per minute after its burst.
+    pub keys_fetch_per_minute: u32,
 }
 
 impl Default for Config {
@@ -91,6 +97,9 @@ impl Default for Config {
             write_timeout_secs: 120,
             storage_queue: 65_536,
             sync_writes: true,
+            one_time_keys_low: 16,
+            keys_fetch_burst: 2_048,
+            keys_fetch_per_minute: 600,
         }
     }
 }
@@ -149,6 +158,12 @@ impl Config {
         }
         if self.storage_queue == 0 {
             return bad("storage_queue must be positive");
+        }
+        if self.one_time_keys_low as usize > pipit_protocol::limits::MAX_ONE_TIME_PREKEYS {
+            return bad("one_time_keys_low must be at most 200 (the most a device holds)");
+        }
+        if self.keys_fetch_burst == 0 || self.keys_fetch_per_minute == 0 {
+            return bad("keys_fetch_burst and keys_fetch_per_minute must be positive");
         }
         Ok(())
     }

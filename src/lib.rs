@@ -7,10 +7,11 @@
 //! the recipient's connection. The binary (`pipit`) adds the command line,
 //! signals, metrics and systemd readiness.
 //!
-//! It does not implement groups, presence, typing, the key directory or
-//! push yet: `LoginOk.features` does not list them, and their requests are
-//! answered `NOT_SUPPORTED` (`service::features` is the one list of what
-//! is offered).
+//! It serves the end-to-end key directory (public keys only: payloads
+//! stay opaque) and unlinking devices. It does not implement groups,
+//! presence, typing or push yet: `LoginOk.features` does not list them,
+//! and their requests are answered `NOT_SUPPORTED` (`service::features` is
+//! the one list of what is offered).
 //!
 //! # Layers
 //!

@@ -12,7 +12,7 @@ use crate::commit::EngineConfig;
 use crate::config::Config;
 use crate::net::{listener, ConnCtx, NetConfig};
 use crate::route::Registry;
-use crate::service::{self, Rules, Services};
+use crate::service::{self, KeyRules, Rules, Services};
 use crate::store::Store;
 
 /// A running server.
@@ -79,7 +79,12 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let keys = Arc::new(crate::keys::KeyRing::new(key_files.server_keys()));
     let store = Store::open(&config.data_dir.join("db")).context("opening the database")?;
     let registry = Arc::new(Registry::default());
-    let rules = Rules { ttl_secs: config.message_ttl_secs, registration: config.registration };
+    let key_rules = KeyRules {
+        low_water: config.one_time_keys_low,
+        fetch_burst: config.keys_fetch_burst,
+        fetch_per_minute: config.keys_fetch_per_minute,
+    };
+    let rules = Rules { ttl_secs: config.message_ttl_secs, registration: config.registration, keys: key_rules };
     let engine = EngineConfig { max_batch: config.max_batch, capacity: config.storage_queue, sync: config.sync_writes };
     let (services, writer_thread) =
         service::start(store, rules, registry.clone(), engine).context("starting the storage writer")?;

@@ -11,7 +11,7 @@ use pipit::commit::EngineConfig;
 use pipit::config::Registration;
 use pipit::model::DeviceAddr;
 use pipit::route::Deliveries;
-use pipit::service::{self, Rules};
+use pipit::service::{self, KeyRules, Rules};
 use pipit::store::Store;
 use pipit_protocol::message::pb;
 use pipit_protocol::{Message, PublicKey};
@@ -24,7 +24,8 @@ impl Deliveries for Nobody {
 fn group_commit(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let rules = Rules { ttl_secs: 86_400, registration: Registration::Open };
+    let keys = KeyRules { low_water: 16, fetch_burst: 2_048, fetch_per_minute: 600 };
+    let rules = Rules { ttl_secs: 86_400, registration: Registration::Open, keys };
     let engine = EngineConfig { max_batch: 4_096, capacity: 65_536, sync: true };
     let (services, writer) = service::start(store, rules, Arc::new(Nobody), engine).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();

@@ -134,7 +134,7 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
     let handle = ConnHandle { id: ctx.next_conn_id(), mailbox: Arc::new(Mailbox::new(window * 2)) };
     let conn_id = handle.id;
     if let Some(old) = ctx.registry.insert(addr, handle.clone()) {
-        old.mailbox.kick.notify_one();
+        old.mailbox.kick(pb::ErrorCode::Replaced);
     }
     let unregister = |e: ConnError| {
         ctx.registry.remove(addr, conn_id);
@@ -164,6 +164,13 @@ pub(super) async fn establish(mut stream: TcpStream, ctx: &Arc<ConnCtx>) -> Resu
     }
     .into();
     let mut first = vec![login_ok];
+    if features::offers(pb::Feature::KeyDirectory) {
+        // A device whose one-time prekeys ran low while it was away learns
+        // it here, before its first queued message.
+        if let Some(status) = ctx.services.keys.at_login(addr).await.map_err(|e| unregister(e.into()))? {
+            first.push(status.into());
+        }
+    }
     first.append(&mut conn.outq);
     let session = accepted.finish(&first, &mut out).map_err(|e| unregister(e.into()))?;
     handshake_metric(pattern, "ok");

@@ -7,6 +7,7 @@ pub mod registry;
 
 pub use registry::{ConnHandle, Mailbox, Push, Registry};
 
+use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
 use crate::model::DeviceAddr;
@@ -15,4 +16,13 @@ use crate::model::DeviceAddr;
 pub trait Deliveries: Send + Sync + 'static {
     /// Entry `id` of `to`'s inbox, `msg`, is durable.
     fn push(&self, to: DeviceAddr, id: u64, msg: Message);
+
+    /// A notice for `to`'s connection that is not an inbox entry (a
+    /// `KeysStatus`): sent at most once, dropped when the device is offline
+    /// or its mailbox is full, never stored.
+    fn notify(&self, _to: DeviceAddr, _msg: Message) {}
+
+    /// `to` no longer exists (it was unlinked): its connection, if any, is
+    /// told `code` and closed.
+    fn disconnect(&self, _to: DeviceAddr, _code: pb::ErrorCode) {}
 }

@@ -11,16 +11,18 @@
 //! its slots would cost more than the rest of the connection.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 use tokio::sync::Notify;
 
 use super::Deliveries;
 use crate::model::DeviceAddr;
 
-/// A new inbox entry for a connection: its inbox id and the message.
+/// A new inbox entry for a connection: its inbox id and the message. Id 0
+/// is a notice that is no inbox entry (a `KeysStatus`), sent as it is.
 pub type Push = (u64, Box<Message>);
 
 /// The queue between the storage writer and one connection.
@@ -34,8 +36,11 @@ pub struct Mailbox {
     /// connection must read its inbox to catch up.
     pub overflow: AtomicBool,
     /// Wakes the connection when another login of the same device
-    /// replaces it.
+    /// replaces it, or the device is unlinked.
     pub kick: Notify,
+    /// The code the connection closes with when kicked: `REPLACED`, or
+    /// `UNKNOWN_DEVICE` for an unlinked device.
+    pub kick_code: AtomicI32,
 }
 
 impl Mailbox {
@@ -47,6 +52,7 @@ impl Mailbox {
             ready: Notify::new(),
             overflow: AtomicBool::new(false),
             kick: Notify::new(),
+            kick_code: AtomicI32::new(pb::ErrorCode::Replaced as i32),
         }
     }
 
@@ -66,6 +72,17 @@ impl Mailbox {
             }
         }
         self.ready.notify_one();
+    }
+
+    /// Closes the connection with `code`.
+    pub fn kick(&self, code: pb::ErrorCode) {
+        self.kick_code.store(code as i32, Ordering::Release);
+        self.kick.notify_one();
+    }
+
+    /// The code a kicked connection closes with.
+    pub fn kick_code(&self) -> pb::ErrorCode {
+        pb::ErrorCode::try_from(self.kick_code.load(Ordering::Acquire)).unwrap_or(pb::ErrorCode::Replaced)
     }
 
     /// Takes everything queued, in order, and releases the queue's memory.
@@ -133,12 +150,22 @@ impl Deliveries for Registry {
             m.push((id, Box::new(msg)));
         }
     }
+
+    fn notify(&self, to: DeviceAddr, msg: Message) {
+        self.push(to, 0, msg);
+    }
+
+    fn disconnect(&self, to: DeviceAddr, code: pb::ErrorCode) {
+        let handle = self.stripe(to).remove(&to);
+        if let Some(h) = handle {
+            h.mailbox.kick(code);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pipit_protocol::message::pb;
 
     #[test]
     fn a_full_mailbox_drops_and_flags_and_an_empty_one_holds_nothing() {

@@ -7,7 +7,7 @@
 use pipit_protocol::message::pb::Feature;
 
 /// What this server offers beyond the core every server has.
-pub const OFFERED: &[Feature] = &[];
+pub const OFFERED: &[Feature] = &[Feature::KeyDirectory, Feature::UnlinkDevice];
 
 /// Whether this server offers `f`.
 pub fn offers(f: Feature) -> bool {

@@ -200,6 +200,7 @@ fn store_send(
             payload,
             peer: if own_copy { send.to } else { 0 },
             group: 0,
+            device_payload: Bytes::new(),
         };
         enqueue(txn, to, deliver.into(), pushes)?;
     }

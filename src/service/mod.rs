@@ -9,11 +9,14 @@
 //!   a connection catches up.
 //! - `expiry`: undelivered entries and dedup records past their time.
 //! - `features`: which optional protocol features this server offers.
+//! - `keys`: the end-to-end key directory: uploads, fetches that hand out
+//!   each one-time prekey once, low-stock notices, the fetch rate limit.
 
 pub mod accounts;
 pub mod expiry;
 pub mod features;
 pub mod inbox;
+pub mod keys;
 pub mod messaging;
 pub mod receipts;
 
@@ -26,6 +29,7 @@ use crate::store::Store;
 
 pub use accounts::Accounts;
 pub use inbox::InboxReader;
+pub use keys::{KeyRules, Keys};
 pub use messaging::Messaging;
 pub use receipts::Receipts;
 
@@ -36,6 +40,8 @@ pub struct Rules {
     pub ttl_secs: u64,
     /// Who may register.
     pub registration: Registration,
+    /// The key directory's settings.
+    pub keys: KeyRules,
 }
 
 /// What the writer's operations may use besides the transaction.
@@ -83,6 +89,8 @@ pub struct Services {
     pub receipts: Receipts,
     /// Reading inboxes.
     pub inbox: InboxReader,
+    /// The end-to-end key directory.
+    pub keys: Keys,
     /// The writer itself (barriers at shutdown, metrics).
     pub writer: Writer,
 }
@@ -94,13 +102,15 @@ pub fn start(
     deliveries: Arc<dyn Deliveries>,
     engine: EngineConfig,
 ) -> std::io::Result<(Services, std::thread::JoinHandle<()>)> {
+    let key_rules = rules.keys;
     let ctx = Ctx { rules, deliveries, expiry: expiry::Cursor::default() };
     let (writer, thread) = Writer::start(store.clone(), ctx, engine)?;
     let services = Services {
         accounts: Accounts::new(writer.clone(), store.clone()),
         messaging: Messaging::new(writer.clone()),
         receipts: Receipts,
-        inbox: InboxReader::new(store),
+        inbox: InboxReader::new(store.clone()),
+        keys: Keys::new(writer.clone(), store, key_rules),
         writer,
     };
     Ok((services, thread))
@@ -132,6 +142,10 @@ pub(crate) mod testing {
         fn push(&self, to: DeviceAddr, id: u64, msg: Message) {
             self.0.lock().unwrap().push((to, id, msg));
         }
+
+        fn notify(&self, to: DeviceAddr, msg: Message) {
+            self.push(to, 0, msg);
+        }
     }
 
     pub(crate) struct Setup {
@@ -158,7 +172,8 @@ pub(crate) mod testing {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let pushed = Arc::new(Collect::default());
-        let rules = Rules { ttl_secs: 100, registration };
+        let keys = KeyRules { low_water: 16, fetch_burst: 1_000, fetch_per_minute: 600 };
+        let rules = Rules { ttl_secs: 100, registration, keys };
         let engine = EngineConfig { max_batch: 64, capacity: 1024, sync: true };
         let (services, writer) = start(store.clone(), rules, pushed.clone(), engine).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -14,6 +14,8 @@
 //! | `dedup` | `dedup` | account device client-id | seq (8) time (8) [digest (8)] |
 //! | `counters` | `counters` | tagged key | next value (8) |
 //! | `invites` | `invites` | code | expiry time (8) |
+//! | `e2e_keys` | `e2e_keys` | account device | identity, signed prekey, stock bounds |
+//! | `e2e_keys` | `one_time_keys` | account device slot | key id (4) key (32) |
 //!
 //! Writes go through a [`Txn`]: each operation's writes are staged and
 //! either kept whole or dropped whole, and one round of operations becomes
@@ -23,6 +25,7 @@ pub mod accounts;
 pub mod counters;
 pub mod dedup;
 pub mod device_keys;
+pub mod e2e_keys;
 pub mod inbox;
 pub mod invites;
 mod overlay;

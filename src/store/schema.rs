@@ -16,12 +16,24 @@ pub enum Table {
     Counters,
     /// Invite codes.
     Invites,
+    /// Per-device end-to-end keys: identity, signed prekey, stock bounds.
+    E2eKeys,
+    /// Per-device one-time prekeys, by slot.
+    OneTimeKeys,
 }
 
 impl Table {
     /// Every family, created at open.
-    pub const ALL: [Table; 6] =
-        [Table::Accounts, Table::DeviceKeys, Table::Inbox, Table::Dedup, Table::Counters, Table::Invites];
+    pub const ALL: [Table; 8] = [
+        Table::Accounts,
+        Table::DeviceKeys,
+        Table::Inbox,
+        Table::Dedup,
+        Table::Counters,
+        Table::Invites,
+        Table::E2eKeys,
+        Table::OneTimeKeys,
+    ];
 
     /// The family's name in RocksDB (never change one: it names data on
     /// disk).
@@ -33,6 +45,8 @@ impl Table {
             Table::Dedup => "dedup",
             Table::Counters => "counters",
             Table::Invites => "invites",
+            Table::E2eKeys => "e2e_keys",
+            Table::OneTimeKeys => "one_time_keys",
         }
     }
 

@@ -15,6 +15,7 @@ use rocksdb::{WriteBatch, WriteOptions};
 
 use super::counters::Counter;
 use super::dedup::DedupRecord;
+use super::e2e_keys::{KeyRecord, OneTimeKey};
 use super::overlay::Overlay;
 use super::{StorageError, Store, Table};
 use crate::model::DeviceAddr;
@@ -38,6 +39,8 @@ pub struct TxnState {
     pub(super) device_keys: Overlay<PublicKey, DeviceAddr>,
     pub(super) dedup: Overlay<(DeviceAddr, u64), DedupRecord>,
     pub(super) invites: Overlay<Vec<u8>, u64>,
+    pub(super) e2e_keys: Overlay<DeviceAddr, Arc<KeyRecord>>,
+    pub(super) one_time_keys: Overlay<(DeviceAddr, u64), OneTimeKey>,
 }
 
 impl Default for TxnState {
@@ -52,6 +55,8 @@ impl Default for TxnState {
             device_keys: Overlay::new(0),
             dedup: Overlay::new(0),
             invites: Overlay::new(0),
+            e2e_keys: Overlay::new(0),
+            one_time_keys: Overlay::new(0),
         }
     }
 }
@@ -63,6 +68,8 @@ impl TxnState {
         self.device_keys.op_commit();
         self.dedup.op_commit();
         self.invites.op_commit();
+        self.e2e_keys.op_commit();
+        self.one_time_keys.op_commit();
     }
 
     fn overlays_op_rollback(&mut self) {
@@ -71,6 +78,8 @@ impl TxnState {
         self.device_keys.op_rollback();
         self.dedup.op_rollback();
         self.invites.op_rollback();
+        self.e2e_keys.op_rollback();
+        self.one_time_keys.op_rollback();
     }
 
     fn overlays_round_done(&mut self, ok: bool) {
@@ -79,11 +88,16 @@ impl TxnState {
         self.device_keys.round_done(ok);
         self.dedup.round_done(ok);
         self.invites.round_done(ok);
+        self.e2e_keys.round_done(ok);
+        self.one_time_keys.round_done(ok);
     }
 }
 
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
+/// Deletes every key from `key` (inclusive) to `value` (exclusive): one
+/// range tombstone, however many keys it covers.
+const DELETE_RANGE: u8 = 3;
 
 /// One round's transaction. Table files add typed methods to it.
 pub struct Txn<'a> {
@@ -128,6 +142,11 @@ impl<'a> Txn<'a> {
 
     pub(super) fn delete(&mut self, t: Table, key: &[u8]) {
         self.stage(t, DELETE, key, &[]);
+    }
+
+    /// Deletes every key of `t` in `from..to`.
+    pub(super) fn delete_range(&mut self, t: Table, from: &[u8], to: &[u8]) {
+        self.stage(t, DELETE_RANGE, from, to);
     }
 
     fn stage(&mut self, t: Table, kind: u8, key: &[u8], value: &[u8]) {
@@ -191,6 +210,7 @@ impl<'a> Txn<'a> {
             let cf = self.store.cf(table);
             match kind {
                 PUT => batch.put_cf(cf, key, value),
+                DELETE_RANGE => batch.delete_range_cf(cf, key, value),
                 _ => batch.delete_cf(cf, key),
             }
         }
