@@ -1078,25 +1078,27 @@ impl E2e {
             }
         };
         let mut session = GroupSession::from_pickle(out.pickle);
-        let share = pb::E2eContent {
-            group: send.group,
-            room_key: Some(pb::E2eRoomKey {
-                group: send.group,
-                session_key: Bytes::from(session.session_key().to_bytes()),
-            }),
-            ..Default::default()
-        }
-        .encode_to_vec();
         let sharing = self.sharing.entry(send.group).or_default();
         let needing: Vec<Addr> =
             targets.into_iter().filter(|a| !out.shared.contains(a) && !sharing.contains(a)).collect();
         let under_way = !sharing.is_empty();
         let mut per_device = Vec::new();
-        for addr in needing {
-            // Devices without a trusted session get nothing: they cannot
-            // read this session's messages.
-            if let Some(payload) = self.olm_encrypt(store, addr, &share)? {
-                per_device.push(pb::DeviceCiphertext { account: addr.0, device: addr.1, payload });
+        if !needing.is_empty() {
+            let share = pb::E2eContent {
+                group: send.group,
+                room_key: Some(pb::E2eRoomKey {
+                    group: send.group,
+                    session_key: Bytes::from(session.session_key().to_bytes()),
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            for addr in needing {
+                // Devices without a trusted session get nothing: they cannot
+                // read this session's messages.
+                if let Some(payload) = self.olm_encrypt(store, addr, &share)? {
+                    per_device.push(pb::DeviceCiphertext { account: addr.0, device: addr.1, payload });
+                }
             }
         }
         let shares_len: usize = per_device.iter().map(|c| c.encoded_len() + 4).sum();

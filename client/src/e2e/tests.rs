@@ -468,7 +468,7 @@ fn measure() {
     let mut w = World::new();
     let a = w.add(1, 0);
     let b0 = w.add(2, 0);
-    w.add(2, 1);
+    let b1 = w.add(2, 1);
     let send = pb::Send { id: 1000, to: 2, payload: body.clone(), ..Default::default() };
     let first = w.seal(a, send.clone());
     println!(
@@ -476,8 +476,11 @@ fn measure() {
         wire(&first)
     );
     w.deliver(a, &first);
-    let reply = w.seal(b0, pb::Send { id: 1, to: 1, payload: body.clone(), ..Default::default() });
-    w.deliver(b0, &reply);
+    // Both of Bob's devices answer, so every session has heard back.
+    for b in [b0, b1] {
+        let reply = w.seal(b, pb::Send { id: 1, to: 1, payload: body.clone(), ..Default::default() });
+        w.deliver(b, &reply);
+    }
     let steady = w.seal(a, send.clone());
     println!(
         "1:1, 100-byte message, peer with 2 devices, established sessions: {} bytes on the wire ({} plaintext Send: {})",
@@ -495,8 +498,12 @@ fn measure() {
     let members: Vec<u64> = (1..=1025).collect();
     w.set_group(9, &members, 1);
     let send_1to1 = |to| pb::Send { id: 1, to, payload: body.clone(), ..Default::default() };
-    for to in 2..=1025 {
-        w.seal(me, send_1to1(to));
+    for to in 2..=1025u64 {
+        let s = w.seal(me, send_1to1(to));
+        w.deliver(me, &s);
+        let j = w.find((to, 0));
+        let reply = w.seal(j, send_1to1(1));
+        w.deliver(j, &reply);
     }
     let t = std::time::Instant::now();
     let mut total = 0;
@@ -539,4 +546,24 @@ fn measure() {
         t.elapsed() / n,
         wire(&last.unwrap())
     );
+}
+
+#[test]
+fn a_low_stock_is_topped_up_and_a_dry_one_gets_a_new_signed_prekey() {
+    let mut w = World::new();
+    let a = w.add(1, 0);
+    let d = &mut w.devs[a];
+    let reqs = d.e2e.on_keys_status(&mut d.store, 12).unwrap();
+    let [Message::KeysUpload(u)] = &reqs[..] else { panic!("{reqs:?}") };
+    assert_eq!(u.one_time.len(), ONE_TIME_TARGET - 12);
+    assert!(u.signed.is_none() && u.identity.is_empty(), "the signed prekey stays while one-time keys last");
+    // A second notice while the upload is under way asks for nothing more.
+    assert!(d.e2e.on_keys_status(&mut d.store, 10).unwrap().is_empty());
+    w.serve(a, reqs);
+    let d = &mut w.devs[a];
+    let reqs = d.e2e.on_keys_status(&mut d.store, 0).unwrap();
+    let [Message::KeysUpload(u)] = &reqs[..] else { panic!("{reqs:?}") };
+    assert_eq!(u.one_time.len(), ONE_TIME_TARGET);
+    assert!(u.signed.is_some(), "the stock ran dry, so the signed prekey was in use: a new one");
+    pipit_protocol::e2e::check_upload(u).unwrap();
 }
