@@ -184,3 +184,58 @@ async fn encrypted_one_to_one_reaches_every_device_and_no_plaintext_reaches_the_
         assert!(hits.is_empty(), "{secret:?} is on the server's disk: {hits:?}");
     }
 }
+
+/// Over TCP against a server that offers groups. The Megolm logic itself
+/// (one ciphertext for nine devices, a new session that a removed member
+/// cannot read) is tested without a server in the client library
+/// (`e2e::tests`); this checks the same through the groups server's wire
+/// (`Deliver.device_payload`, change notices), which is not on this branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the groups server (issue 11, branch `groups`): un-ignore once it is merged"]
+async fn a_group_of_five_members_with_two_devices_each_reads_one_megolm_message_and_a_removed_member_nothing_after() {
+    let s = TestServer::start(|_| {});
+    let mut devs = Vec::new();
+    for i in 0..5 {
+        let mut first = start(s.addr, MemoryStore::new()).await;
+        let second = link_client(s.addr, &mut first, 10 + i).await;
+        devs.push(first);
+        devs.push(second);
+    }
+    let members: Vec<u64> = devs.iter().step_by(2).map(|d| d.account).collect();
+    let create = pb::GroupCreate { req: 1, name: Bytes::from_static(b"five"), members: members.clone() };
+    devs[0].client.request(vec![create.into()]).await.unwrap();
+    let group = next(&mut devs[0].events, |e| match e {
+        Event::Other(Message::GroupInfo(g)) if g.req == 1 => Some(g.group),
+        _ => None,
+    })
+    .await;
+    devs[0].client.send_group(group, "secret-group: hello all nine").await.unwrap();
+    for d in devs.iter_mut().skip(1) {
+        let m = next(&mut d.events, message).await;
+        assert_eq!((&m.payload[..], m.group), (&b"secret-group: hello all nine"[..], group));
+    }
+    // Member 5 is removed; the sender learns the new membership, and its
+    // next message (a new session) reaches the remaining seven only.
+    let remove = pb::GroupRemove { req: 2, group, members: vec![members[4]] };
+    devs[0].client.request(vec![remove.into()]).await.unwrap();
+    next(&mut devs[0].events, |e| match e {
+        Event::Other(Message::GroupInfo(g)) if g.group == group && !g.members.contains(&members[4]) => Some(()),
+        _ => None,
+    })
+    .await;
+    devs[0].client.send_group(group, "secret-group: without five").await.unwrap();
+    for d in devs.iter_mut().skip(1).take(7) {
+        assert_eq!(&next(&mut d.events, message).await.payload[..], b"secret-group: without five");
+    }
+    for d in devs.iter_mut().skip(8) {
+        let got = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                if let Some(Event::Message(m)) = d.events.next().await {
+                    return m;
+                }
+            }
+        })
+        .await;
+        assert!(got.is_err(), "a removed member's device got {got:?}");
+    }
+}

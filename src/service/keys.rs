@@ -93,7 +93,14 @@ impl Keys {
         requester: DeviceAddr,
         fetch: pb::KeysFetch,
     ) -> Result<impl Future<Output = Result<pb::KeysResult, pb::ErrorCode>> + Send + 'static, FetchRefused> {
-        self.lock_limiter().check(requester.account, Instant::now()).map_err(FetchRefused::RateLimited)?;
+        // Charged one bundle now, the rest once the answer is known: fetches
+        // in flight at once cannot overshoot the budget by more than what
+        // each returns beyond one.
+        let now = Instant::now();
+        let mut limiter = self.lock_limiter();
+        limiter.check(requester.account, now).map_err(FetchRefused::RateLimited)?;
+        limiter.charge(requester.account, 1, now);
+        drop(limiter);
         let (tx, rx) = oneshot::channel();
         let op = FetchOp {
             requester,
@@ -249,12 +256,10 @@ impl Operation<Ctx> for FetchOp {
             let handed = r.bundles.iter().filter(|b| b.one_time.is_some()).count();
             metrics::counter!("pipit_keys_handed_out_total").increment(handed as u64);
             metrics::counter!("pipit_keys_fallback_total").increment((r.bundles.len() - handed) as u64);
-            let charge = r.bundles.len().max(1) as u32;
-            self.limiter.lock().unwrap_or_else(|p| p.into_inner()).charge(
-                self.requester.account,
-                charge,
-                Instant::now(),
-            );
+            if let Some(rest) = r.bundles.len().checked_sub(1).filter(|n| *n > 0) {
+                let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+                limiter.charge(self.requester.account, rest as u32, Instant::now());
+            }
             for (addr, left) in self.notices.drain(..) {
                 let status = pb::KeysStatus { one_time_left: u32::try_from(left).unwrap_or(u32::MAX) };
                 ctx.deliveries.notify(addr, status.into());
