@@ -976,8 +976,16 @@ impl E2e {
         };
         let inbound = InboundGroupSession::new(&session_key, vodozemac::megolm::SessionConfig::version_1());
         let sid = session_id_bytes(&inbound.session_id());
+        let name = format!("in.{}.{}", d.group, hex(&sid));
+        if let Some(known) = self.vault.get::<InboundRecord>(store, &name)? {
+            if known.sender != (d.from, d.from_device) {
+                // Another member passing on someone else's session as its
+                // own: keep it bound to the device that made it.
+                return Ok(Err(Undecryptable::Damaged));
+            }
+        }
         let r = InboundRecord { pickle: inbound.pickle(), sender: (d.from, d.from_device) };
-        self.vault.put(store, &format!("in.{}.{}", d.group, hex(&sid)), &r)?;
+        self.vault.put(store, &name, &r)?;
         Ok(Ok(()))
     }
 

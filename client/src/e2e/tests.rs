@@ -567,3 +567,36 @@ fn a_low_stock_is_topped_up_and_a_dry_one_gets_a_new_signed_prekey() {
     assert!(u.signed.is_some(), "the stock ran dry, so the signed prekey was in use: a new one");
     pipit_protocol::e2e::check_upload(u).unwrap();
 }
+
+#[test]
+fn a_member_cannot_pass_off_another_members_session_as_its_own() {
+    let mut w = World::new();
+    let a = w.add(1, 0);
+    let m = w.add(2, 0);
+    let c = w.add(3, 0);
+    w.set_group(5, &[1, 2, 3], 1);
+    let honest = w.seal(a, pb::Send { id: 1, group: 5, payload: Bytes::from_static(b"from a"), ..Default::default() });
+    w.deliver_group(a, &honest, &[1, 2, 3]);
+    // Member 2 has a's session key; it shares it with 3 as if it were its
+    // own, then speaks under it.
+    let dev = &mut w.devs[a];
+    let out: OutboundRecord = dev.e2e.vault.get(&mut dev.store, "out.5").unwrap().unwrap();
+    let session_key = GroupSession::from_pickle(out.pickle).session_key().to_bytes();
+    let room_key = pb::E2eRoomKey { group: 5, session_key: Bytes::from(session_key) };
+    let share = pb::E2eContent { group: 5, room_key: Some(room_key), ..Default::default() }.encode_to_vec();
+    let sealed = w.seal(m, text(3, "hi"));
+    w.deliver(m, &sealed);
+    let dev = &mut w.devs[m];
+    let forged = dev.e2e.olm_encrypt(&mut dev.store, (3, 0), &share).unwrap().unwrap();
+    let mut d = deliver((2, 0), honest.payload.clone(), 0, 5);
+    d.device_payload = forged;
+    let events = w.decrypt(c, d);
+    assert!(
+        matches!(&events[..], [Event::Undecryptable { .. }]),
+        "a message under a's session from member 2 is not believed: {events:?}"
+    );
+    // And 3 still reads a's own next message under that session.
+    let next = w.seal(a, pb::Send { id: 2, group: 5, payload: Bytes::from_static(b"still a"), ..Default::default() });
+    let got = w.deliver_group(a, &next, &[1, 2, 3]);
+    assert!(got.iter().all(|(_, e)| plaintext(e) == Some(&b"still a"[..])), "{got:?}");
+}
