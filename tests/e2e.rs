@@ -14,6 +14,9 @@ use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::{Message, StaticKeypair};
 use pipit_client::{media, Client, Config, Event, Events, MemoryStore, State, Store, Undecryptable};
 
+/// One-time prekeys the client library keeps on the server (SPEC.md 13.2).
+const ONE_TIME_TARGET: usize = 50;
+
 async fn next<R>(ev: &mut Events, mut pick: impl FnMut(Event) -> Option<R>) -> R {
     let wait = async {
         loop {
@@ -238,4 +241,69 @@ async fn a_group_of_five_members_with_two_devices_each_reads_one_megolm_message_
         .await;
         assert!(got.is_err(), "a removed member's device got {got:?}");
     }
+}
+
+/// A device whose one-time prekeys were all taken while it was away still
+/// gets messages (the sender used its signed prekey), hears at login that
+/// its stock is empty, and uploads new keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_device_is_reached_through_its_signed_prekey_and_tops_up_at_login() {
+    let s = TestServer::start(|_| {});
+    let profile = tempfile::tempdir().unwrap();
+    let b = {
+        let (client, mut events) =
+            Client::start(Config::new(s.addr.to_string()), pipit_client::FileStore::open(profile.path()).unwrap())
+                .unwrap();
+        let account = next(&mut events, |e| match e {
+            Event::Connected { account, .. } => Some(account),
+            _ => None,
+        })
+        .await;
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while client.stats().keys_published.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < until, "keys never published");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client.close().await;
+        account
+    };
+    // While it is away, someone takes every one-time prekey it has.
+    let (_, mut raw) = register(s.addr).await;
+    let mut taken = std::collections::BTreeSet::new();
+    for req in 1..=60 {
+        raw.send(&[pb::KeysFetch { req, account: b, devices: vec![] }.into()]).await.unwrap();
+        let r = expect(&mut raw, |m| match m {
+            Message::KeysResult(r) if r.req == req => Some(r),
+            _ => None,
+        })
+        .await;
+        if let Some(k) = &r.bundles[0].one_time {
+            assert!(taken.insert(k.id), "prekey {} handed out twice", k.id);
+        }
+    }
+    assert_eq!(taken.len(), ONE_TIME_TARGET, "all of them, each once; then the signed prekey alone");
+    // A new contact writes to it: its session starts on the signed prekey.
+    let mut a = start(s.addr, MemoryStore::new()).await;
+    let id = a.client.send(b, "secret-seven: through the fallback key").await.unwrap();
+    next(&mut a.events, |e| matches!(e, Event::Sent(ref x) if x.id == id).then_some(())).await;
+    // It comes back, reads it, and tops its stock up.
+    let (client, mut events) =
+        Client::start(Config::new(s.addr.to_string()), pipit_client::FileStore::open(profile.path()).unwrap()).unwrap();
+    let got = next(&mut events, message).await;
+    assert_eq!(&got.payload[..], b"secret-seven: through the fallback key");
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while client.stats().keys_published.load(Ordering::Relaxed) == 0 {
+        assert!(std::time::Instant::now() < until, "no top-up after KeysStatus");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    raw.send(&[pb::KeysFetch { req: 100, account: b, devices: vec![] }.into()]).await.unwrap();
+    let r = expect(&mut raw, |m| match m {
+        Message::KeysResult(r) if r.req == 100 => Some(r),
+        _ => None,
+    })
+    .await;
+    let fresh = r.bundles[0].one_time.as_ref().expect("a new one-time prekey").id;
+    assert!(!taken.contains(&fresh));
+    client.close().await;
+    a.client.close().await;
 }
