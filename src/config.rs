@@ -156,6 +156,12 @@ pub struct Config {
     /// Seconds a commit waits for a full disk to have room again before
     /// the requests in it are answered `UNAVAILABLE` (retry later).
     pub storage_full_wait_secs: u64,
+    /// A device whose stock of one-time prekeys falls below this is told.
+    pub one_time_keys_low: u32,
+    /// Key bundles one account may fetch at once.
+    pub keys_fetch_burst: u32,
+    /// Key bundles one account may fetch per minute after its burst.
+    pub keys_fetch_per_minute: u32,
 }
 
 impl Default for Config {
@@ -213,6 +219,9 @@ impl Default for Config {
             handshake_threads: 0,
             storage_reserve_mb: 256,
             storage_full_wait_secs: 30,
+            one_time_keys_low: 16,
+            keys_fetch_burst: 2_048,
+            keys_fetch_per_minute: 600,
         }
     }
 }
@@ -325,6 +334,12 @@ impl Config {
         }
         if self.partial_frame_timeout_secs == 0 || self.max_handshakes == 0 {
             return bad("partial_frame_timeout_secs and max_handshakes must be positive");
+        }
+        if self.one_time_keys_low as usize > pipit_protocol::limits::MAX_ONE_TIME_PREKEYS {
+            return bad("one_time_keys_low must be at most 200 (the most a device holds)");
+        }
+        if self.keys_fetch_burst == 0 || self.keys_fetch_per_minute == 0 {
+            return bad("keys_fetch_burst and keys_fetch_per_minute must be positive");
         }
         Ok(())
     }

@@ -9,10 +9,11 @@
 //!
 //! Groups are stored once per message and fanned out to members' inboxes
 //! after "sent" by a driver thread (`service::fanout`). It serves
-//! presence, typing and push wake-ups; it does not implement the key
-//! directory yet: `LoginOk.features` does not list it, and its requests are
-//! answered `NOT_SUPPORTED` (`service::features` is the one list of what is
-//! offered).
+//! presence, typing, push wake-ups, unlinking devices and the end-to-end
+//! key directory (public keys only: payloads stay opaque); device-issued
+//! invites are not offered: `LoginOk.features` does not list them, and
+//! their requests are answered `NOT_SUPPORTED` (`service::features` is
+//! the one list of what is offered).
 //!
 //! # Layers
 //!

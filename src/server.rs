@@ -13,7 +13,7 @@ use crate::commit::EngineConfig;
 use crate::config::Config;
 use crate::net::{listener, AdmissionConfig, ConnCtx, NetConfig};
 use crate::route::{Budget, Registry};
-use crate::service::{self, Live, PresenceConfig, PushConfig, Rules, Services, TypingConfig};
+use crate::service::{self, KeyRules, Live, PresenceConfig, PushConfig, Rules, Services, TypingConfig};
 use crate::store::Store;
 
 /// A running server.
@@ -98,10 +98,16 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let store = Store::open(&config.data_dir.join("db")).context("opening the database")?;
     let registry = Arc::new(Registry::default());
     let budget = Budget::new(config.memory_budget_bytes());
+    let key_rules = KeyRules {
+        low_water: config.one_time_keys_low,
+        fetch_burst: config.keys_fetch_burst,
+        fetch_per_minute: config.keys_fetch_per_minute,
+    };
     let rules = Rules {
         ttl_secs: config.message_ttl_secs,
         registration: config.registration,
         max_group_members: config.max_group_members,
+        keys: key_rules,
     };
     let engine = EngineConfig {
         max_batch: config.max_batch,

@@ -107,7 +107,7 @@ async fn unoffered_features_are_not_supported_attributably_and_req_zero_closes()
         pb::PushToken { platform: pb::PushPlatform::Fcm as i32, token: Bytes::from_static(b"t"), req: 2 }.into(),
         pb::GroupListRequest { req: 3, ..Default::default() }.into(),
         pb::GroupCreate { req: 4, ..Default::default() }.into(),
-        pb::KeysFetch { req: 5, account: 1, devices: vec![] }.into(),
+        pb::GroupLeave { req: 5, group: 1 }.into(),
         pb::InviteCreate { req: 6 }.into(),
         pb::UnlinkDevice { req: 7, device: 9 }.into(),
     ];

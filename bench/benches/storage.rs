@@ -11,7 +11,7 @@ use pipit::commit::EngineConfig;
 use pipit::config::Registration;
 use pipit::model::DeviceAddr;
 use pipit::route::{Deliveries, Registry};
-use pipit::service::{self, Live, Rules};
+use pipit::service::{self, KeyRules, Live, Rules};
 use pipit::store::Store;
 use pipit_protocol::message::pb;
 use pipit_protocol::{Message, PublicKey};
@@ -24,7 +24,8 @@ impl Deliveries for Nobody {
 fn group_commit(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let rules = Rules { ttl_secs: 86_400, registration: Registration::Open, max_group_members: 1_024 };
+    let keys = KeyRules { low_water: 16, fetch_burst: 2_048, fetch_per_minute: 600 };
+    let rules = Rules { ttl_secs: 86_400, registration: Registration::Open, max_group_members: 1_024, keys };
     let engine = EngineConfig {
         max_batch: 4_096,
         capacity: 65_536,

@@ -40,9 +40,15 @@ impl From<PushPlatform> for pb::PushPlatform {
 pub async fn start_client(config: ClientConfig, storage_dir: String) -> Result<Arc<Client>, PipitError> {
     run_blocking(move || {
         let store = FileStore::open(storage_dir)?;
-        let (client, events) = pipit_client::Client::start(config.into(), store)?;
+        let (client, events) = pipit_client::Client::start(config.try_into()?, store)?;
         let identity = client.identity().to_string();
-        Ok(Arc::new(Client { inner: Arc::new(RwLock::new(Some(client))), events: Mutex::new(events), identity }))
+        let e2e_identity = client.e2e_identity().map(|i| i.to_string());
+        Ok(Arc::new(Client {
+            inner: Arc::new(RwLock::new(Some(client))),
+            events: Mutex::new(events),
+            identity,
+            e2e_identity,
+        }))
     })
     .await
 }
@@ -57,6 +63,7 @@ pub struct Client {
     /// reader at a time gets each event.
     events: Mutex<Events>,
     identity: String,
+    e2e_identity: Option<String>,
 }
 
 /// Runs `$body` on the runtime with the library client bound to `$c`,
@@ -184,6 +191,21 @@ impl Client {
     /// wake-ups for that platform.
     pub async fn set_push_token(&self, platform: PushPlatform, token: Vec<u8>) -> Result<(), PipitError> {
         with_client!(self, |c| c.set_push_token(platform.into(), token).await?)
+    }
+
+    /// This device's end-to-end identity (its Curve25519 key, 64 hex
+    /// digits), what two people compare to be sure no one is in the
+    /// middle; `None` with encryption off.
+    pub fn e2e_identity(&self) -> Option<String> {
+        self.e2e_identity.clone()
+    }
+
+    /// Accepts the new identity `account`/`device` showed in
+    /// `Event.IdentityChanged` (ideally after the people compared it): from
+    /// now on messages are encrypted for it and its messages believed.
+    /// `false` when it showed none.
+    pub async fn trust_identity(&self, account: u64, device: u32) -> Result<bool, PipitError> {
+        with_client!(self, |c| c.trust_identity(account, device).await?)
     }
 
     /// Counters, for diagnostics.

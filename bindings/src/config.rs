@@ -31,6 +31,13 @@ pub struct ClientConfig {
     /// Events buffered for the app before the client stops reading the
     /// network.
     pub event_buffer: u32,
+    /// End-to-end encryption (Olm and Megolm): on by default; off sends
+    /// payloads as they are (tests, bots).
+    pub encryption: bool,
+    /// 32 bytes from the platform keystore that encrypt the end-to-end
+    /// state in the storage directory; `None`: a key derived from the
+    /// device's private key (only as safe as the directory itself).
+    pub pickle_key: Option<Vec<u8>>,
 }
 
 /// The library's defaults for `server` (`host:port`).
@@ -48,6 +55,8 @@ pub fn default_config(server: String) -> ClientConfig {
         backoff_max_ms: millis(c.backoff.max),
         accept_server_key_change: c.accept_server_key_change,
         event_buffer: u32::try_from(c.event_buffer).unwrap_or(u32::MAX),
+        encryption: matches!(c.encryption, pipit_client::Encryption::On),
+        pickle_key: None,
     }
 }
 
@@ -55,8 +64,10 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-impl From<ClientConfig> for Config {
-    fn from(c: ClientConfig) -> Self {
+impl TryFrom<ClientConfig> for Config {
+    type Error = crate::PipitError;
+
+    fn try_from(c: ClientConfig) -> Result<Self, crate::PipitError> {
         let mut config = Config::new(c.server);
         config.invite = c.invite;
         config.device_name = c.device_name;
@@ -69,7 +80,14 @@ impl From<ClientConfig> for Config {
         };
         config.accept_server_key_change = c.accept_server_key_change;
         config.event_buffer = c.event_buffer as usize;
-        config
+        config.encryption = if c.encryption { pipit_client::Encryption::On } else { pipit_client::Encryption::Off };
+        if let Some(k) = c.pickle_key {
+            let k: [u8; 32] = k.try_into().map_err(|k: Vec<u8>| crate::PipitError::InvalidArgument {
+                reason: format!("pickle_key: 32 bytes, not {}", k.len()),
+            })?;
+            config.pickle_key = Some(pipit_client::PickleKey(k));
+        }
+        Ok(config)
     }
 }
 
@@ -106,7 +124,7 @@ mod tests {
 
     #[test]
     fn config_round_trips_through_the_record() {
-        let c: Config = default_config("127.0.0.1:5222".into()).into();
+        let c: Config = default_config("127.0.0.1:5222".into()).try_into().unwrap();
         let d = Config::new("127.0.0.1:5222");
         assert_eq!(
             (c.server, c.keepalive_secs, c.response_timeout, c.connect_timeout, c.event_buffer),

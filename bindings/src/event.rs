@@ -50,6 +50,32 @@ pub enum Event {
         /// otherwise.
         device_payload: Vec<u8>,
     },
+    /// A message this device cannot read (encryption on); it was
+    /// acknowledged, so the stream goes on.
+    Undecryptable {
+        /// Sending account.
+        from_account: u64,
+        /// Sending device.
+        from_device: u32,
+        /// Its sequence number.
+        seq: u64,
+        /// For group messages: the group.
+        group: u64,
+        /// Why.
+        reason: UndecryptableReason,
+    },
+    /// A device's end-to-end identity is not the one pinned: nothing is
+    /// encrypted for it, nor believed from it, until `trust_identity`.
+    IdentityChanged {
+        /// Its account.
+        account: u64,
+        /// Its device number.
+        device: u32,
+        /// The identity pinned before (64 hex digits), if any.
+        old: Option<String>,
+        /// The identity it shows now.
+        new: String,
+    },
     /// A send is durable on the server ("sent").
     Sent {
         /// The id `send` returned.
@@ -154,6 +180,44 @@ pub enum Event {
         /// The protocol message kind, for logs.
         kind: String,
     },
+}
+
+/// Why a message could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum UndecryptableReason {
+    /// Not end-to-end encrypted (the sender has encryption off).
+    NotEncrypted,
+    /// The sender had no keys it trusts for this device.
+    Withheld,
+    /// No session decrypts it.
+    NoSession,
+    /// Damaged or forged.
+    Damaged,
+    /// From a device whose new identity is not accepted yet.
+    UntrustedIdentity,
+    /// It names another conversation than the one it arrived in.
+    WrongConversation,
+    /// A group message whose session this device was never given.
+    NoGroupSession,
+    /// A reason newer than this binding.
+    Other,
+}
+
+impl From<pipit_client::Undecryptable> for UndecryptableReason {
+    fn from(u: pipit_client::Undecryptable) -> Self {
+        use pipit_client::Undecryptable as U;
+        match u {
+            U::NotEncrypted => Self::NotEncrypted,
+            U::Withheld => Self::Withheld,
+            U::NoSession => Self::NoSession,
+            U::Damaged => Self::Damaged,
+            U::UntrustedIdentity => Self::UntrustedIdentity,
+            U::WrongConversation => Self::WrongConversation,
+            U::NoGroupSession => Self::NoGroupSession,
+            #[allow(unreachable_patterns)]
+            _ => Self::Other,
+        }
+    }
 }
 
 /// A group's state.
@@ -371,6 +435,16 @@ impl From<pipit_client::Event> for Event {
             E::Presence(p) => Event::Presence { account: p.account, online: p.online, last_seen: p.last_seen },
             E::Typing(t) => Event::Typing { peer: t.peer, group: t.group, typing: t.typing, from_account: t.from },
             E::Group(g) => Event::Group { info: g.into() },
+            E::Undecryptable { message, reason } => Event::Undecryptable {
+                from_account: message.from,
+                from_device: message.from_device,
+                seq: message.seq,
+                group: message.group,
+                reason: reason.into(),
+            },
+            E::IdentityChanged { account, device, old, new } => {
+                Event::IdentityChanged { account, device, old: old.map(|i| i.to_string()), new: new.to_string() }
+            }
             E::Other(m) => other(m),
             // A library event added after this binding: visible, not lost
             // silently, until it gets its own variant.

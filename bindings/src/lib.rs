@@ -32,6 +32,6 @@ pub use client::PushPlatform;
 pub use client::{start_client, Client};
 pub use config::{default_config, ClientConfig, Stats};
 pub use error::PipitError;
-pub use event::{DeviceInfo, ErrorCode, Event, Feature, GroupInfo, ReceiptKind};
+pub use event::{DeviceInfo, ErrorCode, Event, Feature, GroupInfo, ReceiptKind, UndecryptableReason};
 
 uniffi::setup_scaffolding!("pipit");

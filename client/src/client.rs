@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::backoff::Backoff;
 use crate::connection::{ConnectOptions, Connection, Received};
+use crate::e2e::{DeviceIdentity, E2e, Encryption, Sealed, Undecryptable, Vault};
 use crate::store::{State, Store};
 use crate::ClientError;
 
@@ -50,6 +51,26 @@ pub struct Config {
     /// Events buffered for the app before the client stops reading the
     /// network (which makes the server hold deliveries on disk).
     pub event_buffer: usize,
+    /// End-to-end encryption: [`Encryption::On`] unless turned off (for
+    /// tests and bots).
+    pub encryption: Encryption,
+    /// The key that encrypts the end-to-end state in the [`Store`]. Give
+    /// one kept in the platform's keystore (Keychain, Android Keystore)
+    /// and the store's files alone reveal no session; without one it is
+    /// derived from the device's identity key, which lives in the same
+    /// store, so it protects no more than the store itself does. It must
+    /// stay the same for the life of the store.
+    pub pickle_key: Option<PickleKey>,
+}
+
+/// A 32-byte key for the end-to-end state (see [`Config::pickle_key`]).
+#[derive(Clone)]
+pub struct PickleKey(pub [u8; 32]);
+
+impl std::fmt::Debug for PickleKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PickleKey(..)")
+    }
 }
 
 impl Config {
@@ -65,6 +86,8 @@ impl Config {
             backoff: Backoff::default(),
             accept_server_key_change: false,
             event_buffer: 256,
+            encryption: Encryption::On,
+            pickle_key: None,
         }
     }
 }
@@ -97,7 +120,33 @@ pub enum Event {
         reason: String,
     },
     /// A message for this device (or a copy of one this account sent).
+    /// With encryption on, `payload` is the decrypted plaintext, checked
+    /// to come from `from`/`from_device` and to belong to this
+    /// conversation.
     Message(pb::Deliver),
+    /// A message this device cannot read (encryption on); it was
+    /// acknowledged all the same, so the stream goes on. `message.payload`
+    /// is what arrived.
+    Undecryptable {
+        /// The delivery as it arrived.
+        message: pb::Deliver,
+        /// Why it cannot be read.
+        reason: Undecryptable,
+    },
+    /// A device's end-to-end identity is not the one this device pinned.
+    /// Until the app accepts it ([`Client::trust_identity`], ideally after
+    /// the people compared it), nothing is encrypted for that device and
+    /// nothing from it is believed.
+    IdentityChanged {
+        /// Its account.
+        account: u64,
+        /// Its device number.
+        device: u32,
+        /// The identity pinned before.
+        old: Option<DeviceIdentity>,
+        /// The identity it shows now.
+        new: DeviceIdentity,
+    },
     /// A send is durable on the server.
     Sent(pb::Sent),
     /// A send was refused for good and removed from the outbox.
@@ -138,6 +187,10 @@ pub struct Stats {
     /// Sends the server refused for now (busy, rate limit) and that were
     /// transmitted again after its pause, on the same connection.
     pub deferred: AtomicU64,
+    /// Deliveries that could not be decrypted.
+    pub undecryptable: AtomicU64,
+    /// Uploads of this device's end-to-end keys the server stored.
+    pub keys_published: AtomicU64,
 }
 
 enum Cmd {
@@ -146,6 +199,7 @@ enum Cmd {
     /// A request the task numbers, sends (again after a reconnect) until
     /// it is answered, and answers.
     Call(Message, oneshot::Sender<Result<Message, ClientError>>),
+    Trust(u64, u32, oneshot::Sender<Result<bool, ClientError>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -158,6 +212,7 @@ pub struct Client {
     cmds: mpsc::Sender<Cmd>,
     stats: Arc<Stats>,
     identity: PublicKey,
+    e2e_identity: Option<DeviceIdentity>,
 }
 
 /// The client's events, in order. Also a `futures` `Stream`.
@@ -193,6 +248,19 @@ impl Client {
             }
         };
         let outbox = store.load_outbox()?.into_iter().map(|s| (s.id, s)).collect();
+        let (e2e, pending) = match config.encryption {
+            Encryption::Off => (None, BTreeMap::new()),
+            Encryption::On => {
+                let vault = match &config.pickle_key {
+                    Some(k) => Vault::new(&k.0),
+                    None => Vault::derived(state.identity.private_bytes()),
+                };
+                let e2e = E2e::load(&mut store, vault)?;
+                let pending = e2e.stashed(&mut store)?.into_iter().map(|s| (s.id, s)).collect();
+                (Some(e2e), pending)
+            }
+        };
+        let e2e_identity = e2e.as_ref().map(E2e::identity);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (ev_tx, ev_rx) = mpsc::channel(config.event_buffer.max(1));
         let stats = Arc::new(Stats::default());
@@ -209,9 +277,14 @@ impl Client {
             calls: BTreeMap::new(),
             next_req: CALL_REQ_BASE,
             watching: Vec::new(),
+            e2e,
+            pending,
+            reseal_at: None,
+            reseals: BTreeMap::new(),
+            out: Vec::new(),
         };
         tokio::spawn(task.run());
-        Ok((Client { cmds: cmd_tx, stats, identity }, Events { rx: ev_rx }))
+        Ok((Client { cmds: cmd_tx, stats, identity, e2e_identity }, Events { rx: ev_rx }))
     }
 
     /// This device's public key (what another device links).
@@ -219,9 +292,24 @@ impl Client {
         &self.identity
     }
 
+    /// This device's end-to-end identity (`None` with encryption off):
+    /// what its people compare to be sure no one is in the middle.
+    pub fn e2e_identity(&self) -> Option<DeviceIdentity> {
+        self.e2e_identity
+    }
+
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Accepts the identity `account`/`device` showed in an
+    /// [`Event::IdentityChanged`]: from now on messages are encrypted for
+    /// it and its messages believed. `false` when it showed none.
+    pub async fn trust_identity(&self, account: u64, device: u32) -> Result<bool, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Trust(account, device, tx)).await.map_err(|_| ClientError::Stopped)?;
+        rx.await.map_err(|_| ClientError::Stopped)?
     }
 
     /// Queues a 1:1 message. Returns its client id once it is in the
@@ -332,6 +420,18 @@ struct Task {
     /// The presence subscription in force, sent again on every new
     /// connection.
     watching: Vec<u64>,
+    /// The end-to-end layer; `None` with encryption off.
+    e2e: Option<E2e>,
+    /// Messages the app sent, as plaintext, in id order, until the server
+    /// has them: each is sealed (encrypted) once its keys are in, then
+    /// waits in the outbox as sealed. Kept (encrypted) in the store.
+    pending: BTreeMap<u64, pb::Send>,
+    /// When to try sealing again after a busy server's refusal.
+    reseal_at: Option<Instant>,
+    /// How often each message was sealed again after a DeviceMismatch.
+    reseals: BTreeMap<u64, u32>,
+    /// What handling a message gave to send.
+    out: Vec<Message>,
 }
 
 struct Call {
@@ -350,6 +450,10 @@ struct Call {
 fn repeatable(m: &Message) -> bool {
     !matches!(m, Message::GroupCreate(_))
 }
+
+/// A message is sealed again at most this often after `DeviceMismatch`s
+/// (devices changing while it is under way) before it fails.
+const MAX_RESEALS: u32 = 3;
 
 #[derive(Debug, Clone, Copy)]
 struct Deferred {
@@ -449,7 +553,10 @@ impl Task {
                 None => return End::Closed(None),
                 Some(Cmd::Close(done)) => return End::Closed(Some(done)),
                 Some(Cmd::Send(send, reply)) => {
-                    let _ = reply.send(self.enqueue(send).map(|s| s.id));
+                    let _ = reply.send(self.enqueue(send));
+                }
+                Some(Cmd::Trust(account, device, reply)) => {
+                    let _ = reply.send(self.trust(account, device));
                 }
                 // Not queued: requests are only meaningful online.
                 Some(Cmd::Raw(_)) => {}
@@ -532,15 +639,110 @@ impl Task {
         true
     }
 
-    fn enqueue(&mut self, mut send: pb::Send) -> Result<pb::Send, ClientError> {
+    /// Takes a message from the app: into the outbox as it is, or (with
+    /// encryption) into `pending` until it is sealed. Returns its id.
+    fn enqueue(&mut self, mut send: pb::Send) -> Result<u64, ClientError> {
         send.id = self.state.next_id;
         self.state.next_id += 1;
         // The counter first: an id must never be reused for another
         // message, even if the app dies between the two writes.
         self.store.save_state(&self.state)?;
+        if let Some(e2e) = &mut self.e2e {
+            e2e.stash(&mut *self.store, &send)?;
+            self.pending.insert(send.id, send.clone());
+            return Ok(send.id);
+        }
         self.store.put_outbox(&send)?;
         self.outbox.insert(send.id, send.clone());
-        Ok(send)
+        self.out.push(send.clone().into());
+        Ok(send.id)
+    }
+
+    fn trust(&mut self, account: u64, device: u32) -> Result<bool, ClientError> {
+        match &mut self.e2e {
+            Some(e2e) => Ok(e2e.trust(&mut *self.store, account, device)?),
+            None => Ok(false),
+        }
+    }
+
+    /// Seals pending messages in order, as far as their keys allow: each
+    /// goes to the outbox and the wire; the first that waits for keys
+    /// stops the rest (so messages keep their order), after its fetches
+    /// are queued to send.
+    async fn seal_pending(&mut self) -> Result<(), End> {
+        if self.e2e.is_none() {
+            return Ok(());
+        }
+        if self.reseal_at.is_some_and(|at| at > Instant::now()) {
+            return Ok(());
+        }
+        self.reseal_at = None;
+        let ids: Vec<u64> = self.pending.keys().copied().filter(|id| !self.outbox.contains_key(id)).collect();
+        for id in ids {
+            let plain = self.pending[&id].clone();
+            let e2e = self.e2e.as_mut().expect("checked above");
+            let sealed = e2e.seal(&mut *self.store, &plain).map_err(|e| End::Lost(e.into()))?;
+            match sealed {
+                Sealed::Ready(send) => {
+                    if Message::from(send.clone()).encoded_len() > pipit_protocol::limits::MAX_PACKET_LEN {
+                        // One ciphertext per device made it too large for a
+                        // frame: it could never be sent.
+                        self.drop_pending(id)?;
+                        if !emit(&self.events, Event::SendFailed { id, code: pb::ErrorCode::TooLarge }).await {
+                            return Err(End::Closed(None));
+                        }
+                        continue;
+                    }
+                    self.store.put_outbox(&send).map_err(|e| End::Lost(e.into()))?;
+                    self.outbox.insert(id, send.clone());
+                    self.out.push(send.into());
+                }
+                Sealed::Wait(requests) => {
+                    for m in requests {
+                        match m {
+                            // A send of the end-to-end layer's own (group keys
+                            // that go ahead of a message): an id, the outbox.
+                            Message::Send(mut internal) => {
+                                internal.id = self.state.next_id;
+                                self.state.next_id += 1;
+                                self.store.save_state(&self.state).map_err(|e| End::Lost(e.into()))?;
+                                self.store.put_outbox(&internal).map_err(|e| End::Lost(e.into()))?;
+                                self.outbox.insert(internal.id, internal.clone());
+                                self.out.push(internal.into());
+                            }
+                            other => self.out.push(other),
+                        }
+                    }
+                    break;
+                }
+                Sealed::Fail(code) => {
+                    self.drop_pending(id)?;
+                    if !emit(&self.events, Event::SendFailed { id, code }).await {
+                        return Err(End::Closed(None));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With encryption, an outbox entry without a plaintext behind it is
+    /// one of the end-to-end layer's own sends (group keys ahead of a
+    /// message): the app never hears of it.
+    fn is_internal(&self, id: u64) -> bool {
+        self.e2e.is_some() && !self.pending.contains_key(&id) && self.outbox.contains_key(&id)
+    }
+
+    /// The server has a message, or refused it for good: its plaintext
+    /// goes.
+    fn drop_pending(&mut self, id: u64) -> Result<(), End> {
+        self.reseals.remove(&id);
+        if self.pending.remove(&id).is_some() {
+            if let Some(e2e) = &mut self.e2e {
+                e2e.unstash(&mut *self.store, id).map_err(|e| End::Lost(e.into()))?;
+            }
+        }
+        Ok(())
     }
 
     fn hello(&self) -> Hello {
@@ -611,20 +813,39 @@ impl Task {
         // Everything goes again below; pauses asked on an old connection
         // do not carry over.
         self.deferred.clear();
+        self.out.clear();
+        self.reseal_at = None;
+        if let Some(e2e) = &mut self.e2e {
+            match e2e.on_login(&mut *self.store, &login) {
+                Ok(requests) => self.out.extend(requests),
+                Err(e) => return End::Lost(e.into()),
+            }
+        }
         // Everything not yet confirmed goes again, same ids, in order; then
         // the presence subscription and the unanswered requests.
         let mut unsent: Vec<Message> = self.outbox.values().cloned().map(Message::from).collect();
         unsent.extend(self.calls_to_send());
         if !unsent.is_empty() {
             self.stats.resent.fetch_add(unsent.len() as u64, Ordering::Relaxed);
-            if let Err(e) = conn.send(&unsent).await {
-                return End::Lost(e);
-            }
+            self.out.extend(unsent);
         }
         let interval = Duration::from_secs(u64::from(login.keepalive_secs.max(1)));
         let mut ka = Keepalive::client(interval, self.config.response_timeout, Instant::now());
         let mut ack_due = false;
+        let mut seal_due = true;
         loop {
+            if std::mem::take(&mut seal_due) {
+                if let Err(end) = self.seal_pending().await {
+                    return end;
+                }
+            }
+            if !self.out.is_empty() {
+                let out = std::mem::take(&mut self.out);
+                if let Err(e) = conn.send(&out).await {
+                    return End::Lost(e);
+                }
+                ka.on_send(Instant::now());
+            }
             // Coalesce: ack once everything already received is handled.
             if ack_due && !conn.has_buffered() {
                 let ack = pb::Ack { through: self.state.acked_through, ids: vec![] };
@@ -644,7 +865,14 @@ impl Task {
                 .map(|d| d.at)
                 .chain(self.calls.values().filter_map(|c| c.deferred.map(|d| d.at)))
                 .min();
+            let reseal_at = self.reseal_at;
             tokio::select! {
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(reseal_at.unwrap_or_else(Instant::now))),
+                    if reseal_at.is_some() =>
+                {
+                    self.reseal_at = None;
+                    seal_due = true;
+                }
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(retry_at.unwrap_or_else(Instant::now))),
                     if retry_at.is_some() =>
                 {
@@ -678,32 +906,26 @@ impl Task {
                     }
                 }
                 cmd = self.cmds.recv() => {
-                    let out = match cmd {
+                    match cmd {
                         None => return End::Closed(None),
                         Some(Cmd::Close(done)) => return End::Closed(Some(done)),
-                        Some(Cmd::Send(send, reply)) => match self.enqueue(send) {
-                            Ok(send) => {
-                                let _ = reply.send(Ok(send.id));
-                                vec![Message::from(send)]
-                            }
-                            Err(e) => {
-                                let _ = reply.send(Err(e));
-                                continue;
-                            }
-                        },
-                        Some(Cmd::Raw(msgs)) => msgs,
+                        Some(Cmd::Send(send, reply)) => {
+                            let _ = reply.send(self.enqueue(send));
+                            seal_due = true;
+                        }
+                        Some(Cmd::Trust(account, device, reply)) => {
+                            let _ = reply.send(self.trust(account, device));
+                            seal_due = true;
+                        }
+                        Some(Cmd::Raw(msgs)) => self.out.extend(msgs),
                         Some(Cmd::Call(msg, reply)) => {
                             let m = self.add_call(msg, Some(reply));
                             if let Some(c) = m.request_id().and_then(|req| self.calls.get_mut(&req)) {
                                 c.sent = true;
                             }
-                            vec![m]
+                            self.out.push(m);
                         }
-                    };
-                    if let Err(e) = conn.send(&out).await {
-                        return End::Lost(e);
                     }
-                    ka.on_send(Instant::now());
                 }
                 got = conn.next() => {
                     ka.on_receive(Instant::now());
@@ -711,7 +933,10 @@ impl Task {
                         Err(e) => return End::Lost(e),
                         Ok(Received::Keepalive) => {}
                         Ok(Received::Message(m)) => match self.handle(m).await {
-                            Ok(ack) => ack_due |= ack,
+                            Ok(h) => {
+                                ack_due |= h.ack;
+                                seal_due |= h.seal;
+                            }
                             Err(end) => return end,
                         },
                     }
@@ -731,8 +956,9 @@ impl Task {
         }
     }
 
-    /// Handles one server message; `Ok(true)` when an ack is now due.
-    async fn handle(&mut self, m: Message) -> Result<bool, End> {
+    /// Handles one server message.
+    async fn handle(&mut self, m: Message) -> Result<Handled, End> {
+        let lost = |e: crate::StoreError| End::Lost(e.into());
         let inbox = match &m {
             Message::Deliver(d) => Some(d.inbox),
             Message::Receipt(r) => Some(r.inbox),
@@ -745,31 +971,80 @@ impl Task {
                 // Redelivered after a reconnect: processed already. Ack
                 // again so the server forgets it.
                 self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-                return Ok(true);
+                return Ok(Handled { ack: true, seal: false });
+            }
+        }
+        if let Some(e2e) = &mut self.e2e {
+            if m.answered_request().is_some_and(|req| e2e.owns(req)) {
+                let answered = e2e.on_answer(&mut *self.store, m).map_err(lost)?;
+                if answered.published {
+                    self.stats.keys_published.fetch_add(1, Ordering::Relaxed);
+                }
+                self.out.extend(answered.send);
+                if let Some(secs) = answered.retry_after {
+                    self.reseal_at = Some(Instant::now() + retry_delay(secs, 1));
+                }
+                for ev in answered.events {
+                    if !emit(&self.events, ev).await {
+                        return Err(End::Closed(None));
+                    }
+                }
+                return Ok(Handled { ack: false, seal: true });
             }
         }
         if let Some(req) = m.answered_request() {
             if self.answer_call(req, &m) {
-                return Ok(false);
+                return Ok(Handled::default());
             }
         }
-        let event = match m {
+        let events = match m {
             Message::Deliver(d) => {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
-                Event::Message(d)
+                match &mut self.e2e {
+                    None => vec![Event::Message(d)],
+                    Some(e2e) => {
+                        let events = e2e.decrypt(&mut *self.store, d).map_err(lost)?;
+                        let unreadable = events.iter().filter(|e| matches!(e, Event::Undecryptable { .. })).count();
+                        self.stats.undecryptable.fetch_add(unreadable as u64, Ordering::Relaxed);
+                        events
+                    }
+                }
             }
-            Message::Receipt(r) => Event::Receipt(r),
-            Message::Expired(e) => Event::Expired(e),
-            Message::GroupInfo(g) if g.inbox != 0 => Event::Group(g),
+            Message::KeysStatus(k) => {
+                if let Some(e2e) = &mut self.e2e {
+                    let upload = e2e.on_keys_status(&mut *self.store, k.one_time_left).map_err(lost)?;
+                    self.out.extend(upload);
+                }
+                return Ok(Handled::default());
+            }
+            Message::Receipt(r) => vec![Event::Receipt(r)],
+            Message::Expired(e) => vec![Event::Expired(e)],
+            Message::GroupInfo(g) if g.inbox != 0 => {
+                // A change notice (an inbox entry): the end-to-end layer
+                // learns the members (a new Megolm session when they
+                // changed), then the app.
+                if let Some(e2e) = &mut self.e2e {
+                    e2e.on_group_info(&mut *self.store, &g).map_err(lost)?;
+                }
+                vec![Event::Group(g)]
+            }
             Message::Sent(s) => {
                 self.deferred.remove(&s.id);
-                if self.outbox.remove(&s.id).is_none() {
+                let internal = self.is_internal(s.id);
+                let Some(sealed) = self.outbox.remove(&s.id) else {
                     // A second answer to a resent message: already reported.
-                    return Ok(false);
+                    return Ok(Handled::default());
+                };
+                if let Some(e2e) = &mut self.e2e {
+                    e2e.on_sent(&mut *self.store, &sealed).map_err(lost)?;
                 }
-                self.store.remove_outbox(s.id).map_err(|e| End::Lost(e.into()))?;
+                self.store.remove_outbox(s.id).map_err(lost)?;
+                self.drop_pending(s.id)?;
+                if internal {
+                    return Ok(Handled { ack: false, seal: true });
+                }
                 self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                Event::Sent(s)
+                vec![Event::Sent(s)]
             }
             Message::Error(e) if e.id != 0 => {
                 let code = pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified);
@@ -784,44 +1059,95 @@ impl Task {
                         let at = Instant::now() + retry_delay(e.retry_after_secs, refusals);
                         self.deferred.insert(e.id, Deferred { at, refusals });
                     }
-                    return Ok(false);
+                    return Ok(Handled::default());
                 }
                 // Final (NOT_SUPPORTED, ID_REUSED, NOT_FOUND, ...): the
                 // message leaves the outbox and the app is told why.
                 self.deferred.remove(&e.id);
-                if self.outbox.remove(&e.id).is_some() {
-                    self.store.remove_outbox(e.id).map_err(|e| End::Lost(e.into()))?;
+                let internal = self.is_internal(e.id);
+                if let Some(sealed) = self.outbox.remove(&e.id) {
+                    self.store.remove_outbox(e.id).map_err(lost)?;
+                    if let Some(e2e) = &mut self.e2e {
+                        e2e.on_send_failed(&sealed);
+                    }
                 }
-                Event::SendFailed { id: e.id, code }
+                self.drop_pending(e.id)?;
+                if internal {
+                    return Ok(Handled { ack: false, seal: true });
+                }
+                vec![Event::SendFailed { id: e.id, code }]
             }
             Message::Error(e) if e.req == 0 => {
                 let code = pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified);
                 return Err(End::Lost(ClientError::Refused(code)));
             }
             Message::DeviceMismatch(m) => {
-                if self.outbox.remove(&m.id).is_some() {
-                    self.store.remove_outbox(m.id).map_err(|e| End::Lost(e.into()))?;
+                self.deferred.remove(&m.id);
+                let internal = self.is_internal(m.id);
+                if let Some(sealed) = self.outbox.remove(&m.id) {
+                    self.store.remove_outbox(m.id).map_err(lost)?;
+                    if let Some(e2e) = &mut self.e2e {
+                        e2e.on_send_failed(&sealed);
+                    }
                 }
-                Event::SendFailed { id: m.id, code: pb::ErrorCode::DeviceMismatch }
+                if internal {
+                    // Group keys for devices that are no longer members:
+                    // the layer learns the devices and shares again.
+                    if let Some(e2e) = &mut self.e2e {
+                        let fetches = e2e.on_mismatch(&mut *self.store, &m).map_err(lost)?;
+                        self.out.extend(fetches);
+                    }
+                    return Ok(Handled { ack: false, seal: true });
+                }
+                let reseals = self.reseals.entry(m.id).or_default();
+                *reseals += 1;
+                match &mut self.e2e {
+                    Some(e2e) if self.pending.contains_key(&m.id) && *reseals <= MAX_RESEALS => {
+                        // Nothing was stored: the same message, encrypted for
+                        // the devices there are now, goes under the same id.
+                        let fetches = e2e.on_mismatch(&mut *self.store, &m).map_err(lost)?;
+                        self.out.extend(fetches);
+                        return Ok(Handled { ack: false, seal: true });
+                    }
+                    _ => {
+                        self.drop_pending(m.id)?;
+                        vec![Event::SendFailed { id: m.id, code: pb::ErrorCode::DeviceMismatch }]
+                    }
+                }
             }
-            Message::Presence(p) => Event::Presence(p),
-            Message::Typing(t) => Event::Typing(t),
-            other => Event::Other(other),
+            Message::Presence(p) => vec![Event::Presence(p)],
+            Message::Typing(t) => vec![Event::Typing(t)],
+            Message::GroupInfo(g) => {
+                if let Some(e2e) = &mut self.e2e {
+                    e2e.on_group_info(&mut *self.store, &g).map_err(lost)?;
+                }
+                vec![Event::Other(g.into())]
+            }
+            other => vec![Event::Other(other)],
         };
         // Hand it over before acking: an ack means "processed".
-        if !emit(&self.events, event).await {
-            return Err(End::Closed(None));
+        for event in events {
+            if !emit(&self.events, event).await {
+                return Err(End::Closed(None));
+            }
         }
         if let Some(id) = inbox {
             self.state.acked_through = id;
-            return Ok(true);
+            return Ok(Handled { ack: true, seal: false });
         }
-        Ok(false)
+        Ok(Handled::default())
     }
 }
 
-/// Refuses a message that could never be sent: it would fail on every
-/// connection and, in the outbox, be retried forever.
+/// What handling one server message made due.
+#[derive(Debug, Default, Clone, Copy)]
+struct Handled {
+    /// An ack.
+    ack: bool,
+    /// Sealing pending messages again (keys arrived).
+    seal: bool,
+}
+
 /// Refuses what no server could deliver: a message larger than a packet,
 /// and a `Send` whose payload would not fit the recipient's `Deliver`
 /// (the protocol crate's rule, the same one the server applies).

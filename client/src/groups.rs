@@ -76,9 +76,10 @@ impl Client {
         }
     }
 
-    /// Queues a group message: one payload for every member device (for
-    /// end-to-end encryption, a Megolm / sender-key ciphertext). Like
-    /// [`Client::send`], it survives reconnects in the outbox.
+    /// Queues a group message: with encryption on (the default), one
+    /// Megolm ciphertext for every member device, its session key shared
+    /// pairwise to devices that lack it; otherwise the payload as it is.
+    /// Like [`Client::send`], it survives reconnects in the outbox.
     pub async fn send_group(&self, group: u64, payload: impl Into<Bytes>) -> Result<u64, ClientError> {
         self.queue(pb::Send { group, payload: payload.into(), ..Default::default() }).await
     }

@@ -9,18 +9,25 @@
 //!   that drive the protocol step by step.
 //! - [`Store`]: what the client remembers; [`MemoryStore`] and
 //!   [`FileStore`] ship with it.
+//! - End-to-end encryption, on by default ([`Encryption`]): Olm and
+//!   Megolm with vodozemac, keys in the server's directory, the app sees
+//!   plaintext [`Event::Message`]s (SPEC.md 13).
+//! - [`media`]: files by reference, encrypted with a fresh key.
 
 pub mod admin;
 mod backoff;
 mod client;
 mod connection;
+mod e2e;
 mod error;
 mod groups;
+pub mod media;
 pub mod store;
 
 pub use backoff::Backoff;
-pub use client::{Client, Config, Event, Events, Stats};
+pub use client::{Client, Config, Event, Events, PickleKey, Stats};
 pub use connection::{ConnectOptions, Connection, Received};
+pub use e2e::{DeviceIdentity, Encryption, Undecryptable};
 pub use error::{explain, ClientError};
 pub use pipit_protocol;
 pub use store::{FileStore, MemoryStore, State, Store, StoreError};

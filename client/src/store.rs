@@ -26,6 +26,14 @@ pub enum StoreError {
     /// A stored file does not parse.
     #[error("{0}: corrupt")]
     Corrupt(PathBuf),
+    /// An end-to-end record does not open with this device's pickle key,
+    /// or does not parse.
+    #[error("end-to-end record {0}: wrong pickle key or corrupt")]
+    Record(String),
+    /// This store keeps no end-to-end state: implement the `e2e_*`
+    /// methods of [`Store`], or turn encryption off.
+    #[error("this store keeps no end-to-end state (implement Store::e2e_get and the others, or turn encryption off)")]
+    Unsupported,
 }
 
 /// The client's identity and progress.
@@ -66,6 +74,32 @@ pub trait Store: Send + 'static {
     fn put_outbox(&mut self, send: &pb::Send) -> Result<(), StoreError>;
     /// Removes a message the server has made durable.
     fn remove_outbox(&mut self, id: u64) -> Result<(), StoreError>;
+
+    /// An end-to-end record (the Olm account, a session, a peer's
+    /// identities, a message waiting for keys), by name. Names are short
+    /// ASCII: letters, digits and dots. Values are already encrypted with
+    /// the pickle key; the store keeps them as they are. A `put` that
+    /// returns `Ok` must survive an app crash, like the outbox.
+    ///
+    /// The defaults keep nothing and say so, which makes
+    /// [`crate::Client::start`] refuse to encrypt; both shipped stores
+    /// implement them.
+    fn e2e_get(&mut self, _name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(StoreError::Unsupported)
+    }
+    /// Stores an end-to-end record, replacing any under the same name.
+    fn e2e_put(&mut self, _name: &str, _value: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported)
+    }
+    /// Deletes an end-to-end record (absent is fine).
+    fn e2e_delete(&mut self, _name: &str) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported)
+    }
+    /// The names of the end-to-end records that start with `prefix`, in
+    /// name order.
+    fn e2e_names(&mut self, _prefix: &str) -> Result<Vec<String>, StoreError> {
+        Err(StoreError::Unsupported)
+    }
 }
 
 /// A store in memory: survives reconnects, not restarts.
@@ -73,6 +107,7 @@ pub trait Store: Send + 'static {
 pub struct MemoryStore {
     state: Option<State>,
     outbox: BTreeMap<u64, pb::Send>,
+    e2e: BTreeMap<String, Vec<u8>>,
 }
 
 impl MemoryStore {
@@ -101,10 +136,31 @@ impl Store for MemoryStore {
         self.outbox.remove(&id);
         Ok(())
     }
+    fn e2e_get(&mut self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.e2e.get(name).cloned())
+    }
+    fn e2e_put(&mut self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.e2e.insert(name.to_string(), value.to_vec());
+        Ok(())
+    }
+    fn e2e_delete(&mut self, name: &str) -> Result<(), StoreError> {
+        self.e2e.remove(name);
+        Ok(())
+    }
+    fn e2e_names(&mut self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .e2e
+            .range(prefix.to_string()..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
 }
 
-/// A store in a directory: `state` (key = value lines) and one file per
-/// outbox entry under `outbox/`. Every write goes to a temporary file that
+/// A store in a directory: `state` (key = value lines), one file per
+/// outbox entry under `outbox/` and one per end-to-end record under
+/// `e2e/`. Every write goes to a temporary file that
 /// is synced and renamed over the old one, so a crash leaves either the old
 /// or the new version, never a torn one.
 #[derive(Debug)]
@@ -117,7 +173,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(data).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
@@ -138,6 +196,8 @@ impl FileStore {
         let dir = dir.into();
         let outbox = dir.join("outbox");
         std::fs::create_dir_all(&outbox).map_err(io(&outbox))?;
+        let e2e = dir.join("e2e");
+        std::fs::create_dir_all(&e2e).map_err(io(&e2e))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
@@ -152,6 +212,14 @@ impl FileStore {
 
     fn entry_path(&self, id: u64) -> PathBuf {
         self.dir.join("outbox").join(format!("{id:020}"))
+    }
+
+    fn record_path(&self, name: &str) -> Result<PathBuf, StoreError> {
+        // Names come from the library, but a path must never escape.
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.') || name.starts_with('.') {
+            return Err(StoreError::Record(name.to_string()));
+        }
+        Ok(self.dir.join("e2e").join(name))
     }
 }
 
@@ -218,12 +286,43 @@ impl Store for FileStore {
     }
 
     fn remove_outbox(&mut self, id: u64) -> Result<(), StoreError> {
-        let p = self.entry_path(id);
-        match std::fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        remove(&self.entry_path(id))
+    }
+
+    fn e2e_get(&mut self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let p = self.record_path(name)?;
+        match std::fs::read(&p) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&p)(e)),
         }
+    }
+
+    fn e2e_put(&mut self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        write_atomic(&self.record_path(name)?, value)
+    }
+
+    fn e2e_delete(&mut self, name: &str) -> Result<(), StoreError> {
+        remove(&self.record_path(name)?)
+    }
+
+    fn e2e_names(&mut self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let dir = self.dir.join("e2e");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(prefix) && !n.ends_with(".tmp"))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+fn remove(p: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(p)(e)),
     }
 }
 

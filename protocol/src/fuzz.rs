@@ -85,3 +85,40 @@ pub fn packet(data: &[u8]) {
         }
     }
 }
+
+/// Decodes `data` as what the end-to-end layer reads from a peer or the
+/// directory, the first byte choosing which: an envelope, the content
+/// inside a ciphertext, a media reference, a key upload (checked as the
+/// server checks it) or a fetched bundle (checked as a client does).
+pub fn e2e(data: &[u8]) {
+    use prost::Message as _;
+
+    use crate::e2e::{check_bundle, check_upload, decode_envelope};
+    use crate::message::pb;
+    let Some((&sel, data)) = data.split_first() else {
+        return;
+    };
+    match sel % 5 {
+        0 => {
+            if let Ok((kind, e)) = decode_envelope(data) {
+                assert_eq!(e.kind, kind as i32);
+            }
+        }
+        1 => {
+            let _ = pb::E2eContent::decode(data);
+        }
+        2 => {
+            let _ = pb::MediaRef::decode(data);
+        }
+        3 => {
+            if let Ok(u) = pb::KeysUpload::decode(data) {
+                let _ = check_upload(&u);
+            }
+        }
+        _ => {
+            if let Ok(b) = pb::KeyBundle::decode(data) {
+                let _ = check_bundle(&b);
+            }
+        }
+    }
+}

@@ -20,7 +20,9 @@
 
 // Modules in layers; each imports only those listed before it:
 // error, limits, role -> frame -> message -> noise -> keys -> session ->
-// handshake. keepalive stands alone.
+// handshake. keepalive stands alone; e2e (the end-to-end layer's formats
+// inside payloads) uses only limits and message.
+pub mod e2e;
 pub mod error;
 pub mod frame;
 #[cfg(feature = "testing")]

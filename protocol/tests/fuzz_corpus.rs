@@ -61,6 +61,50 @@ fn write_seeds() {
     ];
     encode_packet(&msgs, &mut cycle);
     seed("packet", "cycle", &cycle);
+
+    // End-to-end: an envelope of each kind, a content with a room key, a
+    // media reference, an upload and a bundle (signature not valid: the
+    // fuzzer explores the checks either way).
+    use prost::Message as _;
+    for (i, kind) in
+        [pb::E2eKind::OlmPreKey, pb::E2eKind::Olm, pb::E2eKind::Megolm, pb::E2eKind::Withheld, pb::E2eKind::Keys]
+            .into_iter()
+            .enumerate()
+    {
+        let e = pipit_protocol::e2e::encode_envelope(kind, vec![3; 40], vec![4; 32]);
+        seed("e2e", &format!("envelope-{i}"), &[&[0u8][..], &e].concat());
+    }
+    let content = pb::E2eContent {
+        body: bytes::Bytes::from_static(b"hello"),
+        group: 7,
+        room_key: Some(pb::E2eRoomKey { group: 7, session_key: bytes::Bytes::from(vec![1; 229]) }),
+        ..Default::default()
+    };
+    seed("e2e", "content", &[&[1u8][..], &content.encode_to_vec()].concat());
+    let media = pb::MediaRef {
+        url: "https://blobs.example/1".into(),
+        key: bytes::Bytes::from(vec![2; 32]),
+        sha256: bytes::Bytes::from(vec![3; 32]),
+        size: 1000,
+        mime: "image/jpeg".into(),
+    };
+    seed("e2e", "media", &[&[2u8][..], &media.encode_to_vec()].concat());
+    let signed =
+        pb::SignedPreKey { id: 1, key: bytes::Bytes::from(vec![5; 32]), signature: bytes::Bytes::from(vec![6; 64]) };
+    let upload = pb::KeysUpload {
+        req: 1,
+        identity: bytes::Bytes::from(vec![7; 64]),
+        signed: Some(signed.clone()),
+        one_time: vec![pb::PreKey { id: 1, key: bytes::Bytes::from(vec![8; 32]) }],
+    };
+    seed("e2e", "upload", &[&[3u8][..], &upload.encode_to_vec()].concat());
+    let bundle = pb::KeyBundle {
+        device: 1,
+        identity: bytes::Bytes::from(vec![7; 64]),
+        signed: Some(signed),
+        one_time: Some(pb::PreKey { id: 2, key: bytes::Bytes::from(vec![9; 32]) }),
+    };
+    seed("e2e", "bundle", &[&[4u8][..], &bundle.encode_to_vec()].concat());
 }
 
 fn replay(target: &str, body: fn(&[u8])) -> usize {
@@ -83,5 +127,6 @@ fn corpus_replays_without_panics() {
     let frames = replay("frame_decoder", fuzz::frame_decoder);
     let handshakes = replay("server_handshake", |d| fuzz::server_handshake(d, std::time::Instant::now()));
     let packets = replay("packet", fuzz::packet);
-    println!("replayed {frames} frame, {handshakes} handshake, {packets} packet inputs");
+    let e2e = replay("e2e", fuzz::e2e);
+    println!("replayed {frames} frame, {handshakes} handshake, {packets} packet, {e2e} end-to-end inputs");
 }

@@ -270,8 +270,10 @@ impl Conn {
                     return Ok(());
                 }
                 _ = mailbox.kick.notified() => {
+                    // Replaced by a newer login, or unlinked: answers owed
+                    // (an unlink's own Done among them) go out first.
                     self.drain_pending().await;
-                    self.outq.push(error(pb::ErrorCode::Replaced));
+                    self.outq.push(error(mailbox.kick_code()));
                     self.flush(&mut session, &mut stream, &mut out).await?;
                     return Ok(());
                 }
@@ -514,6 +516,11 @@ impl Conn {
     }
 
     fn push(&mut self, (id, m): Push) {
+        if id == 0 {
+            // A notice, not an inbox entry: no window, no ack.
+            self.outq.push(*m);
+            return;
+        }
         if id <= self.cursor {
             return;
         }

@@ -16,6 +16,7 @@ use super::connection::Conn;
 use crate::commit::SubmitError;
 use crate::route::Watcher;
 use crate::service::groups::Change;
+use crate::service::keys::FetchRefused;
 use crate::service::messaging::SendFailure;
 
 pub(super) fn req_error(code: pb::ErrorCode, req: u64) -> Message {
@@ -112,6 +113,9 @@ impl Conn {
                     tokio::spawn(group);
                 }
             }
+            Message::UnlinkDevice(u) => self.unlink(u),
+            Message::KeysUpload(u) => self.keys_upload(u),
+            Message::KeysFetch(f) => self.keys_fetch(f),
             // Never answered: a receipt this server cannot use, a pong.
             Message::Pong(_) | Message::Receipt(_) => {}
             other => {
@@ -240,4 +244,77 @@ impl Conn {
             Ok(stored) => self.answer_later(async move { done_or(stored.await, r) }),
         }
     }
+
+    fn unlink(&mut self, req: pb::UnlinkDevice) {
+        let r = req.req;
+        match self.ctx.services.accounts.unlink(self.addr, req.device) {
+            Err(_) => self.answer_now(busy(r)),
+            Ok(done) => self.answer_later(async move {
+                match done.await {
+                    Ok(()) => pb::Done { req: r }.into(),
+                    Err(code) => req_error(code, r),
+                }
+            }),
+        }
+    }
+
+    fn keys_upload(&mut self, upload: pb::KeysUpload) {
+        let r = upload.req;
+        // Lengths, counts, order and the signed prekey's signature: all
+        // checkable here, off the writer thread.
+        if let Err(e) = pipit_protocol::e2e::check_upload(&upload) {
+            let code = match e {
+                pipit_protocol::e2e::KeyError::TooMany => pb::ErrorCode::TooLarge,
+                _ => pb::ErrorCode::BadRequest,
+            };
+            tracing::debug!(device = %self.addr, error = %e, "key upload refused");
+            self.answer_now(req_error(code, r));
+            return;
+        }
+        match self.ctx.services.keys.upload(self.addr, upload) {
+            Err(_) => self.answer_now(busy(r)),
+            Ok(stored) => self.answer_later(async move {
+                match stored.await {
+                    Ok(()) => pb::Done { req: r }.into(),
+                    Err(code) => req_error(code, r),
+                }
+            }),
+        }
+    }
+
+    fn keys_fetch(&mut self, fetch: pb::KeysFetch) {
+        let r = fetch.req;
+        match self.ctx.services.keys.fetch(self.addr, fetch) {
+            Err(FetchRefused::RateLimited(secs)) => {
+                metrics::counter!("pipit_keys_fetch_rate_limited_total").increment(1);
+                self.answer_now(
+                    pb::Error {
+                        code: pb::ErrorCode::RateLimited as i32,
+                        req: r,
+                        retry_after_secs: secs,
+                        ..Default::default()
+                    }
+                    .into(),
+                );
+            }
+            Err(_) => self.answer_now(busy(r)),
+            Ok(result) => self.answer_later(async move {
+                match result.await {
+                    Ok(keys) => keys.into(),
+                    Err(code) => req_error(code, r),
+                }
+            }),
+        }
+    }
+}
+
+/// A request the writer had no room for: nothing done; retry shortly.
+fn busy(req: u64) -> Message {
+    pb::Error {
+        code: pb::ErrorCode::Unavailable as i32,
+        req,
+        retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
+        ..Default::default()
+    }
+    .into()
 }

@@ -157,7 +157,7 @@ pub(super) async fn establish(
     let handle = ConnHandle { id: ctx.next_conn_id(), mailbox: Arc::new(Mailbox::new(window * 2, ctx.budget.clone())) };
     let conn_id = handle.id;
     if let Some(old) = ctx.services.presence.connect(addr, handle.clone()) {
-        old.mailbox.kick.notify_one();
+        old.mailbox.kick(pb::ErrorCode::Replaced);
     }
     let unregister = |e: ConnError| {
         ctx.services.presence.disconnect(addr, conn_id);
@@ -187,6 +187,13 @@ pub(super) async fn establish(
     }
     .into();
     let mut first = vec![login_ok];
+    if ctx.services.features.offers(pb::Feature::KeyDirectory) {
+        // A device whose one-time prekeys ran low while it was away learns
+        // it here, before its first queued message.
+        if let Some(status) = ctx.services.keys.at_login(addr).await.map_err(|e| unregister(e.into()))? {
+            first.push(status.into());
+        }
+    }
     first.append(&mut conn.outq);
     let (finished, back) = ctx
         .admission

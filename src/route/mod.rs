@@ -11,6 +11,7 @@ pub use budget::{Budget, Charge};
 pub use presence::{Stored, Watcher};
 pub use registry::{ConnHandle, Events, Leaving, Mailbox, Push, Registry};
 
+use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
 use crate::model::DeviceAddr;
@@ -26,6 +27,15 @@ pub trait Deliveries: Send + Sync + 'static {
     fn nudge(&self, to: DeviceAddr) {
         let _ = to;
     }
+
+    /// A notice for `to`'s connection that is not an inbox entry (a
+    /// `KeysStatus`): sent at most once, dropped when the device is offline
+    /// or its mailbox is full, never stored.
+    fn notify(&self, _to: DeviceAddr, _msg: Message) {}
+
+    /// `to` no longer exists (it was unlinked): its connection, if any, is
+    /// told `code` and closed.
+    fn disconnect(&self, _to: DeviceAddr, _code: pb::ErrorCode) {}
 }
 
 /// Where a message for a device with no connection goes: the push

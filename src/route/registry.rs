@@ -22,7 +22,7 @@
 //! that publishes the change.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use pipit_protocol::limits::MAX_PRESENCE_SUBSCRIPTIONS;
@@ -35,7 +35,8 @@ use super::presence::AccountPresence;
 use super::{Deliveries, Wakeups};
 use crate::model::DeviceAddr;
 
-/// A new inbox entry for a connection: its inbox id and the message.
+/// A new inbox entry for a connection: its inbox id and the message. Id 0
+/// is a notice that is no inbox entry (a `KeysStatus`), sent as it is.
 pub type Push = (u64, Box<Message>);
 
 /// Most typing notices waiting for one connection; more are dropped (they
@@ -80,8 +81,11 @@ pub struct Mailbox {
     /// connection must read its inbox to catch up.
     pub overflow: AtomicBool,
     /// Wakes the connection when another login of the same device
-    /// replaces it.
+    /// replaces it, or the device is unlinked.
     pub kick: Notify,
+    /// The code the connection closes with when kicked: `REPLACED`, or
+    /// `UNKNOWN_DEVICE` for an unlinked device.
+    pub kick_code: AtomicI32,
 }
 
 impl Mailbox {
@@ -95,6 +99,7 @@ impl Mailbox {
             ready: Notify::new(),
             overflow: AtomicBool::new(false),
             kick: Notify::new(),
+            kick_code: AtomicI32::new(pb::ErrorCode::Replaced as i32),
         }
     }
 
@@ -127,6 +132,17 @@ impl Mailbox {
     pub fn nudge(&self) {
         self.overflow.store(true, Ordering::Release);
         self.ready.notify_one();
+    }
+
+    /// Closes the connection with `code`.
+    pub fn kick(&self, code: pb::ErrorCode) {
+        self.kick_code.store(code as i32, Ordering::Release);
+        self.kick.notify_one();
+    }
+
+    /// The code a kicked connection closes with.
+    pub fn kick_code(&self) -> pb::ErrorCode {
+        pb::ErrorCode::try_from(self.kick_code.load(Ordering::Acquire)).unwrap_or(pb::ErrorCode::Replaced)
     }
 
     /// Takes every push queued, in order, and releases the queue's memory.
@@ -357,6 +373,23 @@ impl Deliveries for Registry {
             .map(|(_, h)| h.mailbox.clone());
         if let Some(m) = mailbox {
             m.nudge();
+        }
+    }
+
+    fn notify(&self, to: DeviceAddr, msg: Message) {
+        self.push(to, 0, msg);
+    }
+
+    fn disconnect(&self, to: DeviceAddr, code: pb::ErrorCode) {
+        // Kicked, the connection ends and leaves the registry the way every
+        // connection does (presence included).
+        let mailbox = self
+            .stripe(to.account)
+            .get(&to.account)
+            .and_then(|a| a.conns.iter().find(|(d, _)| *d == to.device))
+            .map(|(_, h)| h.mailbox.clone());
+        if let Some(m) = mailbox {
+            m.kick(code);
         }
     }
 }

@@ -72,6 +72,21 @@ impl Accounts {
         Ok(async move { rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) })
     }
 
+    /// Removes device `device` of `by`'s account (`by` itself, or another
+    /// device of the same account): its key, its inbox and its end-to-end
+    /// keys go, and its connection is closed. The future answers once that
+    /// is durable.
+    pub fn unlink(
+        &self,
+        by: DeviceAddr,
+        device: u32,
+    ) -> Result<impl Future<Output = Result<(), pb::ErrorCode>> + Send + 'static, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        let op = Unlink { by, device, result: None, reply: Some(tx) };
+        self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
+        Ok(async move { rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) })
+    }
+
     /// Issues a single-use invite code valid for `ttl_secs`.
     pub async fn create_invite(&self, ttl_secs: u64) -> Result<String, SubmitError> {
         let (tx, rx) = oneshot::channel();
@@ -82,8 +97,18 @@ impl Accounts {
 }
 
 /// Adds `key` as the next device of `list`'s account and records both.
-fn add_device(txn: &mut Txn<'_>, mut list: pb::DeviceList, key: PublicKey, name: &str) -> DeviceAddr {
-    let device = list.devices.iter().map(|d| d.device + 1).max().unwrap_or(0);
+/// A device number is never given twice, not even after its device was
+/// unlinked: other devices' sessions and dedup records name it.
+fn add_device(
+    txn: &mut Txn<'_>,
+    mut list: pb::DeviceList,
+    key: PublicKey,
+    name: &str,
+) -> Result<DeviceAddr, StorageError> {
+    let next = Counter::NextDevice(list.account);
+    let listed = list.devices.iter().map(|d| d.device + 1).max().unwrap_or(0);
+    let device = listed.max(u32::try_from(txn.counter(next)?).unwrap_or(u32::MAX));
+    txn.set_counter(next, u64::from(device) + 1);
     list.devices.push(pb::DeviceInfo {
         device,
         name: name.to_string(),
@@ -93,7 +118,7 @@ fn add_device(txn: &mut Txn<'_>, mut list: pb::DeviceList, key: PublicKey, name:
     let addr = DeviceAddr::new(list.account, device);
     txn.put_account(list);
     txn.put_device_key(key, addr);
-    addr
+    Ok(addr)
 }
 
 /// Sends `r` to the waiting caller: the result if durable, UNAVAILABLE
@@ -152,7 +177,7 @@ impl Register {
         }
         let account = txn.next(Counter::NextAccount)?;
         let list = pb::DeviceList { req: 0, account, devices: Vec::new() };
-        Ok(Ok(add_device(txn, list, self.key, &self.name)))
+        Ok(Ok(add_device(txn, list, self.key, &self.name)?))
     }
 }
 
@@ -188,7 +213,58 @@ impl Link {
         if list.devices.len() >= pipit_protocol::limits::MAX_DEVICES_PER_ACCOUNT {
             return Ok(Err(pb::ErrorCode::TooLarge));
         }
-        Ok(Ok(add_device(txn, (*list).clone(), self.key, &self.name).device))
+        Ok(Ok(add_device(txn, (*list).clone(), self.key, &self.name)?.device))
+    }
+}
+
+struct Unlink {
+    by: DeviceAddr,
+    device: u32,
+    result: Option<Result<(), pb::ErrorCode>>,
+    reply: Option<oneshot::Sender<Result<(), pb::ErrorCode>>>,
+}
+
+impl Operation<Ctx> for Unlink {
+    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.result = Some(self.unlink(txn)?);
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, ctx: &mut Ctx, outcome: Outcome<'_>) {
+        if let (Outcome::Durable, Some(Ok(()))) = (&outcome, &self.result) {
+            let gone = DeviceAddr::new(self.by.account, self.device);
+            ctx.deliveries.disconnect(gone, pb::ErrorCode::UnknownDevice);
+            tracing::info!(device = %gone, by = %self.by, "device unlinked");
+        }
+        answer(self.reply.take(), self.result.take(), outcome);
+    }
+}
+
+impl Unlink {
+    fn unlink(&self, txn: &mut Txn<'_>) -> Result<Result<(), pb::ErrorCode>, StorageError> {
+        let Some(list) = txn.account(self.by.account)? else {
+            return Ok(Err(pb::ErrorCode::UnknownDevice));
+        };
+        let Some(info) = list.devices.iter().find(|d| d.device == self.device).cloned() else {
+            return Ok(Err(pb::ErrorCode::NotFound));
+        };
+        if list.devices.len() == 1 {
+            // An account without devices could never be used again.
+            return Ok(Err(pb::ErrorCode::Forbidden));
+        }
+        let gone = DeviceAddr::new(self.by.account, self.device);
+        let mut list = (*list).clone();
+        list.devices.retain(|d| d.device != self.device);
+        txn.put_account(list);
+        if let Some(key) = PublicKey::from_slice(&info.key) {
+            txn.delete_device_key(key);
+        }
+        txn.delete_inbox_all(gone);
+        if let Some(r) = txn.key_record(gone)? {
+            txn.delete_keys(gone, r.head..r.tail);
+            txn.delete_key_record(gone);
+        }
+        Ok(Ok(()))
     }
 }
 
@@ -239,5 +315,22 @@ mod tests {
         let code = s.rt.block_on(s.services().accounts.create_invite(60)).unwrap();
         assert!(s.register(1, &code).is_ok());
         assert_eq!(s.register(2, &code), Err(pb::ErrorCode::InvalidInvite));
+    }
+
+    #[test]
+    fn unlinking_removes_the_device_and_its_number_is_never_given_again() {
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let accounts = &s.services().accounts;
+        assert_eq!(s.rt.block_on(accounts.unlink(a, 0).unwrap()), Err(pb::ErrorCode::Forbidden), "the last device");
+        let second = s.rt.block_on(accounts.link(a.account, PublicKey([2; 32]), "tab".into()).unwrap()).unwrap();
+        assert_eq!(second, 1);
+        assert_eq!(s.rt.block_on(accounts.unlink(a, 7).unwrap()), Err(pb::ErrorCode::NotFound));
+        s.rt.block_on(accounts.unlink(a, second).unwrap()).unwrap();
+        assert_eq!(s.store.device_by_key(&PublicKey([2; 32])).unwrap(), None);
+        let third = s.rt.block_on(accounts.link(a.account, PublicKey([3; 32]), "tab".into()).unwrap()).unwrap();
+        assert_eq!(third, 2, "device 1 is not given again");
+        let list = s.store.account(a.account).unwrap().unwrap();
+        assert_eq!(list.devices.iter().map(|d| d.device).collect::<Vec<_>>(), vec![0, 2]);
     }
 }

@@ -6,8 +6,10 @@
 
 use pipit_protocol::message::pb::Feature;
 
-/// What every server of this version offers beyond the core.
-pub const OFFERED: &[Feature] = &[Feature::Groups, Feature::Presence, Feature::Typing];
+/// What every server of this version offers beyond the core (push is
+/// added at start when a gateway is configured).
+pub const OFFERED: &[Feature] =
+    &[Feature::Groups, Feature::Presence, Feature::Typing, Feature::KeyDirectory, Feature::UnlinkDevice];
 
 /// What this server offers: [`OFFERED`], and push when the operator
 /// configured a way to deliver wake-ups (a token nobody can use would

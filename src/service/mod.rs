@@ -19,6 +19,8 @@
 //!   subscriptions.
 //! - `typing`: typing notices, relayed at most once, rate-limited.
 //! - `push`: push tokens and content-free wake-ups through a gateway.
+//! - `keys`: the end-to-end key directory: uploads, fetches that hand out
+//!   each one-time prekey once, low-stock notices, the fetch rate limit.
 
 pub mod accounts;
 pub mod expiry;
@@ -28,6 +30,7 @@ pub mod group_receipts;
 pub mod group_send;
 pub mod groups;
 pub mod inbox;
+pub mod keys;
 pub mod messaging;
 pub mod presence;
 pub mod push;
@@ -48,6 +51,7 @@ pub use fanout::Fanout;
 pub use features::Features;
 pub use groups::Groups;
 pub use inbox::InboxReader;
+pub use keys::{KeyRules, Keys};
 pub use messaging::Messaging;
 pub use presence::{Presence, PresenceConfig};
 pub use push::{Push, PushConfig, PushSetupError};
@@ -80,6 +84,8 @@ pub struct Rules {
     pub registration: Registration,
     /// Most member accounts of one group.
     pub max_group_members: usize,
+    /// The key directory's settings.
+    pub keys: KeyRules,
 }
 
 /// What the writer's operations may use besides the transaction.
@@ -140,6 +146,8 @@ pub struct Services {
     pub push: Push,
     /// The optional features offered.
     pub features: Features,
+    /// The end-to-end key directory.
+    pub keys: Keys,
     /// The writer itself (barriers at shutdown, metrics).
     pub writer: Writer,
 }
@@ -179,6 +187,7 @@ pub fn start(
     engine: EngineConfig,
     live: Live,
 ) -> Result<(Services, std::thread::JoinHandle<()>), StartError> {
+    let key_rules = rules.keys;
     let shared = fanout::Shared::new(std::time::Duration::ZERO);
     let ctx = Ctx { rules, deliveries, expiry: expiry::Cursor::default(), fanout: shared.clone() };
     let (writer, thread) = Writer::start(store.clone(), ctx, engine)?;
@@ -191,7 +200,8 @@ pub fn start(
         fanout: Fanout::new(shared, store.clone()),
         inbox: InboxReader::new(store.clone()),
         presence: Presence::start(live.registry.clone(), store.clone(), writer.clone(), live.presence)?,
-        typing: Typing::new(live.registry, store, live.typing),
+        typing: Typing::new(live.registry, store.clone(), live.typing),
+        keys: Keys::new(writer.clone(), store, key_rules),
         features: Features::new(push.enabled()),
         push,
         writer,
@@ -225,6 +235,10 @@ pub(crate) mod testing {
         fn push(&self, to: DeviceAddr, id: u64, msg: Message) {
             self.0.lock().unwrap().push((to, id, msg));
         }
+
+        fn notify(&self, to: DeviceAddr, msg: Message) {
+            self.push(to, 0, msg);
+        }
     }
 
     pub(crate) struct Setup {
@@ -255,7 +269,8 @@ pub(crate) mod testing {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let pushed = Arc::new(Collect::default());
-        let rules = Rules { ttl_secs: 100, registration, max_group_members: 8 };
+        let keys = KeyRules { low_water: 16, fetch_burst: 1_000, fetch_per_minute: 600 };
+        let rules = Rules { ttl_secs: 100, registration, max_group_members: 8, keys };
         let engine = EngineConfig {
             max_batch: 64,
             capacity: 1024,

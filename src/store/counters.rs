@@ -17,6 +17,10 @@ pub enum Counter {
     /// The next sequence number of the 1:1 conversation between two
     /// accounts (`s` low high), the same for both directions.
     Conversation(u64, u64),
+    /// The lowest device number an account may give its next device
+    /// (`d` account): numbers of unlinked devices are never given again,
+    /// since their dedup records and other peers' sessions name them.
+    NextDevice(u64),
     /// The highest seq a receipt of `kind` already told `to` about for
     /// its conversation with `peer` (`r` kind to peer).
     ReceiptMark {
@@ -77,6 +81,10 @@ impl Counter {
                 k.extend_from_slice(&lo.to_be_bytes());
                 k.extend_from_slice(&hi.to_be_bytes());
             }
+            Counter::NextDevice(account) => {
+                k.push(b'd');
+                k.extend_from_slice(&account.to_be_bytes());
+            }
             Counter::ReceiptMark { kind, to, peer } => {
                 k.push(b'r');
                 k.push(kind);
@@ -103,10 +111,14 @@ impl Counter {
         k
     }
 
-    /// The value before anything was stored: ids start at 1, marks at 0.
+    /// The value before anything was stored: ids start at 1, marks and
+    /// device numbers at 0.
     fn initial(&self) -> u64 {
         match self {
-            Counter::ReceiptMark { .. } | Counter::BodyRefs { .. } | Counter::GroupMark { .. } => 0,
+            Counter::ReceiptMark { .. }
+            | Counter::BodyRefs { .. }
+            | Counter::GroupMark { .. }
+            | Counter::NextDevice(_) => 0,
             _ => 1,
         }
     }

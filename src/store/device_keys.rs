@@ -31,4 +31,10 @@ impl Txn<'_> {
         self.put(Table::DeviceKeys, key.as_bytes(), &addr_key(addr));
         self.state.device_keys.set(key, Some(addr));
     }
+
+    /// Forgets `key`: its device can no longer log in.
+    pub fn delete_device_key(&mut self, key: PublicKey) {
+        self.delete(Table::DeviceKeys, key.as_bytes());
+        self.state.device_keys.set(key, None);
+    }
 }

@@ -22,6 +22,8 @@
 //! | `last_seen` | `last_seen` | account | time (8) |
 //! | `privacy` | `privacy` | account | `pb::PrivacySet` (absent: defaults) |
 //! | `push_tokens` | `push_tokens` | account device | platform (1) registered (8) token |
+//! | `e2e_keys` | `e2e_keys` | account device | identity, signed prekey, stock bounds |
+//! | `e2e_keys` | `one_time_keys` | account device slot | key id (4) key (32) |
 //!
 //! Writes go through a [`Txn`]: each operation's writes are staged and
 //! either kept whole or dropped whole, and one round of operations becomes
@@ -31,6 +33,7 @@ pub mod accounts;
 pub mod counters;
 pub mod dedup;
 pub mod device_keys;
+pub mod e2e_keys;
 pub mod fanout;
 pub mod group_bodies;
 pub mod group_receipts;

@@ -33,11 +33,15 @@ pub enum Table {
     Privacy,
     /// Each device's push token.
     PushTokens,
+    /// Per-device end-to-end keys: identity, signed prekey, stock bounds.
+    E2eKeys,
+    /// Per-device one-time prekeys, by slot.
+    OneTimeKeys,
 }
 
 impl Table {
     /// Every family, created at open.
-    pub const ALL: [Table; 14] = [
+    pub const ALL: [Table; 16] = [
         Table::Accounts,
         Table::DeviceKeys,
         Table::Inbox,
@@ -52,6 +56,8 @@ impl Table {
         Table::LastSeen,
         Table::Privacy,
         Table::PushTokens,
+        Table::E2eKeys,
+        Table::OneTimeKeys,
     ];
 
     /// The family's name in RocksDB (never change one: it names data on
@@ -72,6 +78,8 @@ impl Table {
             Table::LastSeen => "last_seen",
             Table::Privacy => "privacy",
             Table::PushTokens => "push_tokens",
+            Table::E2eKeys => "e2e_keys",
+            Table::OneTimeKeys => "one_time_keys",
         }
     }
 

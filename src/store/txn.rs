@@ -15,6 +15,7 @@ use rocksdb::{WriteBatch, WriteOptions};
 
 use super::counters::Counter;
 use super::dedup::DedupRecord;
+use super::e2e_keys::{KeyRecord, OneTimeKey};
 use super::group_receipts::GroupCounts;
 use super::groups::GroupRecord;
 use super::inbox::GroupRef;
@@ -52,6 +53,8 @@ pub struct TxnState {
     /// twice in a round drops its body's count once.
     pub(super) inbox_refs: Overlay<(DeviceAddr, u64), GroupRef>,
     pub(super) push_tokens: Overlay<DeviceAddr, PushRecord>,
+    pub(super) e2e_keys: Overlay<DeviceAddr, Arc<KeyRecord>>,
+    pub(super) one_time_keys: Overlay<(DeviceAddr, u64), OneTimeKey>,
 }
 
 impl Default for TxnState {
@@ -70,6 +73,8 @@ impl Default for TxnState {
             group_counts: Overlay::new(GROUP_COUNTS_CACHE_MAX),
             inbox_refs: Overlay::new(0),
             push_tokens: Overlay::new(0),
+            e2e_keys: Overlay::new(0),
+            one_time_keys: Overlay::new(0),
         }
     }
 }
@@ -85,6 +90,8 @@ impl TxnState {
         self.group_counts.op_commit();
         self.inbox_refs.op_commit();
         self.push_tokens.op_commit();
+        self.e2e_keys.op_commit();
+        self.one_time_keys.op_commit();
     }
 
     fn overlays_op_rollback(&mut self) {
@@ -97,6 +104,8 @@ impl TxnState {
         self.group_counts.op_rollback();
         self.inbox_refs.op_rollback();
         self.push_tokens.op_rollback();
+        self.e2e_keys.op_rollback();
+        self.one_time_keys.op_rollback();
     }
 
     fn overlays_round_done(&mut self, ok: bool) {
@@ -109,11 +118,16 @@ impl TxnState {
         self.group_counts.round_done(ok);
         self.inbox_refs.round_done(ok);
         self.push_tokens.round_done(ok);
+        self.e2e_keys.round_done(ok);
+        self.one_time_keys.round_done(ok);
     }
 }
 
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
+/// Deletes every key from `key` (inclusive) to `value` (exclusive): one
+/// range tombstone, however many keys it covers.
+const DELETE_RANGE: u8 = 3;
 
 /// One round's transaction. Table files add typed methods to it.
 pub struct Txn<'a> {
@@ -158,6 +172,11 @@ impl<'a> Txn<'a> {
 
     pub(super) fn delete(&mut self, t: Table, key: &[u8]) {
         self.stage(t, DELETE, key, &[]);
+    }
+
+    /// Deletes every key of `t` in `from..to`.
+    pub(super) fn delete_range(&mut self, t: Table, from: &[u8], to: &[u8]) {
+        self.stage(t, DELETE_RANGE, from, to);
     }
 
     fn stage(&mut self, t: Table, kind: u8, key: &[u8], value: &[u8]) {
@@ -221,6 +240,7 @@ impl<'a> Txn<'a> {
             let cf = self.store.cf(table);
             match kind {
                 PUT => batch.put_cf(cf, key, value),
+                DELETE_RANGE => batch.delete_range_cf(cf, key, value),
                 _ => batch.delete_cf(cf, key),
             }
         }

@@ -278,6 +278,61 @@ pub async fn done(c: &mut Connection, m: Message, req: u64) -> Result<(), pb::Er
     .await
 }
 
+/// A key upload for the directory with a valid signed prekey: identity
+/// from `seed`, one-time prekeys with the given ids.
+pub fn key_upload(req: u64, seed: u8, ids: impl IntoIterator<Item = u32>) -> pb::KeysUpload {
+    use ed25519_dalek::Signer as _;
+    let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+    let mut identity = sk.verifying_key().to_bytes().to_vec();
+    identity.extend_from_slice(&[seed ^ 0x55; 32]);
+    let key = vec![seed ^ 0xaa; 32];
+    let msg = pipit_client::pipit_protocol::e2e::signed_prekey_message(&identity, 1, &key);
+    let signature = Bytes::copy_from_slice(&sk.sign(&msg).to_bytes());
+    pb::KeysUpload {
+        req,
+        identity: Bytes::from(identity),
+        signed: Some(pb::SignedPreKey { id: 1, key: Bytes::from(key), signature }),
+        one_time: one_time_keys(ids),
+    }
+}
+
+/// One-time prekeys with these ids (the key bytes say the id).
+pub fn one_time_keys(ids: impl IntoIterator<Item = u32>) -> Vec<pb::PreKey> {
+    ids.into_iter()
+        .map(|id| {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&id.to_be_bytes());
+            pb::PreKey { id, key: Bytes::copy_from_slice(&key) }
+        })
+        .collect()
+}
+
+/// Sends a request and returns the answer carrying its `req`.
+pub async fn call(c: &mut Connection, m: Message) -> Message {
+    let req = m.request_id().expect("a request");
+    c.send(&[m]).await.unwrap();
+    expect(c, |m| {
+        let answers = match &m {
+            Message::Done(d) => d.req,
+            Message::Error(e) => e.req,
+            Message::KeysResult(r) => r.req,
+            Message::Linked(l) => l.req,
+            Message::DeviceList(l) => l.req,
+            _ => 0,
+        };
+        (answers == req).then_some(m)
+    })
+    .await
+}
+
 pub fn group_text(id: u64, group: u64, body: &str) -> Message {
     pb::Send { id, group, payload: Bytes::copy_from_slice(body.as_bytes()), ..Default::default() }.into()
+}
+
+/// The error code of an `Error` answer.
+pub fn code(m: &Message) -> pb::ErrorCode {
+    match m {
+        Message::Error(e) => pb::ErrorCode::try_from(e.code).unwrap(),
+        other => panic!("expected an Error, got {other:?}"),
+    }
 }

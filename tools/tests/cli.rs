@@ -135,6 +135,20 @@ fn two_cli_processes_exchange_a_message() {
     let whoami = cli(&["whoami", "--profile", pb.path().to_str().unwrap()]);
     assert!(whoami.contains(&format!("account {b} device 0")), "{whoami}");
     assert!(whoami.contains(&s.running.as_ref().unwrap().public_key.to_string()), "the server key is pinned");
+    assert!(whoami.contains("end-to-end identity "), "profiles encrypt by default: {whoami}");
+    // The message went end to end: the server's data holds no plaintext
+    // of it (the WAL would show it in the clear otherwise).
+    let mut stack = vec![s.dir.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                assert!(!bytes.windows(18).any(|w| w == b"hello from the cli"), "plaintext in {}", p.display());
+            }
+        }
+    }
 
     // Admin commands against the running server.
     let data = s.dir.path().to_str().unwrap();

@@ -611,6 +611,13 @@ public protocol ClientProtocol: AnyObject, Sendable {
     func createGroup(name: String, members: [UInt64]) async throws  -> GroupInfo
     
     /**
+     * This device's end-to-end identity (its Curve25519 key, 64 hex
+     * digits), what two people compare to be sure no one is in the
+     * middle; `None` with encryption off.
+     */
+    func e2eIdentity()  -> String?
+    
+    /**
      * This device's public key, 64 hex digits: what another device of the
      * same account passes to `link_device`.
      */
@@ -695,6 +702,14 @@ public protocol ClientProtocol: AnyObject, Sendable {
      * Counters, for diagnostics.
      */
     func stats() async throws  -> Stats
+    
+    /**
+     * Accepts the new identity `account`/`device` showed in
+     * `Event.IdentityChanged` (ideally after the people compared it): from
+     * now on messages are encrypted for it and its messages believed.
+     * `false` when it showed none.
+     */
+    func trustIdentity(account: UInt64, device: UInt32) async throws  -> Bool
     
     /**
      * Tells `peer` this device is typing (or stopped). At most once:
@@ -834,6 +849,20 @@ open func createGroup(name: String, members: [UInt64])async throws  -> GroupInfo
             liftFunc: FfiConverterTypeGroupInfo_lift,
             errorHandler: FfiConverterTypePipitError_lift
         )
+}
+    
+    /**
+     * This device's end-to-end identity (its Curve25519 key, 64 hex
+     * digits), what two people compare to be sure no one is in the
+     * middle; `None` with encryption off.
+     */
+open func e2eIdentity() -> String?  {
+    return try!  FfiConverterOptionString.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_pipit_ffi_fn_method_client_e2e_identity(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
 }
     
     /**
@@ -1113,6 +1142,28 @@ open func stats()async throws  -> Stats  {
 }
     
     /**
+     * Accepts the new identity `account`/`device` showed in
+     * `Event.IdentityChanged` (ideally after the people compared it): from
+     * now on messages are encrypted for it and its messages believed.
+     * `false` when it showed none.
+     */
+open func trustIdentity(account: UInt64, device: UInt32)async throws  -> Bool  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_pipit_ffi_fn_method_client_trust_identity(
+                        self.uniffiCloneHandle(),FfiConverterUInt64.lower(account),FfiConverterUInt32.lower(device)
+                )
+            },
+            pollFunc: ffi_pipit_ffi_rust_future_poll_i8,
+            completeFunc: ffi_pipit_ffi_rust_future_complete_i8,
+            freeFunc: ffi_pipit_ffi_rust_future_free_i8,
+            liftFunc: FfiConverterBool.lift,
+            errorHandler: FfiConverterTypePipitError_lift
+        )
+}
+    
+    /**
      * Tells `peer` this device is typing (or stopped). At most once:
      * dropped when offline.
      */
@@ -1269,6 +1320,17 @@ public struct ClientConfig: Equatable, Hashable {
      * network.
      */
     public var eventBuffer: UInt32
+    /**
+     * End-to-end encryption (Olm and Megolm): on by default; off sends
+     * payloads as they are (tests, bots).
+     */
+    public var encryption: Bool
+    /**
+     * 32 bytes from the platform keystore that encrypt the end-to-end
+     * state in the storage directory; `None`: a key derived from the
+     * device's private key (only as safe as the directory itself).
+     */
+    public var pickleKey: Data?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1304,7 +1366,16 @@ public struct ClientConfig: Equatable, Hashable {
         /**
          * Events buffered for the app before the client stops reading the
          * network.
-         */eventBuffer: UInt32) {
+         */eventBuffer: UInt32, 
+        /**
+         * End-to-end encryption (Olm and Megolm): on by default; off sends
+         * payloads as they are (tests, bots).
+         */encryption: Bool, 
+        /**
+         * 32 bytes from the platform keystore that encrypt the end-to-end
+         * state in the storage directory; `None`: a key derived from the
+         * device's private key (only as safe as the directory itself).
+         */pickleKey: Data?) {
         self.server = server
         self.invite = invite
         self.deviceName = deviceName
@@ -1315,6 +1386,8 @@ public struct ClientConfig: Equatable, Hashable {
         self.backoffMaxMs = backoffMaxMs
         self.acceptServerKeyChange = acceptServerKeyChange
         self.eventBuffer = eventBuffer
+        self.encryption = encryption
+        self.pickleKey = pickleKey
     }
 
     
@@ -1342,7 +1415,9 @@ public struct FfiConverterTypeClientConfig: FfiConverterRustBuffer {
                 backoffInitialMs: FfiConverterUInt64.read(from: &buf), 
                 backoffMaxMs: FfiConverterUInt64.read(from: &buf), 
                 acceptServerKeyChange: FfiConverterBool.read(from: &buf), 
-                eventBuffer: FfiConverterUInt32.read(from: &buf)
+                eventBuffer: FfiConverterUInt32.read(from: &buf), 
+                encryption: FfiConverterBool.read(from: &buf), 
+                pickleKey: FfiConverterOptionData.read(from: &buf)
         )
     }
 
@@ -1357,6 +1432,8 @@ public struct FfiConverterTypeClientConfig: FfiConverterRustBuffer {
         FfiConverterUInt64.write(value.backoffMaxMs, into: &buf)
         FfiConverterBool.write(value.acceptServerKeyChange, into: &buf)
         FfiConverterUInt32.write(value.eventBuffer, into: &buf)
+        FfiConverterBool.write(value.encryption, into: &buf)
+        FfiConverterOptionData.write(value.pickleKey, into: &buf)
     }
 }
 
@@ -1982,6 +2059,45 @@ public enum Event: Equatable, Hashable {
          */devicePayload: Data
     )
     /**
+     * A message this device cannot read (encryption on); it was
+     * acknowledged, so the stream goes on.
+     */
+    case undecryptable(
+        /**
+         * Sending account.
+         */fromAccount: UInt64, 
+        /**
+         * Sending device.
+         */fromDevice: UInt32, 
+        /**
+         * Its sequence number.
+         */seq: UInt64, 
+        /**
+         * For group messages: the group.
+         */group: UInt64, 
+        /**
+         * Why.
+         */reason: UndecryptableReason
+    )
+    /**
+     * A device's end-to-end identity is not the one pinned: nothing is
+     * encrypted for it, nor believed from it, until `trust_identity`.
+     */
+    case identityChanged(
+        /**
+         * Its account.
+         */account: UInt64, 
+        /**
+         * Its device number.
+         */device: UInt32, 
+        /**
+         * The identity pinned before (64 hex digits), if any.
+         */old: String?, 
+        /**
+         * The identity it shows now.
+         */new: String
+    )
+    /**
      * A send is durable on the server ("sent").
      */
     case sent(
@@ -2174,37 +2290,43 @@ public struct FfiConverterTypeEvent: FfiConverterRustBuffer {
         case 4: return .message(fromAccount: try FfiConverterUInt64.read(from: &buf), fromDevice: try FfiConverterUInt32.read(from: &buf), seq: try FfiConverterUInt64.read(from: &buf), time: try FfiConverterUInt64.read(from: &buf), payload: try FfiConverterData.read(from: &buf), peer: try FfiConverterUInt64.read(from: &buf), group: try FfiConverterUInt64.read(from: &buf), devicePayload: try FfiConverterData.read(from: &buf)
         )
         
-        case 5: return .sent(id: try FfiConverterUInt64.read(from: &buf), seq: try FfiConverterUInt64.read(from: &buf), time: try FfiConverterUInt64.read(from: &buf)
+        case 5: return .undecryptable(fromAccount: try FfiConverterUInt64.read(from: &buf), fromDevice: try FfiConverterUInt32.read(from: &buf), seq: try FfiConverterUInt64.read(from: &buf), group: try FfiConverterUInt64.read(from: &buf), reason: try FfiConverterTypeUndecryptableReason.read(from: &buf)
         )
         
-        case 6: return .sendFailed(id: try FfiConverterUInt64.read(from: &buf), code: try FfiConverterTypeErrorCode.read(from: &buf)
+        case 6: return .identityChanged(account: try FfiConverterUInt64.read(from: &buf), device: try FfiConverterUInt32.read(from: &buf), old: try FfiConverterOptionString.read(from: &buf), new: try FfiConverterString.read(from: &buf)
         )
         
-        case 7: return .receipt(kind: try FfiConverterTypeReceiptKind.read(from: &buf), peer: try FfiConverterUInt64.read(from: &buf), group: try FfiConverterUInt64.read(from: &buf), through: try FfiConverterUInt64.read(from: &buf), by: try FfiConverterUInt64.read(from: &buf), time: try FfiConverterUInt64.read(from: &buf), seq: try FfiConverterUInt64.read(from: &buf), count: try FfiConverterUInt32.read(from: &buf)
+        case 7: return .sent(id: try FfiConverterUInt64.read(from: &buf), seq: try FfiConverterUInt64.read(from: &buf), time: try FfiConverterUInt64.read(from: &buf)
         )
         
-        case 8: return .expired(peer: try FfiConverterUInt64.read(from: &buf), group: try FfiConverterUInt64.read(from: &buf), seq: try FfiConverterUInt64.read(from: &buf), devices: try FfiConverterUInt32.read(from: &buf)
+        case 8: return .sendFailed(id: try FfiConverterUInt64.read(from: &buf), code: try FfiConverterTypeErrorCode.read(from: &buf)
         )
         
-        case 9: return .presence(account: try FfiConverterUInt64.read(from: &buf), online: try FfiConverterBool.read(from: &buf), lastSeen: try FfiConverterUInt64.read(from: &buf)
+        case 9: return .receipt(kind: try FfiConverterTypeReceiptKind.read(from: &buf), peer: try FfiConverterUInt64.read(from: &buf), group: try FfiConverterUInt64.read(from: &buf), through: try FfiConverterUInt64.read(from: &buf), by: try FfiConverterUInt64.read(from: &buf), time: try FfiConverterUInt64.read(from: &buf), seq: try FfiConverterUInt64.read(from: &buf), count: try FfiConverterUInt32.read(from: &buf)
         )
         
-        case 10: return .typing(peer: try FfiConverterUInt64.read(from: &buf), group: try FfiConverterUInt64.read(from: &buf), typing: try FfiConverterBool.read(from: &buf), fromAccount: try FfiConverterUInt64.read(from: &buf)
+        case 10: return .expired(peer: try FfiConverterUInt64.read(from: &buf), group: try FfiConverterUInt64.read(from: &buf), seq: try FfiConverterUInt64.read(from: &buf), devices: try FfiConverterUInt32.read(from: &buf)
         )
         
-        case 11: return .group(info: try FfiConverterTypeGroupInfo.read(from: &buf)
+        case 11: return .presence(account: try FfiConverterUInt64.read(from: &buf), online: try FfiConverterBool.read(from: &buf), lastSeen: try FfiConverterUInt64.read(from: &buf)
         )
         
-        case 12: return .linked(req: try FfiConverterUInt64.read(from: &buf), device: try FfiConverterUInt32.read(from: &buf)
+        case 12: return .typing(peer: try FfiConverterUInt64.read(from: &buf), group: try FfiConverterUInt64.read(from: &buf), typing: try FfiConverterBool.read(from: &buf), fromAccount: try FfiConverterUInt64.read(from: &buf)
         )
         
-        case 13: return .deviceList(req: try FfiConverterUInt64.read(from: &buf), account: try FfiConverterUInt64.read(from: &buf), devices: try FfiConverterSequenceTypeDeviceInfo.read(from: &buf)
+        case 13: return .group(info: try FfiConverterTypeGroupInfo.read(from: &buf)
         )
         
-        case 14: return .requestFailed(req: try FfiConverterUInt64.read(from: &buf), code: try FfiConverterTypeErrorCode.read(from: &buf), retryAfterSecs: try FfiConverterUInt32.read(from: &buf)
+        case 14: return .linked(req: try FfiConverterUInt64.read(from: &buf), device: try FfiConverterUInt32.read(from: &buf)
         )
         
-        case 15: return .other(kind: try FfiConverterString.read(from: &buf)
+        case 15: return .deviceList(req: try FfiConverterUInt64.read(from: &buf), account: try FfiConverterUInt64.read(from: &buf), devices: try FfiConverterSequenceTypeDeviceInfo.read(from: &buf)
+        )
+        
+        case 16: return .requestFailed(req: try FfiConverterUInt64.read(from: &buf), code: try FfiConverterTypeErrorCode.read(from: &buf), retryAfterSecs: try FfiConverterUInt32.read(from: &buf)
+        )
+        
+        case 17: return .other(kind: try FfiConverterString.read(from: &buf)
         )
         
         default: throw UniffiInternalError.unexpectedEnumCase
@@ -2245,21 +2367,38 @@ public struct FfiConverterTypeEvent: FfiConverterRustBuffer {
             FfiConverterData.write(devicePayload, into: &buf)
             
         
-        case let .sent(id,seq,time):
+        case let .undecryptable(fromAccount,fromDevice,seq,group,reason):
             writeInt(&buf, Int32(5))
+            FfiConverterUInt64.write(fromAccount, into: &buf)
+            FfiConverterUInt32.write(fromDevice, into: &buf)
+            FfiConverterUInt64.write(seq, into: &buf)
+            FfiConverterUInt64.write(group, into: &buf)
+            FfiConverterTypeUndecryptableReason.write(reason, into: &buf)
+            
+        
+        case let .identityChanged(account,device,old,new):
+            writeInt(&buf, Int32(6))
+            FfiConverterUInt64.write(account, into: &buf)
+            FfiConverterUInt32.write(device, into: &buf)
+            FfiConverterOptionString.write(old, into: &buf)
+            FfiConverterString.write(new, into: &buf)
+            
+        
+        case let .sent(id,seq,time):
+            writeInt(&buf, Int32(7))
             FfiConverterUInt64.write(id, into: &buf)
             FfiConverterUInt64.write(seq, into: &buf)
             FfiConverterUInt64.write(time, into: &buf)
             
         
         case let .sendFailed(id,code):
-            writeInt(&buf, Int32(6))
+            writeInt(&buf, Int32(8))
             FfiConverterUInt64.write(id, into: &buf)
             FfiConverterTypeErrorCode.write(code, into: &buf)
             
         
         case let .receipt(kind,peer,group,through,by,time,seq,count):
-            writeInt(&buf, Int32(7))
+            writeInt(&buf, Int32(9))
             FfiConverterTypeReceiptKind.write(kind, into: &buf)
             FfiConverterUInt64.write(peer, into: &buf)
             FfiConverterUInt64.write(group, into: &buf)
@@ -2271,7 +2410,7 @@ public struct FfiConverterTypeEvent: FfiConverterRustBuffer {
             
         
         case let .expired(peer,group,seq,devices):
-            writeInt(&buf, Int32(8))
+            writeInt(&buf, Int32(10))
             FfiConverterUInt64.write(peer, into: &buf)
             FfiConverterUInt64.write(group, into: &buf)
             FfiConverterUInt64.write(seq, into: &buf)
@@ -2279,14 +2418,14 @@ public struct FfiConverterTypeEvent: FfiConverterRustBuffer {
             
         
         case let .presence(account,online,lastSeen):
-            writeInt(&buf, Int32(9))
+            writeInt(&buf, Int32(11))
             FfiConverterUInt64.write(account, into: &buf)
             FfiConverterBool.write(online, into: &buf)
             FfiConverterUInt64.write(lastSeen, into: &buf)
             
         
         case let .typing(peer,group,typing,fromAccount):
-            writeInt(&buf, Int32(10))
+            writeInt(&buf, Int32(12))
             FfiConverterUInt64.write(peer, into: &buf)
             FfiConverterUInt64.write(group, into: &buf)
             FfiConverterBool.write(typing, into: &buf)
@@ -2294,32 +2433,32 @@ public struct FfiConverterTypeEvent: FfiConverterRustBuffer {
             
         
         case let .group(info):
-            writeInt(&buf, Int32(11))
+            writeInt(&buf, Int32(13))
             FfiConverterTypeGroupInfo.write(info, into: &buf)
             
         
         case let .linked(req,device):
-            writeInt(&buf, Int32(12))
+            writeInt(&buf, Int32(14))
             FfiConverterUInt64.write(req, into: &buf)
             FfiConverterUInt32.write(device, into: &buf)
             
         
         case let .deviceList(req,account,devices):
-            writeInt(&buf, Int32(13))
+            writeInt(&buf, Int32(15))
             FfiConverterUInt64.write(req, into: &buf)
             FfiConverterUInt64.write(account, into: &buf)
             FfiConverterSequenceTypeDeviceInfo.write(devices, into: &buf)
             
         
         case let .requestFailed(req,code,retryAfterSecs):
-            writeInt(&buf, Int32(14))
+            writeInt(&buf, Int32(16))
             FfiConverterUInt64.write(req, into: &buf)
             FfiConverterTypeErrorCode.write(code, into: &buf)
             FfiConverterUInt32.write(retryAfterSecs, into: &buf)
             
         
         case let .other(kind):
-            writeInt(&buf, Int32(15))
+            writeInt(&buf, Int32(17))
             FfiConverterString.write(kind, into: &buf)
             
         }
@@ -2812,6 +2951,189 @@ public func FfiConverterTypeReceiptKind_lower(_ value: ReceiptKind) -> RustBuffe
 }
 
 
+
+/**
+ * Why a message could not be read.
+ */
+
+public enum UndecryptableReason: Equatable, Hashable {
+    
+    /**
+     * Not end-to-end encrypted (the sender has encryption off).
+     */
+    case notEncrypted
+    /**
+     * The sender had no keys it trusts for this device.
+     */
+    case withheld
+    /**
+     * No session decrypts it.
+     */
+    case noSession
+    /**
+     * Damaged or forged.
+     */
+    case damaged
+    /**
+     * From a device whose new identity is not accepted yet.
+     */
+    case untrustedIdentity
+    /**
+     * It names another conversation than the one it arrived in.
+     */
+    case wrongConversation
+    /**
+     * A group message whose session this device was never given.
+     */
+    case noGroupSession
+    /**
+     * A reason newer than this binding.
+     */
+    case other
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension UndecryptableReason: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeUndecryptableReason: FfiConverterRustBuffer {
+    typealias SwiftType = UndecryptableReason
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UndecryptableReason {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .notEncrypted
+        
+        case 2: return .withheld
+        
+        case 3: return .noSession
+        
+        case 4: return .damaged
+        
+        case 5: return .untrustedIdentity
+        
+        case 6: return .wrongConversation
+        
+        case 7: return .noGroupSession
+        
+        case 8: return .other
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: UndecryptableReason, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .notEncrypted:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .withheld:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .noSession:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .damaged:
+            writeInt(&buf, Int32(4))
+        
+        
+        case .untrustedIdentity:
+            writeInt(&buf, Int32(5))
+        
+        
+        case .wrongConversation:
+            writeInt(&buf, Int32(6))
+        
+        
+        case .noGroupSession:
+            writeInt(&buf, Int32(7))
+        
+        
+        case .other:
+            writeInt(&buf, Int32(8))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUndecryptableReason_lift(_ buf: RustBuffer) throws -> UndecryptableReason {
+    return try FfiConverterTypeUndecryptableReason.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUndecryptableReason_lower(_ value: UndecryptableReason) -> RustBuffer {
+    return FfiConverterTypeUndecryptableReason.lower(value)
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
+    typealias SwiftType = String?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterString.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionData: FfiConverterRustBuffer {
+    typealias SwiftType = Data?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterData.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterData.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
@@ -3046,6 +3368,9 @@ private let initializationResult: InitializationResult = {
     if (uniffi_pipit_ffi_checksum_method_client_create_group() != 38798) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_pipit_ffi_checksum_method_client_e2e_identity() != 45705) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_pipit_ffi_checksum_method_client_identity() != 31266) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3086,6 +3411,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_pipit_ffi_checksum_method_client_stats() != 1534) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pipit_ffi_checksum_method_client_trust_identity() != 53408) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_pipit_ffi_checksum_method_client_typing() != 29580) {

@@ -268,6 +268,11 @@ uint64_t uniffi_pipit_ffi_fn_method_client_close(uint64_t ptr
 uint64_t uniffi_pipit_ffi_fn_method_client_create_group(uint64_t ptr, RustBuffer name, RustBuffer members
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_FN_METHOD_CLIENT_E2E_IDENTITY
+#define UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_FN_METHOD_CLIENT_E2E_IDENTITY
+RustBuffer uniffi_pipit_ffi_fn_method_client_e2e_identity(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_FN_METHOD_CLIENT_IDENTITY
 #define UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_FN_METHOD_CLIENT_IDENTITY
 RustBuffer uniffi_pipit_ffi_fn_method_client_identity(uint64_t ptr, RustCallStatus *_Nonnull out_status
@@ -336,6 +341,11 @@ uint64_t uniffi_pipit_ffi_fn_method_client_set_push_token(uint64_t ptr, RustBuff
 #ifndef UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_FN_METHOD_CLIENT_STATS
 #define UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_FN_METHOD_CLIENT_STATS
 uint64_t uniffi_pipit_ffi_fn_method_client_stats(uint64_t ptr
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_FN_METHOD_CLIENT_TRUST_IDENTITY
+#define UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_FN_METHOD_CLIENT_TRUST_IDENTITY
+uint64_t uniffi_pipit_ffi_fn_method_client_trust_identity(uint64_t ptr, uint64_t account, uint32_t device
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_FN_METHOD_CLIENT_TYPING
@@ -653,6 +663,12 @@ uint16_t uniffi_pipit_ffi_checksum_method_client_create_group(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_CHECKSUM_METHOD_CLIENT_E2E_IDENTITY
+#define UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_CHECKSUM_METHOD_CLIENT_E2E_IDENTITY
+uint16_t uniffi_pipit_ffi_checksum_method_client_e2e_identity(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_CHECKSUM_METHOD_CLIENT_IDENTITY
 #define UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_CHECKSUM_METHOD_CLIENT_IDENTITY
 uint16_t uniffi_pipit_ffi_checksum_method_client_identity(void
@@ -734,6 +750,12 @@ uint16_t uniffi_pipit_ffi_checksum_method_client_set_push_token(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_CHECKSUM_METHOD_CLIENT_STATS
 #define UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_CHECKSUM_METHOD_CLIENT_STATS
 uint16_t uniffi_pipit_ffi_checksum_method_client_stats(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_CHECKSUM_METHOD_CLIENT_TRUST_IDENTITY
+#define UNIFFI_FFIDEF_UNIFFI_PIPIT_FFI_CHECKSUM_METHOD_CLIENT_TRUST_IDENTITY
+uint16_t uniffi_pipit_ffi_checksum_method_client_trust_identity(void
     
 );
 #endif

@@ -1,8 +1,9 @@
 //! `pipit-cli`: pipit from a terminal, for developers and operators.
 //!
 //! A *profile* is a directory holding one device: its key, its ids, the
-//! pinned server key, its outbox (the client library's `FileStore`) and
-//! the server address.
+//! pinned server key, its outbox and end-to-end state (the client
+//! library's `FileStore`) and the server address. Messages are end-to-end
+//! encrypted unless the profile was registered with `--no-e2e`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::{PublicKey, StaticKeypair};
-use pipit_client::{Client, Config, Event, Events, FileStore, Store as _};
+use pipit_client::{Client, Config, Encryption, Event, Events, FileStore, Store as _};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(Parser)]
@@ -48,6 +49,11 @@ enum Command {
         /// Device name.
         #[arg(long, default_value = "cli")]
         name: String,
+        /// Send and receive payloads as they are, without end-to-end
+        /// encryption (for bots and tests; such a profile cannot read
+        /// encrypted messages).
+        #[arg(long)]
+        no_e2e: bool,
     },
     /// Show a profile's account, device and keys.
     Whoami {
@@ -82,11 +88,34 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Accept the new end-to-end identity a device showed (after
+    /// comparing it with its owner, ideally).
+    Trust {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+        /// The device's account.
+        #[arg(long)]
+        account: u64,
+        /// The device.
+        #[arg(long)]
+        device: u32,
+    },
+    /// Remove a device of this profile's account (this one included).
+    Unlink {
+        /// Profile directory.
+        #[arg(long)]
+        profile: PathBuf,
+        /// The device to remove.
+        #[arg(long)]
+        device: u32,
+    },
     /// Chat with one account or in a group: type lines to send; incoming
     /// messages and the state of yours (sent, delivered, read; in a group,
     /// to how many members) are printed as they happen. With one account,
     /// whether it is online (or when it was last seen) and typing are shown
-    /// too, and `/typing` tells it you are typing.
+    /// too, `/typing` tells it you are typing, and `/trust ACCOUNT DEVICE`
+    /// accepts a device's new end-to-end identity.
     Chat {
         /// Profile directory.
         #[arg(long)]
@@ -274,11 +303,54 @@ fn server_file(profile: &Path) -> PathBuf {
     profile.join("server")
 }
 
+/// Present in a profile registered with `--no-e2e`.
+fn plaintext_file(profile: &Path) -> PathBuf {
+    profile.join("no-e2e")
+}
+
+fn config(profile: &Path, server: &str) -> Config {
+    let mut config = Config::new(server.trim());
+    if plaintext_file(profile).exists() {
+        config.encryption = Encryption::Off;
+    }
+    config
+}
+
 fn start(profile: &Path) -> anyhow::Result<(Client, Events)> {
     let server = std::fs::read_to_string(server_file(profile))
         .with_context(|| format!("{} is not a profile (run `pipit-cli register` first)", profile.display()))?;
     let store = FileStore::open(profile)?;
-    Ok(Client::start(Config::new(server.trim()), store)?)
+    Ok(Client::start(config(profile, &server), store)?)
+}
+
+/// Waits until the device's end-to-end keys are on the server (so others
+/// can write to it), when it encrypts.
+async fn keys_published(client: &Client) -> anyhow::Result<()> {
+    if client.e2e_identity().is_none() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client.stats().keys_published.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the server did not take this device's end-to-end keys within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// How an end-to-end event reads in a terminal; `None` for others.
+fn e2e_line(e: &Event) -> Option<String> {
+    match e {
+        Event::Undecryptable { message, reason } => {
+            Some(format!("* a message from {}/{} could not be read: {reason}", message.from, message.from_device))
+        }
+        Event::IdentityChanged { account, device, new, .. } => Some(format!(
+            "* the identity of {account}/{device} changed to {new}; nothing goes to it until you accept it \
+             (`/trust {account} {device}` in a chat, or `pipit-cli trust`) after checking it with its owner"
+        )),
+        _ => None,
+    }
 }
 
 /// Waits for the login; a stop (refused device, changed key) is an error.
@@ -335,7 +407,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             println!("{}", kp.public());
         }
-        Command::Register { profile, server, server_key, invite, name } => {
+        Command::Register { profile, server, server_key, invite, name, no_e2e } => {
             if server_file(&profile).exists() {
                 bail!("{} already holds a device", profile.display());
             }
@@ -344,11 +416,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             state.server_key = server_key;
             store.save_state(&state)?;
             std::fs::write(server_file(&profile), &server)?;
-            let mut config = Config::new(server);
+            if no_e2e {
+                std::fs::write(plaintext_file(&profile), "")?;
+            }
+            let mut config = config(&profile, &server);
             config.invite = invite;
             config.device_name = name;
             let (client, mut events) = Client::start(config, store)?;
             let (account, device) = connected(&mut events).await?;
+            keys_published(&client).await?;
             println!("account {account} device {device}");
             client.close().await;
         }
@@ -357,6 +433,41 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("account {} device {}", state.account, state.device);
             println!("device key {}", state.identity.public());
             println!("server key {}", state.server_key.map(|k| k.to_string()).unwrap_or_else(|| "(not pinned)".into()));
+            let (client, _events) = start(&profile)?;
+            match client.e2e_identity() {
+                Some(id) => println!("end-to-end identity {id}"),
+                None => println!("end-to-end encryption off"),
+            }
+            client.close().await;
+        }
+        Command::Trust { profile, account, device } => {
+            let (client, _events) = start(&profile)?;
+            let accepted = client.trust_identity(account, device).await?;
+            client.close().await;
+            if !accepted {
+                bail!("{account}/{device} showed no new identity to accept");
+            }
+            println!("accepted the new identity of {account}/{device}");
+        }
+        Command::Unlink { profile, device } => {
+            let (client, mut events) = start(&profile)?;
+            connected(&mut events).await?;
+            client.request(vec![pb::UnlinkDevice { req: 1, device }.into()]).await?;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
+                    Err(_) => bail!("no answer from the server"),
+                    Ok(Some(Event::Other(pipit_client::pipit_protocol::Message::Done(d)))) if d.req == 1 => break,
+                    Ok(Some(Event::Other(pipit_client::pipit_protocol::Message::Error(e)))) if e.req == 1 => {
+                        let code = pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified);
+                        bail!("device {device} not unlinked: {}", pipit_client::explain(code));
+                    }
+                    Ok(Some(Event::Stopped { reason })) => bail!("{reason}"),
+                    Ok(None) => bail!("client stopped"),
+                    Ok(Some(_)) => {}
+                }
+            }
+            println!("device {device} unlinked");
+            client.close().await;
         }
         Command::Send { profile, to, group, text } => {
             let (client, mut events) = start(&profile)?;
@@ -397,6 +508,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                             println!("{}: {}", d.from, text(&d));
                         }
                         got += 1;
+                    }
+                    Ok(Some(e @ (Event::Undecryptable { .. } | Event::IdentityChanged { .. }))) => {
+                        println!("{}", e2e_line(&e).unwrap_or_default());
+                        got += usize::from(matches!(e, Event::Undecryptable { .. }));
                     }
                     Ok(Some(Event::Stopped { reason })) => bail!("{reason}"),
                     Ok(None) => bail!("client stopped"),
@@ -536,6 +651,16 @@ async fn chat(profile: &Path, to: u64) -> anyhow::Result<()> {
                 None => stdin_open = false,
                 Some(l) if l.trim().is_empty() => {}
                 Some(l) if l.trim() == "/typing" => client.typing(to, true).await?,
+                Some(l) if l.starts_with("/trust ") => {
+                    let ids: Vec<&str> = l.split_whitespace().skip(1).collect();
+                    match (ids.first().and_then(|a| a.parse().ok()), ids.get(1).and_then(|d| d.parse().ok())) {
+                        (Some(a), Some(d)) if client.trust_identity(a, d).await? => {
+                            println!("* accepted the new identity of {a}/{d}")
+                        }
+                        (Some(a), Some(d)) => println!("* {a}/{d} showed no new identity to accept"),
+                        _ => println!("* usage: /trust ACCOUNT DEVICE"),
+                    }
+                }
                 Some(l) => {
                     let id = client.send(to, l.into_bytes()).await?;
                     mine.insert(id, (0, Status::Queued));
@@ -578,7 +703,11 @@ async fn chat(profile: &Path, to: u64) -> anyhow::Result<()> {
                 Some(Event::Connected { .. }) => println!("* online"),
                 Some(Event::Stopped { reason }) => bail!("{reason}"),
                 Some(Event::Expired(e)) => println!("* message seq {} expired undelivered", e.seq),
-                Some(_) => {}
+                Some(e) => {
+                    if let Some(line) = e2e_line(&e) {
+                        println!("{line}");
+                    }
+                }
             },
         }
     }

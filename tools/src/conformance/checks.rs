@@ -108,6 +108,8 @@ checks! {
     "5.8" "presence-states-before-done" "PresenceSubscribe: each account's state, then Done" => presence_states;
     "5.8" "presence-unknown-account" "a subscription naming an unknown account is answered NOT_FOUND" => presence_unknown;
     "5.8" "typing-relayed" "Typing reaches the peer's connected device as Typing{peer: sender}" => typing_relayed;
+    "5.7" "keys-handed-out-once" "each one-time prekey is handed out once, then the signed prekey alone" => keys_once;
+    "5.7" "keys-bad-signature" "an upload whose signed prekey's signature does not verify is BAD_REQUEST" => keys_bad_signature;
     "5.10" "feature-group-create" "GroupCreate: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupCreate { req: 71, ..Default::default() }.into());
     "5.10" "feature-group-add" "GroupAdd: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupAdd { req: 72, group: 1, ..Default::default() }.into());
     "5.10" "feature-group-remove" "GroupRemove: an answer with its req; NOT_SUPPORTED unless offered" => feature(pb::GroupRemove { req: 73, group: 1, ..Default::default() }.into());
@@ -830,6 +832,65 @@ async fn link_device(cx: &Ctx) -> Outcome {
     check(d.device != a.device, || "the new device got the first device's number".into())?;
     let w2 = cx.login(&Device { account: 0, device: 0, ..d.clone() }).await?;
     check((w2.login.account, w2.login.device) == (a.account, d.device), || "LoginOk names other ids".into())?;
+    Ok(None)
+}
+
+/// A key upload with a valid signed prekey and one-time prekeys `ids`.
+fn key_upload(req: u64, ids: std::ops::RangeInclusive<u32>) -> pb::KeysUpload {
+    use ed25519_dalek::Signer as _;
+    let sk = ed25519_dalek::SigningKey::from_bytes(&rand::random());
+    let mut identity = sk.verifying_key().to_bytes().to_vec();
+    identity.extend_from_slice(&rand::random::<[u8; 32]>());
+    let key = rand::random::<[u8; 32]>().to_vec();
+    let signature = sk.sign(&pipit_protocol::e2e::signed_prekey_message(&identity, 1, &key)).to_bytes();
+    pb::KeysUpload {
+        req,
+        identity: Bytes::from(identity),
+        signed: Some(pb::SignedPreKey { id: 1, key: Bytes::from(key), signature: Bytes::copy_from_slice(&signature) }),
+        one_time: ids.map(|id| pb::PreKey { id, key: Bytes::copy_from_slice(&rand::random::<[u8; 32]>()) }).collect(),
+    }
+}
+
+async fn answer_to(w: &mut Wire, req: u64) -> Result<Message, String> {
+    let key = format!("req {req}");
+    w.expect(&format!("the answer to request {req}"), |m| (answer_key(m)? == key).then(|| m.clone())).await
+}
+
+async fn keys_once(cx: &Ctx) -> Outcome {
+    let (a, mut wa) = cx.register().await?;
+    if !wa.login.features.contains(&(pb::Feature::KeyDirectory as i32)) {
+        return Ok(Some("the key directory is not offered".into()));
+    }
+    wa.send(&[key_upload(1, 1..=2).into()]).await?;
+    let up = answer_to(&mut wa, 1).await?;
+    check(matches!(up, Message::Done(_)), || format!("the upload was answered {}", describe(&up)))?;
+    let (_, mut wb) = cx.register().await?;
+    let mut handed = Vec::new();
+    for req in 1..=3 {
+        wb.send(&[pb::KeysFetch { req, account: a.account, devices: vec![] }.into()]).await?;
+        match answer_to(&mut wb, req).await? {
+            Message::KeysResult(r) if r.bundles.len() == 1 => handed.push(r.bundles[0].one_time.as_ref().map(|k| k.id)),
+            other => return Err(format!("fetch {req} answered {}", describe(&other))),
+        }
+    }
+    check(handed[0].is_some() && handed[1].is_some() && handed[0] != handed[1] && handed[2].is_none(), || {
+        format!("one-time prekeys handed out: {handed:?}; want two distinct, then none")
+    })?;
+    Ok(None)
+}
+
+async fn keys_bad_signature(cx: &Ctx) -> Outcome {
+    let (_, mut w) = cx.register().await?;
+    if !w.login.features.contains(&(pb::Feature::KeyDirectory as i32)) {
+        return Ok(Some("the key directory is not offered".into()));
+    }
+    let mut u = key_upload(1, 1..=1);
+    if let Some(s) = &mut u.signed {
+        s.id = 2;
+    }
+    w.send(&[u.into()]).await?;
+    let answer = answer_to(&mut w, 1).await?;
+    check(is_error(&answer, pb::ErrorCode::BadRequest, 1, 0), || format!("answered {}", describe(&answer)))?;
     Ok(None)
 }
 

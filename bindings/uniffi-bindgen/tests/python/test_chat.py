@@ -87,7 +87,7 @@ class Device:
         try:
             await asyncio.wait_for(wait(), WAIT)
         except asyncio.TimeoutError:
-            kinds = [type(e).__name__ for e in self.events]
+            kinds = [repr(e) if isinstance(e, (pipit.Event.OTHER, pipit.Event.UNDECRYPTABLE)) else type(e).__name__ for e in self.events]
             pytest.fail(f"timed out waiting for {what}; events so far: {kinds}")
 
     def of(self, kind):
@@ -213,6 +213,9 @@ async def chat(tmp):
         stats = await alice.client.stats()
         assert stats.sent == len(all_ids) + 1
         assert not alice.of(pipit.Event.STOPPED) and not bob.of(pipit.Event.STOPPED)
+        # Encrypted end to end by default, and every message was readable.
+        assert alice.client.e2e_identity() and bob.client.e2e_identity()
+        assert not alice.of(pipit.Event.UNDECRYPTABLE) and not bob.of(pipit.Event.UNDECRYPTABLE)
         print(
             f"alice={a} bob={b}: {len(seen_by_bob) + 1} messages to bob, 1 to alice, "
             f"{stats.reconnects} reconnect, {stats.resent} resent, no duplicates"

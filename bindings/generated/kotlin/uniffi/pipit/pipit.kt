@@ -692,6 +692,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_pipit_ffi_checksum_method_client_create_group(
     ): Int
+    external fun uniffi_pipit_ffi_checksum_method_client_e2e_identity(
+    ): Int
     external fun uniffi_pipit_ffi_checksum_method_client_identity(
     ): Int
     external fun uniffi_pipit_ffi_checksum_method_client_leave_group(
@@ -719,6 +721,8 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_pipit_ffi_checksum_method_client_set_push_token(
     ): Int
     external fun uniffi_pipit_ffi_checksum_method_client_stats(
+    ): Int
+    external fun uniffi_pipit_ffi_checksum_method_client_trust_identity(
     ): Int
     external fun uniffi_pipit_ffi_checksum_method_client_typing(
     ): Int
@@ -756,6 +760,8 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_pipit_ffi_fn_method_client_create_group(`ptr`: Long,`name`: RustBuffer.ByValue,`members`: RustBuffer.ByValue,
     ): Long
+    external fun uniffi_pipit_ffi_fn_method_client_e2e_identity(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_pipit_ffi_fn_method_client_identity(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_pipit_ffi_fn_method_client_leave_group(`ptr`: Long,`group`: Long,
@@ -783,6 +789,8 @@ internal object UniffiLib {
     external fun uniffi_pipit_ffi_fn_method_client_set_push_token(`ptr`: Long,`platform`: RustBuffer.ByValue,`token`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_pipit_ffi_fn_method_client_stats(`ptr`: Long,
+    ): Long
+    external fun uniffi_pipit_ffi_fn_method_client_trust_identity(`ptr`: Long,`account`: Long,`device`: Int,
     ): Long
     external fun uniffi_pipit_ffi_fn_method_client_typing(`ptr`: Long,`peer`: Long,`typing`: Byte,
     ): Long
@@ -928,6 +936,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_pipit_ffi_checksum_method_client_create_group() and 0xFFFF) != 38798) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_pipit_ffi_checksum_method_client_e2e_identity() and 0xFFFF) != 45705) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_pipit_ffi_checksum_method_client_identity() and 0xFFFF) != 31266) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -968,6 +979,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_pipit_ffi_checksum_method_client_stats() and 0xFFFF) != 1534) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pipit_ffi_checksum_method_client_trust_identity() and 0xFFFF) != 53408) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_pipit_ffi_checksum_method_client_typing() and 0xFFFF) != 29580) {
@@ -1443,6 +1457,13 @@ public interface ClientInterface {
     suspend fun `createGroup`(`name`: kotlin.String, `members`: List<kotlin.ULong>): GroupInfo
     
     /**
+     * This device's end-to-end identity (its Curve25519 key, 64 hex
+     * digits), what two people compare to be sure no one is in the
+     * middle; `None` with encryption off.
+     */
+    fun `e2eIdentity`(): kotlin.String?
+    
+    /**
      * This device's public key, 64 hex digits: what another device of the
      * same account passes to `link_device`.
      */
@@ -1527,6 +1548,14 @@ public interface ClientInterface {
      * Counters, for diagnostics.
      */
     suspend fun `stats`(): Stats
+    
+    /**
+     * Accepts the new identity `account`/`device` showed in
+     * `Event.IdentityChanged` (ideally after the people compared it): from
+     * now on messages are encrypted for it and its messages believed.
+     * `false` when it showed none.
+     */
+    suspend fun `trustIdentity`(`account`: kotlin.ULong, `device`: kotlin.UInt): kotlin.Boolean
     
     /**
      * Tells `peer` this device is typing (or stopped). At most once:
@@ -1736,6 +1765,24 @@ open class Client: Disposable, AutoCloseable, ClientInterface
         PipitException.ErrorHandler,
     )
     }
+
+    
+    /**
+     * This device's end-to-end identity (its Curve25519 key, 64 hex
+     * digits), what two people compare to be sure no one is in the
+     * middle; `None` with encryption off.
+     */override fun `e2eIdentity`(): kotlin.String? {
+            return FfiConverterOptionalString.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_pipit_ffi_fn_method_client_e2e_identity(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
 
     
     /**
@@ -2109,6 +2156,35 @@ open class Client: Disposable, AutoCloseable, ClientInterface
 
     
     /**
+     * Accepts the new identity `account`/`device` showed in
+     * `Event.IdentityChanged` (ideally after the people compared it): from
+     * now on messages are encrypted for it and its messages believed.
+     * `false` when it showed none.
+     */
+    @Throws(PipitException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `trustIdentity`(`account`: kotlin.ULong, `device`: kotlin.UInt) : kotlin.Boolean {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_pipit_ffi_fn_method_client_trust_identity(
+                uniffiHandle,
+                
+        FfiConverterULong.lower(`account`),
+        FfiConverterUInt.lower(`device`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_pipit_ffi_rust_future_poll_i8(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_pipit_ffi_rust_future_complete_i8(future, continuation) },
+        { future -> UniffiLib.ffi_pipit_ffi_rust_future_free_i8(future) },
+        // lift function
+        { FfiConverterBoolean.lift(it) },
+        // Error FFI converter
+        PipitException.ErrorHandler,
+    )
+    }
+
+    
+    /**
      * Tells `peer` this device is typing (or stopped). At most once:
      * dropped when offline.
      */
@@ -2288,6 +2364,19 @@ data class ClientConfig (
      * network.
      */
     var `eventBuffer`: kotlin.UInt
+    , 
+    /**
+     * End-to-end encryption (Olm and Megolm): on by default; off sends
+     * payloads as they are (tests, bots).
+     */
+    var `encryption`: kotlin.Boolean
+    , 
+    /**
+     * 32 bytes from the platform keystore that encrypt the end-to-end
+     * state in the storage directory; `None`: a key derived from the
+     * device's private key (only as safe as the directory itself).
+     */
+    var `pickleKey`: kotlin.ByteArray?
     
 ){
     
@@ -2314,6 +2403,8 @@ public object FfiConverterTypeClientConfig: FfiConverterRustBuffer<ClientConfig>
             FfiConverterULong.read(buf),
             FfiConverterBoolean.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterOptionalByteArray.read(buf),
         )
     }
 
@@ -2327,7 +2418,9 @@ public object FfiConverterTypeClientConfig: FfiConverterRustBuffer<ClientConfig>
             FfiConverterULong.allocationSize(value.`backoffInitialMs`) +
             FfiConverterULong.allocationSize(value.`backoffMaxMs`) +
             FfiConverterBoolean.allocationSize(value.`acceptServerKeyChange`) +
-            FfiConverterUInt.allocationSize(value.`eventBuffer`)
+            FfiConverterUInt.allocationSize(value.`eventBuffer`) +
+            FfiConverterBoolean.allocationSize(value.`encryption`) +
+            FfiConverterOptionalByteArray.allocationSize(value.`pickleKey`)
     )
 
     override fun write(value: ClientConfig, buf: ByteBuffer) {
@@ -2341,6 +2434,8 @@ public object FfiConverterTypeClientConfig: FfiConverterRustBuffer<ClientConfig>
             FfiConverterULong.write(value.`backoffMaxMs`, buf)
             FfiConverterBoolean.write(value.`acceptServerKeyChange`, buf)
             FfiConverterUInt.write(value.`eventBuffer`, buf)
+            FfiConverterBoolean.write(value.`encryption`, buf)
+            FfiConverterOptionalByteArray.write(value.`pickleKey`, buf)
     }
 }
 
@@ -2773,6 +2868,66 @@ sealed class Event {
     }
     
     /**
+     * A message this device cannot read (encryption on); it was
+     * acknowledged, so the stream goes on.
+     */
+    data class Undecryptable(
+        /**
+         * Sending account.
+         */
+        val `fromAccount`: kotlin.ULong, 
+        /**
+         * Sending device.
+         */
+        val `fromDevice`: kotlin.UInt, 
+        /**
+         * Its sequence number.
+         */
+        val `seq`: kotlin.ULong, 
+        /**
+         * For group messages: the group.
+         */
+        val `group`: kotlin.ULong, 
+        /**
+         * Why.
+         */
+        val `reason`: uniffi.pipit.UndecryptableReason) : Event()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * A device's end-to-end identity is not the one pinned: nothing is
+     * encrypted for it, nor believed from it, until `trust_identity`.
+     */
+    data class IdentityChanged(
+        /**
+         * Its account.
+         */
+        val `account`: kotlin.ULong, 
+        /**
+         * Its device number.
+         */
+        val `device`: kotlin.UInt, 
+        /**
+         * The identity pinned before (64 hex digits), if any.
+         */
+        val `old`: kotlin.String?, 
+        /**
+         * The identity it shows now.
+         */
+        val `new`: kotlin.String) : Event()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
      * A send is durable on the server ("sent").
      */
     data class Sent(
@@ -3070,16 +3225,29 @@ public object FfiConverterTypeEvent : FfiConverterRustBuffer<Event>{
                 FfiConverterULong.read(buf),
                 FfiConverterByteArray.read(buf),
                 )
-            5 -> Event.Sent(
+            5 -> Event.Undecryptable(
+                FfiConverterULong.read(buf),
+                FfiConverterUInt.read(buf),
+                FfiConverterULong.read(buf),
+                FfiConverterULong.read(buf),
+                FfiConverterTypeUndecryptableReason.read(buf),
+                )
+            6 -> Event.IdentityChanged(
+                FfiConverterULong.read(buf),
+                FfiConverterUInt.read(buf),
+                FfiConverterOptionalString.read(buf),
+                FfiConverterString.read(buf),
+                )
+            7 -> Event.Sent(
                 FfiConverterULong.read(buf),
                 FfiConverterULong.read(buf),
                 FfiConverterULong.read(buf),
                 )
-            6 -> Event.SendFailed(
+            8 -> Event.SendFailed(
                 FfiConverterULong.read(buf),
                 FfiConverterTypeErrorCode.read(buf),
                 )
-            7 -> Event.Receipt(
+            9 -> Event.Receipt(
                 FfiConverterTypeReceiptKind.read(buf),
                 FfiConverterULong.read(buf),
                 FfiConverterULong.read(buf),
@@ -3089,41 +3257,41 @@ public object FfiConverterTypeEvent : FfiConverterRustBuffer<Event>{
                 FfiConverterULong.read(buf),
                 FfiConverterUInt.read(buf),
                 )
-            8 -> Event.Expired(
+            10 -> Event.Expired(
                 FfiConverterULong.read(buf),
                 FfiConverterULong.read(buf),
                 FfiConverterULong.read(buf),
                 FfiConverterUInt.read(buf),
                 )
-            9 -> Event.Presence(
+            11 -> Event.Presence(
                 FfiConverterULong.read(buf),
                 FfiConverterBoolean.read(buf),
                 FfiConverterULong.read(buf),
                 )
-            10 -> Event.Typing(
+            12 -> Event.Typing(
                 FfiConverterULong.read(buf),
                 FfiConverterULong.read(buf),
                 FfiConverterBoolean.read(buf),
                 FfiConverterULong.read(buf),
                 )
-            11 -> Event.Group(
+            13 -> Event.Group(
                 FfiConverterTypeGroupInfo.read(buf),
                 )
-            12 -> Event.Linked(
+            14 -> Event.Linked(
                 FfiConverterULong.read(buf),
                 FfiConverterUInt.read(buf),
                 )
-            13 -> Event.DeviceList(
+            15 -> Event.DeviceList(
                 FfiConverterULong.read(buf),
                 FfiConverterULong.read(buf),
                 FfiConverterSequenceTypeDeviceInfo.read(buf),
                 )
-            14 -> Event.RequestFailed(
+            16 -> Event.RequestFailed(
                 FfiConverterULong.read(buf),
                 FfiConverterTypeErrorCode.read(buf),
                 FfiConverterUInt.read(buf),
                 )
-            15 -> Event.Other(
+            17 -> Event.Other(
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid enum value, something is very wrong!!")
@@ -3167,6 +3335,27 @@ public object FfiConverterTypeEvent : FfiConverterRustBuffer<Event>{
                 + FfiConverterULong.allocationSize(value.`peer`)
                 + FfiConverterULong.allocationSize(value.`group`)
                 + FfiConverterByteArray.allocationSize(value.`devicePayload`)
+            )
+        }
+        is Event.Undecryptable -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterULong.allocationSize(value.`fromAccount`)
+                + FfiConverterUInt.allocationSize(value.`fromDevice`)
+                + FfiConverterULong.allocationSize(value.`seq`)
+                + FfiConverterULong.allocationSize(value.`group`)
+                + FfiConverterTypeUndecryptableReason.allocationSize(value.`reason`)
+            )
+        }
+        is Event.IdentityChanged -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterULong.allocationSize(value.`account`)
+                + FfiConverterUInt.allocationSize(value.`device`)
+                + FfiConverterOptionalString.allocationSize(value.`old`)
+                + FfiConverterString.allocationSize(value.`new`)
             )
         }
         is Event.Sent -> {
@@ -3303,21 +3492,38 @@ public object FfiConverterTypeEvent : FfiConverterRustBuffer<Event>{
                 FfiConverterByteArray.write(value.`devicePayload`, buf)
                 Unit
             }
-            is Event.Sent -> {
+            is Event.Undecryptable -> {
                 buf.putInt(5)
+                FfiConverterULong.write(value.`fromAccount`, buf)
+                FfiConverterUInt.write(value.`fromDevice`, buf)
+                FfiConverterULong.write(value.`seq`, buf)
+                FfiConverterULong.write(value.`group`, buf)
+                FfiConverterTypeUndecryptableReason.write(value.`reason`, buf)
+                Unit
+            }
+            is Event.IdentityChanged -> {
+                buf.putInt(6)
+                FfiConverterULong.write(value.`account`, buf)
+                FfiConverterUInt.write(value.`device`, buf)
+                FfiConverterOptionalString.write(value.`old`, buf)
+                FfiConverterString.write(value.`new`, buf)
+                Unit
+            }
+            is Event.Sent -> {
+                buf.putInt(7)
                 FfiConverterULong.write(value.`id`, buf)
                 FfiConverterULong.write(value.`seq`, buf)
                 FfiConverterULong.write(value.`time`, buf)
                 Unit
             }
             is Event.SendFailed -> {
-                buf.putInt(6)
+                buf.putInt(8)
                 FfiConverterULong.write(value.`id`, buf)
                 FfiConverterTypeErrorCode.write(value.`code`, buf)
                 Unit
             }
             is Event.Receipt -> {
-                buf.putInt(7)
+                buf.putInt(9)
                 FfiConverterTypeReceiptKind.write(value.`kind`, buf)
                 FfiConverterULong.write(value.`peer`, buf)
                 FfiConverterULong.write(value.`group`, buf)
@@ -3329,7 +3535,7 @@ public object FfiConverterTypeEvent : FfiConverterRustBuffer<Event>{
                 Unit
             }
             is Event.Expired -> {
-                buf.putInt(8)
+                buf.putInt(10)
                 FfiConverterULong.write(value.`peer`, buf)
                 FfiConverterULong.write(value.`group`, buf)
                 FfiConverterULong.write(value.`seq`, buf)
@@ -3337,14 +3543,14 @@ public object FfiConverterTypeEvent : FfiConverterRustBuffer<Event>{
                 Unit
             }
             is Event.Presence -> {
-                buf.putInt(9)
+                buf.putInt(11)
                 FfiConverterULong.write(value.`account`, buf)
                 FfiConverterBoolean.write(value.`online`, buf)
                 FfiConverterULong.write(value.`lastSeen`, buf)
                 Unit
             }
             is Event.Typing -> {
-                buf.putInt(10)
+                buf.putInt(12)
                 FfiConverterULong.write(value.`peer`, buf)
                 FfiConverterULong.write(value.`group`, buf)
                 FfiConverterBoolean.write(value.`typing`, buf)
@@ -3352,32 +3558,32 @@ public object FfiConverterTypeEvent : FfiConverterRustBuffer<Event>{
                 Unit
             }
             is Event.Group -> {
-                buf.putInt(11)
+                buf.putInt(13)
                 FfiConverterTypeGroupInfo.write(value.`info`, buf)
                 Unit
             }
             is Event.Linked -> {
-                buf.putInt(12)
+                buf.putInt(14)
                 FfiConverterULong.write(value.`req`, buf)
                 FfiConverterUInt.write(value.`device`, buf)
                 Unit
             }
             is Event.DeviceList -> {
-                buf.putInt(13)
+                buf.putInt(15)
                 FfiConverterULong.write(value.`req`, buf)
                 FfiConverterULong.write(value.`account`, buf)
                 FfiConverterSequenceTypeDeviceInfo.write(value.`devices`, buf)
                 Unit
             }
             is Event.RequestFailed -> {
-                buf.putInt(14)
+                buf.putInt(16)
                 FfiConverterULong.write(value.`req`, buf)
                 FfiConverterTypeErrorCode.write(value.`code`, buf)
                 FfiConverterUInt.write(value.`retryAfterSecs`, buf)
                 Unit
             }
             is Event.Other -> {
-                buf.putInt(15)
+                buf.putInt(17)
                 FfiConverterString.write(value.`kind`, buf)
                 Unit
             }
@@ -3672,6 +3878,137 @@ public object FfiConverterTypeReceiptKind: FfiConverterRustBuffer<ReceiptKind> {
 }
 
 
+
+
+
+/**
+ * Why a message could not be read.
+ */
+
+enum class UndecryptableReason {
+    
+    /**
+     * Not end-to-end encrypted (the sender has encryption off).
+     */
+    NOT_ENCRYPTED,
+    /**
+     * The sender had no keys it trusts for this device.
+     */
+    WITHHELD,
+    /**
+     * No session decrypts it.
+     */
+    NO_SESSION,
+    /**
+     * Damaged or forged.
+     */
+    DAMAGED,
+    /**
+     * From a device whose new identity is not accepted yet.
+     */
+    UNTRUSTED_IDENTITY,
+    /**
+     * It names another conversation than the one it arrived in.
+     */
+    WRONG_CONVERSATION,
+    /**
+     * A group message whose session this device was never given.
+     */
+    NO_GROUP_SESSION,
+    /**
+     * A reason newer than this binding.
+     */
+    OTHER;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeUndecryptableReason: FfiConverterRustBuffer<UndecryptableReason> {
+    override fun read(buf: ByteBuffer) = try {
+        UndecryptableReason.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: UndecryptableReason) = 4UL
+
+    override fun write(value: UndecryptableReason, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?> {
+    override fun read(buf: ByteBuffer): kotlin.String? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterString.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.String?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterString.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.String?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalByteArray: FfiConverterRustBuffer<kotlin.ByteArray?> {
+    override fun read(buf: ByteBuffer): kotlin.ByteArray? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterByteArray.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.ByteArray?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterByteArray.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.ByteArray?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterByteArray.write(value, buf)
+        }
+    }
+}
 
 
 
