@@ -10,7 +10,7 @@ use pipit_protocol::message::pb;
 use pipit_protocol::PublicKey;
 use tokio::sync::oneshot;
 
-use super::{Ctx, Writer};
+use super::{expiry, Ctx, Writer};
 use crate::commit::{Operation, Outcome, SubmitError};
 use crate::config::Registration;
 use crate::model::{unix_now, DeviceAddr};
@@ -73,9 +73,11 @@ impl Accounts {
     }
 
     /// Removes device `device` of `by`'s account (`by` itself, or another
-    /// device of the same account): its key, its inbox and its end-to-end
-    /// keys go, and its connection is closed. The future answers once that
-    /// is durable.
+    /// device of the same account): its key and its end-to-end keys go and
+    /// its connection is closed at once; then its inbox is emptied in
+    /// bounded rounds, each group reference releasing its body. The future
+    /// answers once all of that is durable. Should the server stop between
+    /// the rounds, the expiry sweep empties what is left.
     pub fn unlink(
         &self,
         by: DeviceAddr,
@@ -84,7 +86,19 @@ impl Accounts {
         let (tx, rx) = oneshot::channel();
         let op = Unlink { by, device, result: None, reply: Some(tx) };
         self.writer.try_submit(Box::new(op)).map_err(|r| r.reason)?;
-        Ok(async move { rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) })
+        let writer = self.writer.clone();
+        Ok(async move {
+            rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable))?;
+            let gone = DeviceAddr::new(by.account, device);
+            loop {
+                let (tx, rx) = oneshot::channel();
+                let op = PurgeInbox { addr: gone, more: false, reply: Some(tx) };
+                writer.submit(Box::new(op)).await.map_err(|_| pb::ErrorCode::Unavailable)?;
+                if !rx.await.map_err(|_| pb::ErrorCode::Unavailable)? {
+                    return Ok(());
+                }
+            }
+        })
     }
 
     /// Issues a single-use invite code valid for `ttl_secs`.
@@ -259,13 +273,60 @@ impl Unlink {
         if let Some(key) = PublicKey::from_slice(&info.key) {
             txn.delete_device_key(key);
         }
-        txn.delete_inbox_all(gone);
         if let Some(r) = txn.key_record(gone)? {
             txn.delete_keys(gone, r.head..r.tail);
             txn.delete_key_record(gone);
         }
         Ok(Ok(()))
     }
+}
+
+/// One round of emptying an unlinked device's inbox.
+struct PurgeInbox {
+    addr: DeviceAddr,
+    /// Entries are left for another round.
+    more: bool,
+    reply: Option<oneshot::Sender<bool>>,
+}
+
+impl Operation<Ctx> for PurgeInbox {
+    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.more = purge_inbox(txn, self.addr, expiry::DELETE_MAX)?;
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, _: &mut Ctx, outcome: Outcome<'_>) {
+        if let (Outcome::Durable, Some(tx)) = (outcome, self.reply.take()) {
+            let _ = tx.send(self.more);
+        }
+    }
+}
+
+/// Deletes up to `max` entries of `addr`'s inbox, releasing the group
+/// bodies they refer to; true if entries are left. A range delete would
+/// be one write, but it would leave every body it referred to stored for
+/// ever.
+pub(crate) fn purge_inbox(txn: &mut Txn<'_>, addr: DeviceAddr, max: usize) -> Result<bool, StorageError> {
+    let mut doomed = Vec::new();
+    let mut more = false;
+    for item in txn.store().inbox_scan(Some((addr, 0))) {
+        let item = item?;
+        if item.addr != addr {
+            break;
+        }
+        if doomed.len() == max {
+            more = true;
+            break;
+        }
+        doomed.push(item.id);
+    }
+    for id in doomed {
+        match txn.take_inbox_ref(addr, id)? {
+            Some(r) => txn.release_group_body(r.group, r.seq)?,
+            None => txn.delete_inbox(addr, id),
+        }
+    }
+    Ok(more)
 }
 
 struct CreateInvite {
@@ -332,5 +393,90 @@ mod tests {
         assert_eq!(third, 2, "device 1 is not given again");
         let list = s.store.account(a.account).unwrap().unwrap();
         assert_eq!(list.devices.iter().map(|d| d.device).collect::<Vec<_>>(), vec![0, 2]);
+    }
+
+    /// Group entries of an unlinked device release their bodies: nothing
+    /// stays stored once every remaining device has acked.
+    #[test]
+    fn unlinking_a_device_with_group_entries_releases_their_bodies() {
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let b = s.register(2, "").unwrap();
+        let b2 = s.link(b.account, 3);
+        let info = s.create_group(a, &[b.account]).unwrap();
+        s.group_send(a, 1, info.group).unwrap();
+        s.send(a, 2, b.account).unwrap();
+        s.fan_out(128);
+        let refs = |seq| s.store.counter(Counter::BodyRefs { group: info.group, seq }).unwrap();
+        assert_eq!((refs(1), refs(2)), (3, 2), "notice: a, b, b2; message: b, b2");
+        assert_eq!(s.store.inbox_after(b2, 0, 10).unwrap().len(), 3);
+
+        s.rt.block_on(s.services().accounts.unlink(b, b2.device).unwrap()).unwrap();
+        assert!(s.store.inbox_after(b2, 0, 10).unwrap().is_empty());
+        assert_eq!((refs(1), refs(2)), (2, 1));
+        for d in [a, b] {
+            let ids: Vec<u64> = s.store.inbox_after(d, 0, 10).unwrap().iter().map(|(id, _)| *id).collect();
+            s.ack(d, &ids);
+        }
+        assert_eq!(s.store.group_body_stats(Some(info.group)).unwrap().messages, 0);
+        assert_eq!(s.store.group_body_stats(Some(info.group)).unwrap().notices, 0);
+    }
+
+    /// Emptying goes in rounds of a bounded size, and what an unlink that
+    /// stopped part way left is found and emptied by the expiry sweep,
+    /// whatever its age, without telling the senders.
+    #[test]
+    fn an_unlink_that_stopped_part_way_is_finished_by_the_expiry_sweep() {
+        struct Round(DeviceAddr, bool, Option<oneshot::Sender<bool>>);
+        impl Operation<Ctx> for Round {
+            fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+                self.1 = purge_inbox(txn, self.0, 2)?;
+                Ok(())
+            }
+            fn finish(mut self: Box<Self>, _: &mut Ctx, _: Outcome<'_>) {
+                self.2.take().unwrap().send(self.1).unwrap();
+            }
+        }
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let b = s.register(2, "").unwrap();
+        let b2 = s.link(b.account, 3);
+        let info = s.create_group(a, &[b.account]).unwrap();
+        for id in 1..=3 {
+            s.group_send(a, id, info.group).unwrap();
+        }
+        s.fan_out(128);
+        assert_eq!(s.store.inbox_after(b2, 0, 10).unwrap().len(), 4);
+        let round = || {
+            let (tx, rx) = oneshot::channel();
+            s.rt.block_on(s.services().writer.submit(Box::new(Round(b2, false, Some(tx))))).unwrap();
+            s.rt.block_on(rx).unwrap()
+        };
+        assert!(round(), "two of four: more left");
+        assert_eq!(s.store.inbox_after(b2, 0, 10).unwrap().len(), 2);
+
+        // The device leaves its account; the server stops before the rest.
+        let (tx, rx) = oneshot::channel();
+        let op = Unlink { by: b, device: b2.device, result: None, reply: Some(tx) };
+        s.rt.block_on(s.services().writer.submit(Box::new(op))).unwrap();
+        s.rt.block_on(rx).unwrap().unwrap();
+        assert_eq!(s.store.inbox_after(b2, 0, 10).unwrap().len(), 2);
+
+        let (tx, rx) = oneshot::channel();
+        s.rt.block_on(s.services().writer.submit(Box::new(expiry::ExpireOp::new(unix_now(), tx)))).unwrap();
+        assert_eq!(rx.blocking_recv().unwrap().expired, 2, "only the unlinked device's two");
+        assert!(s.store.inbox_after(b2, 0, 10).unwrap().is_empty());
+        for d in [a, b] {
+            let ids: Vec<u64> = s.store.inbox_after(d, 0, 10).unwrap().iter().map(|(id, _)| *id).collect();
+            assert!(!s
+                .store
+                .inbox_after(d, 0, 10)
+                .unwrap()
+                .iter()
+                .any(|(_, m)| matches!(m, pipit_protocol::Message::Expired(_))));
+            s.ack(d, &ids);
+        }
+        let stats = s.store.group_body_stats(Some(info.group)).unwrap();
+        assert_eq!((stats.messages, stats.notices), (0, 0), "every body went with its last reference");
     }
 }

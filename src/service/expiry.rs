@@ -1,5 +1,6 @@
 //! Expiry: an inbox entry undelivered after the TTL is deleted and its
-//! sender told (`Expired`); dedup records go after the same time (a retry
+//! sender told (`Expired`); an entry of an unlinked device (an unlink that
+//! stopped part way) is deleted whatever its age; dedup records go after the same time (a retry
 //! is expected within the time a message may wait, not after), and so do
 //! the receipt counts of group messages. A group entry's body goes with
 //! the last of its references, expired or acked.
@@ -105,6 +106,8 @@ fn expire_inbox(
     let mut notices: HashMap<(u64, u64, u64, u64), u32> = HashMap::new();
     let mut doomed = Vec::new();
     let mut resume = None;
+    // The device of the entries being read, and whether it is still linked.
+    let mut known: Option<(DeviceAddr, bool)> = None;
     for (scanned, item) in txn.store().inbox_scan(from).enumerate() {
         let item = item?;
         if scanned >= SCAN_MAX || doomed.len() >= DELETE_MAX {
@@ -114,11 +117,23 @@ fn expire_inbox(
         let Ok(entry) = item.entry else {
             continue;
         };
+        let is_ref = matches!(entry, InboxEntry::GroupRef(_));
+        if known.is_none_or(|(addr, _)| addr != item.addr) {
+            let linked = txn
+                .store()
+                .account(item.addr.account)?
+                .is_some_and(|a| a.devices.iter().any(|d| d.device == item.addr.device));
+            known = Some((item.addr, linked));
+        }
+        if known.is_some_and(|(_, linked)| !linked) {
+            // Left by an unlink that stopped part way: nobody to tell.
+            doomed.push((item.addr, item.id, is_ref));
+            continue;
+        }
         let time = entry.time();
         if time == 0 || time > cutoff {
             continue;
         }
-        let is_ref = matches!(entry, InboxEntry::GroupRef(_));
         doomed.push((item.addr, item.id, is_ref));
         match &entry {
             InboxEntry::Message(Message::Deliver(d)) if d.from != item.addr.account => {

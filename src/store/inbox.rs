@@ -255,13 +255,6 @@ impl Txn<'_> {
         }
         Ok(found)
     }
-
-    /// Deletes every entry of `addr`'s inbox (an unlinked device).
-    pub fn delete_inbox_all(&mut self, addr: DeviceAddr) {
-        self.delete_range(Table::Inbox, &key(addr, 0), &key(addr, u64::MAX));
-        // The last id is never handed out (counters stop short of it).
-        self.delete(Table::Inbox, &key(addr, u64::MAX));
-    }
 }
 
 #[cfg(test)]
