@@ -5,11 +5,13 @@
 //! presence subscription goes again on every new connection. A scripted
 //! server (the protocol crate's real responder over a real socket).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use pipit_client::pipit_protocol::handshake::{ServerHandshake, ServerKeys, ServerStep};
+use pipit_client::pipit_protocol::handshake::ServerKeys;
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::session::Incoming;
 use pipit_client::pipit_protocol::{Message, Session, StaticKeypair};
@@ -18,24 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const T: Duration = Duration::from_secs(20);
-
-async fn accept(listener: &TcpListener, keys: &Arc<ServerKeys>) -> (TcpStream, Session, BytesMut) {
-    let (mut s, _) = listener.accept().await.unwrap();
-    let mut hs = ServerHandshake::new(keys.clone(), Instant::now(), Duration::from_secs(5));
-    let mut input = BytesMut::new();
-    let mut out = BytesMut::new();
-    let accepted = loop {
-        s.read_buf(&mut input).await.unwrap();
-        match hs.read(&mut input, Instant::now(), &mut out).unwrap() {
-            ServerStep::NeedMore(h) => hs = h,
-            ServerStep::Accepted(a) => break a,
-        }
-    };
-    let ok: Message = pb::LoginOk { account: 7, keepalive_secs: 60, window: 8, ..Default::default() }.into();
-    let session = accepted.finish(&[ok], &mut out).unwrap();
-    s.write_all(&out).await.unwrap();
-    (s, session, input)
-}
 
 /// Reads until a message `pick` takes.
 async fn read_until<T>(
@@ -73,7 +57,7 @@ async fn busy_is_retried_final_is_returned_and_the_subscription_follows_reconnec
     let addr = listener.local_addr().unwrap();
 
     let server = tokio::spawn(async move {
-        let (mut s, mut session, mut input) = accept(&listener, &keys).await;
+        let (mut s, mut session, mut input) = common::accept(&listener, &keys, &[]).await;
         // A privacy change: busy once, then done.
         let (req, first) = read_until(&mut s, &mut session, &mut input, |m| match m {
             Message::PrivacySet(p) => Some((p.req, Instant::now())),
@@ -112,7 +96,7 @@ async fn busy_is_retried_final_is_returned_and_the_subscription_follows_reconnec
         // (not the refused set), unasked.
         read_until(&mut s, &mut session, &mut input, |m| matches!(m, Message::Ping(_)).then_some(())).await;
         drop(s);
-        let (mut s, mut session, mut input) = accept(&listener, &keys).await;
+        let (mut s, mut session, mut input) = common::accept(&listener, &keys, &[]).await;
         let (req, accounts) = read_until(&mut s, &mut session, &mut input, |m| match m {
             Message::PresenceSubscribe(p) => Some((p.req, p.accounts)),
             _ => None,

@@ -3,17 +3,19 @@
 //! id 1 twice, then 2; the app must see 1 and 2 once each, and the client
 //! must ack through 2.
 
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use pipit_client::pipit_protocol::handshake::{ServerHandshake, ServerKeys, ServerStep};
+use bytes::Bytes;
+use pipit_client::pipit_protocol::handshake::ServerKeys;
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::session::Incoming;
 use pipit_client::pipit_protocol::{Message, StaticKeypair};
 use pipit_client::{Client, Config, Encryption, Event, MemoryStore, State, Store as _};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 fn deliver(inbox: u64, seq: u64) -> Message {
     pb::Deliver { inbox, from: 9, seq, payload: Bytes::from(format!("m{seq}")), ..Default::default() }.into()
@@ -27,21 +29,9 @@ async fn a_redelivered_message_reaches_the_app_once() {
     let addr = listener.local_addr().unwrap();
 
     let server = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut hs = ServerHandshake::new(keys, Instant::now(), Duration::from_secs(5));
-        let mut input = BytesMut::new();
-        let mut out = BytesMut::new();
-        let accepted = loop {
-            s.read_buf(&mut input).await.unwrap();
-            match hs.read(&mut input, Instant::now(), &mut out).unwrap() {
-                ServerStep::NeedMore(h) => hs = h,
-                ServerStep::Accepted(a) => break a,
-            }
-        };
-        let ok: Message = pb::LoginOk { account: 7, keepalive_secs: 60, window: 8, ..Default::default() }.into();
         // Inbox 1 arrives twice, as after a reconnect before the ack landed.
-        let mut session = accepted.finish(&[ok, deliver(1, 1), deliver(1, 1), deliver(2, 2)], &mut out).unwrap();
-        s.write_all(&out).await.unwrap();
+        let (mut s, mut session, mut input) =
+            common::accept(&listener, &keys, &[deliver(1, 1), deliver(1, 1), deliver(2, 2)]).await;
         // Wait for the client's cumulative ack.
         let mut acked = 0;
         while acked < 2 {

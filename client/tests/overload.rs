@@ -5,12 +5,14 @@
 //! `NOT_SUPPORTED` answer is final. A scripted server (the protocol
 //! crate's real responder over a real socket) refuses, then accepts.
 
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use pipit_client::pipit_protocol::handshake::{ServerHandshake, ServerKeys, ServerStep};
+use pipit_client::pipit_protocol::handshake::ServerKeys;
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::session::Incoming;
 use pipit_client::pipit_protocol::{Message, StaticKeypair};
@@ -30,20 +32,8 @@ async fn overload_is_retried_on_the_same_connection_and_not_supported_is_final()
     let addr = listener.local_addr().unwrap();
 
     let server = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut hs = ServerHandshake::new(keys, Instant::now(), Duration::from_secs(5));
-        let mut input = BytesMut::new();
+        let (mut s, mut session, mut input) = common::accept(&listener, &keys, &[]).await;
         let mut out = BytesMut::new();
-        let accepted = loop {
-            s.read_buf(&mut input).await.unwrap();
-            match hs.read(&mut input, Instant::now(), &mut out).unwrap() {
-                ServerStep::NeedMore(h) => hs = h,
-                ServerStep::Accepted(a) => break a,
-            }
-        };
-        let ok: Message = pb::LoginOk { account: 7, keepalive_secs: 60, window: 8, ..Default::default() }.into();
-        let mut session = accepted.finish(&[ok], &mut out).unwrap();
-        s.write_all(&out).await.unwrap();
         let mut seen: Seen = Vec::new();
         let mut refused = 0;
         // Until message 1 got Sent and message 2 its final refusal, and a

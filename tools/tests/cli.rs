@@ -1,13 +1,13 @@
 //! `pipit-cli` processes against a real server: register, send, receive,
 //! an interactive chat between two "terminals", and admin commands.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-const CLI: &str = env!("CARGO_BIN_EXE_pipit-cli");
+use common::{Terminal, CLI};
 
 struct Server {
     running: Option<pipit::Running>,
@@ -35,9 +35,7 @@ fn server() -> Server {
 }
 
 fn cli(args: &[&str]) -> String {
-    let out = Command::new(CLI).args(args).output().unwrap();
-    assert!(out.status.success(), "pipit-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    common::cli(args).unwrap_or_else(|e| panic!("pipit-cli {args:?}: {e}"))
 }
 
 fn register(s: &Server, profile: &Path) -> u64 {
@@ -55,69 +53,13 @@ fn register(s: &Server, profile: &Path) -> u64 {
     out.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// A running interactive process whose output lines arrive on a channel.
-struct Terminal {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
 impl Terminal {
     fn chat(profile: &Path, to: u64) -> Self {
-        Self::start(&["chat", "--profile", profile.to_str().unwrap(), "--to", &to.to_string()])
+        Self::spawn(&["chat", "--profile", profile.to_str().unwrap(), "--to", &to.to_string()])
     }
 
     fn group_chat(profile: &Path, group: u64) -> Self {
-        Self::start(&["chat", "--profile", profile.to_str().unwrap(), "--group", &group.to_string()])
-    }
-
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(CLI)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines, seen: Vec::new() }
-    }
-
-    fn type_line(&mut self, text: &str) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        writeln!(stdin, "{text}").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Waits for a line containing `needle`.
-    fn wait_for(&mut self, needle: &str) {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(20)) {
-                Ok(line) => {
-                    let hit = line.contains(needle);
-                    self.seen.push(line);
-                    if hit {
-                        return;
-                    }
-                }
-                Err(_) => panic!("no line with {needle:?}; saw {:?}", self.seen),
-            }
-        }
-    }
-
-    /// Closes stdin (Ctrl-D) and waits for a clean exit.
-    fn quit(mut self) {
-        drop(self.child.stdin.take());
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "{status:?}; saw {:?}", self.seen);
+        Self::spawn(&["chat", "--profile", profile.to_str().unwrap(), "--group", &group.to_string()])
     }
 }
 

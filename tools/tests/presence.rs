@@ -2,18 +2,17 @@
 //! library (behind a link emulator the test cuts) and `pipit-cli`, against
 //! a real server in-process with RocksDB in a temp dir.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
+use common::{cli, Terminal};
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::{Backoff, Client, ClientError, Config, Event, Events, MemoryStore};
 use pipit_tools::linkem::{Link, Proxy};
 
 const T: Duration = Duration::from_secs(20);
-const CLI: &str = env!("CARGO_BIN_EXE_pipit-cli");
 
 struct Server {
     running: Option<pipit::Running>,
@@ -136,77 +135,6 @@ async fn the_library_watches_again_after_a_reconnect_and_relays_typing() {
     let e = carol.set_push_token(pb::PushPlatform::Fcm, &b"token"[..]).await.unwrap_err();
     assert!(matches!(e, ClientError::Refused(pb::ErrorCode::NotSupported)), "{e}");
     drop(carol_events);
-}
-
-/// A running interactive process whose output lines arrive on a channel.
-struct Terminal {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Terminal {
-    fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(CLI)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines, seen: Vec::new() }
-    }
-
-    fn type_line(&mut self, text: &str) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        writeln!(stdin, "{text}").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    fn wait_for(&mut self, needle: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(T) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no line with {needle:?}; saw {:?}", self.seen),
-            }
-        }
-    }
-
-    fn quit(mut self) {
-        drop(self.child.stdin.take());
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "{status:?}; saw {:?}", self.seen);
-    }
-}
-
-impl Drop for Terminal {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn cli(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(CLI).args(args).output().unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8(out.stdout).unwrap())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
 }
 
 fn register(s: &Server, profile: &std::path::Path) -> u64 {
