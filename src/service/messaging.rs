@@ -66,6 +66,7 @@ impl Messaging {
             received: Instant::now(),
             result: None,
             fanout: false,
+            stored: false,
             pushes: Pushes::default(),
             reply: tx,
         };
@@ -82,6 +83,8 @@ struct SendOp {
     result: Option<Result<pb::Sent, SendFailure>>,
     /// A group send that created a fan-out job.
     fanout: bool,
+    /// A 1:1 message written (not a retry answered from its dedup record).
+    stored: bool,
     pushes: Pushes,
     reply: Reply,
 }
@@ -90,7 +93,9 @@ impl Operation<Ctx> for SendOp {
     fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
         self.pushes = Pushes::default();
         self.fanout = false;
-        self.result = Some(store_send(txn, self.from, &self.send, self.digest, &mut self.pushes, &mut self.fanout)?);
+        self.stored = false;
+        let (from, send, digest) = (self.from, &self.send, self.digest);
+        self.result = Some(store_send(txn, from, send, digest, &mut self.pushes, &mut self.fanout, &mut self.stored)?);
         Ok(())
     }
 
@@ -102,6 +107,11 @@ impl Operation<Ctx> for SendOp {
                     metrics::histogram!("pipit_send_durable_seconds").record(self.received.elapsed().as_secs_f64());
                 }
                 self.pushes.release(&*ctx.deliveries);
+                if self.stored {
+                    // Counted here, after the sync: a round that failed
+                    // and ran again must not count twice.
+                    metrics::counter!("pipit_messages_stored_total").increment(1);
+                }
                 if self.fanout {
                     metrics::counter!("pipit_group_sends_total").increment(1);
                     ctx.fanout.wake();
@@ -154,6 +164,7 @@ fn store_send(
     digest: Digest,
     pushes: &mut Pushes,
     fanout: &mut bool,
+    stored: &mut bool,
 ) -> Result<Result<pb::Sent, SendFailure>, StorageError> {
     let fail = |c| Ok(Err(SendFailure::Code(c)));
     // Dedup first: a retry must get the original answer even if the
@@ -237,7 +248,7 @@ fn store_send(
         enqueue(txn, to, deliver.into(), pushes)?;
     }
     txn.put_dedup(from, send.id, DedupRecord { seq, time: now, digest: Some(digest) });
-    metrics::counter!("pipit_messages_stored_total").increment(1);
+    *stored = true;
     Ok(Ok(pb::Sent { id: send.id, seq, time: now }))
 }
 
