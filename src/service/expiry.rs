@@ -29,12 +29,38 @@ pub const SCAN_MAX: usize = 50_000;
 /// Most entries one round deletes.
 pub const DELETE_MAX: usize = 4_096;
 
-/// Where the next round resumes each scan.
+/// Where the next round resumes each scan; a sweep ends when all three
+/// are done, and the next sweep starts them over.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Cursor {
-    inbox: Option<(DeviceAddr, u64)>,
-    dedup: Option<(DeviceAddr, u64)>,
-    group_counts: Option<(u64, u64)>,
+    inbox: Scan<(DeviceAddr, u64)>,
+    dedup: Scan<(DeviceAddr, u64)>,
+    group_counts: Scan<(u64, u64)>,
+}
+
+/// One scan's place in a sweep.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Scan<K> {
+    #[default]
+    Start,
+    At(K),
+    /// Reached the end in this sweep: not read again until the others
+    /// finish (a scan that finished early would otherwise start over in
+    /// every round the others still need).
+    Done,
+}
+
+impl<K: Copy> Scan<K> {
+    /// Runs `round` from this place unless the scan is done; where the
+    /// next round resumes.
+    fn run(self, round: impl FnOnce(Option<K>) -> Result<Option<K>, StorageError>) -> Result<Scan<K>, StorageError> {
+        let from = match self {
+            Scan::Done => return Ok(Scan::Done),
+            Scan::Start => None,
+            Scan::At(k) => Some(k),
+        };
+        Ok(round(from)?.map_or(Scan::Done, Scan::At))
+    }
 }
 
 /// What one expiry round did.
@@ -71,11 +97,17 @@ impl Operation<Ctx> for ExpireOp {
     fn apply(&mut self, ctx: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
         self.pushes = Pushes::default();
         let cutoff = self.now.saturating_sub(ctx.rules.ttl_secs);
-        let (expired, inbox_next) = expire_inbox(txn, ctx.expiry.inbox, cutoff, &mut self.pushes)?;
-        let dedup_next = expire_dedup(txn, ctx.expiry.dedup, cutoff)?;
-        let counts_next = expire_group_counts(txn, ctx.expiry.group_counts, cutoff)?;
-        self.next = Cursor { inbox: inbox_next, dedup: dedup_next, group_counts: counts_next };
-        let finished = inbox_next.is_none() && dedup_next.is_none() && counts_next.is_none();
+        let mut expired = 0;
+        let pushes = &mut self.pushes;
+        let inbox = ctx.expiry.inbox.run(|from| {
+            let (n, next) = expire_inbox(txn, from, cutoff, pushes)?;
+            expired = n;
+            Ok(next)
+        })?;
+        let dedup = ctx.expiry.dedup.run(|from| expire_dedup(txn, from, cutoff))?;
+        let group_counts = ctx.expiry.group_counts.run(|from| expire_group_counts(txn, from, cutoff))?;
+        let finished = inbox == Scan::Done && dedup == Scan::Done && group_counts == Scan::Done;
+        self.next = if finished { Cursor::default() } else { Cursor { inbox, dedup, group_counts } };
         self.round = ExpiryRound { expired, finished };
         Ok(())
     }
@@ -317,5 +349,23 @@ mod tests {
         // The dedup record went with it: the same id is now a new message.
         let again = s.send(a, 1, b.account).unwrap();
         assert_ne!(again.seq, sent.seq);
+    }
+
+    /// A scan that reached the end is not read again while the others
+    /// still need rounds; the next sweep starts every scan over.
+    #[test]
+    fn a_finished_scan_waits_for_the_others() {
+        let mut calls = Vec::new();
+        let mut step = |scan: Scan<u64>, next: Option<u64>| {
+            scan.run(|from| {
+                calls.push(from);
+                Ok(next)
+            })
+            .unwrap()
+        };
+        assert_eq!(step(Scan::Start, Some(5)), Scan::At(5));
+        assert_eq!(step(Scan::At(5), None), Scan::Done);
+        assert_eq!(step(Scan::Done, Some(9)), Scan::Done);
+        assert_eq!(calls, vec![None, Some(5)], "a done scan is not run");
     }
 }
