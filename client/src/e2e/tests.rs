@@ -4,8 +4,13 @@
 //! SPEC.md describes it: one payload for every member device, plus each
 //! device's own `per_device` entry as `device_payload`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
+use bytes::Bytes;
+use pipit_protocol::e2e::{decode_envelope, encode_envelope};
+use vodozemac::megolm::GroupSession;
+
+use super::records::OutboundRecord;
 use super::*;
 use crate::{Event, MemoryStore};
 
