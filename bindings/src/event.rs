@@ -199,6 +199,8 @@ pub enum UndecryptableReason {
     WrongConversation,
     /// A group message whose session this device was never given.
     NoGroupSession,
+    /// A group message already read, delivered again as a new one.
+    Replayed,
     /// A reason newer than this binding.
     Other,
 }
@@ -214,6 +216,7 @@ impl From<pipit_client::Undecryptable> for UndecryptableReason {
             U::UntrustedIdentity => Self::UntrustedIdentity,
             U::WrongConversation => Self::WrongConversation,
             U::NoGroupSession => Self::NoGroupSession,
+            U::Replayed => Self::Replayed,
             #[allow(unreachable_patterns)]
             _ => Self::Other,
         }

@@ -2987,6 +2987,10 @@ public enum UndecryptableReason: Equatable, Hashable {
      */
     case noGroupSession
     /**
+     * A group message already read, delivered again as a new one.
+     */
+    case replayed
+    /**
      * A reason newer than this binding.
      */
     case other
@@ -3025,7 +3029,9 @@ public struct FfiConverterTypeUndecryptableReason: FfiConverterRustBuffer {
         
         case 7: return .noGroupSession
         
-        case 8: return .other
+        case 8: return .replayed
+        
+        case 9: return .other
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -3063,8 +3069,12 @@ public struct FfiConverterTypeUndecryptableReason: FfiConverterRustBuffer {
             writeInt(&buf, Int32(7))
         
         
-        case .other:
+        case .replayed:
             writeInt(&buf, Int32(8))
+        
+        
+        case .other:
+            writeInt(&buf, Int32(9))
         
         }
     }

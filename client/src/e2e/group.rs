@@ -12,7 +12,7 @@ use vodozemac::megolm::{GroupSession, InboundGroupSession, MegolmMessage};
 
 use crate::store::{Store, StoreError};
 
-use super::records::{GroupRecord, InboundRecord, OutboundRecord};
+use super::records::{GroupRecord, InboundRecord, OutboundRecord, SEEN_MAX};
 use super::{
     decode_content, hex, now, Addr, E2e, Pending, Sealed, Undecryptable, GROUP_SEND_BUDGET, MEGOLM_MAX_AGE_SECS,
     MEGOLM_MAX_MESSAGES,
@@ -45,14 +45,15 @@ impl E2e {
         let inbound = InboundGroupSession::new(&session_key, vodozemac::megolm::SessionConfig::version_1());
         let sid = session_id_bytes(&inbound.session_id());
         let name = format!("in.{}.{}", d.group, hex(&sid));
-        if let Some(known) = self.vault.get::<InboundRecord>(store, &name)? {
-            if known.sender != (d.from, d.from_device) {
-                // Another member passing on someone else's session as its
-                // own: keep it bound to the device that made it.
-                return Ok(Err(Undecryptable::Damaged));
-            }
+        let known = self.vault.get::<InboundRecord>(store, &name)?;
+        if known.as_ref().is_some_and(|k| k.sender != (d.from, d.from_device)) {
+            // Another member passing on someone else's session as its
+            // own: keep it bound to the device that made it.
+            return Ok(Err(Undecryptable::Damaged));
         }
-        let r = InboundRecord { pickle: inbound.pickle(), sender: (d.from, d.from_device) };
+        // The same session shared again keeps what was read under it.
+        let seen = known.map(|k| k.seen).unwrap_or_default();
+        let r = InboundRecord { pickle: inbound.pickle(), sender: (d.from, d.from_device), seen };
         self.vault.put(store, &name, &r)?;
         Ok(Ok(()))
     }
@@ -64,7 +65,7 @@ impl E2e {
         e: &pb::E2eEnvelope,
     ) -> Result<Result<Bytes, Undecryptable>, StoreError> {
         let name = format!("in.{}.{}", d.group, hex(&e.session));
-        let Some(rec) = self.vault.get::<InboundRecord>(store, &name)? else {
+        let Some(mut rec) = self.vault.get::<InboundRecord>(store, &name)? else {
             return Ok(Err(Undecryptable::NoGroupSession));
         };
         // A session shared by one device decrypts only that device's
@@ -82,6 +83,23 @@ impl E2e {
         if content.group != d.group || content.to != 0 {
             return Ok(Err(Undecryptable::WrongConversation));
         }
+        // Megolm itself decrypts an index any number of times.
+        let index = plain.message_index;
+        match rec.seen.get(&index) {
+            Some(&seq) if seq == d.seq => return Ok(Ok(content.body)),
+            Some(_) => return Ok(Err(Undecryptable::Replayed)),
+            None if rec.seen.len() >= SEEN_MAX && rec.seen.keys().next().is_some_and(|&oldest| index < oldest) => {
+                // Older than anything remembered: cannot tell, so not shown.
+                return Ok(Err(Undecryptable::Replayed));
+            }
+            None => {}
+        }
+        rec.pickle = inbound.pickle();
+        rec.seen.insert(index, d.seq);
+        while rec.seen.len() > SEEN_MAX {
+            rec.seen.pop_first();
+        }
+        self.vault.put(store, &name, &rec)?;
         Ok(Ok(content.body))
     }
 

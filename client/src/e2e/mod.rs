@@ -85,6 +85,10 @@ pub enum Undecryptable {
     /// A group message whose Megolm session this device was never given
     /// (it was not a member, or not yet a device, when it was made).
     NoGroupSession,
+    /// A group message this device already read, delivered again as a
+    /// new message (same session and index, another sequence number): a
+    /// replay by the server or the network, not shown twice.
+    Replayed,
 }
 
 impl fmt::Display for Undecryptable {
@@ -97,6 +101,7 @@ impl fmt::Display for Undecryptable {
             Undecryptable::UntrustedIdentity => "the sender's identity changed and was not accepted",
             Undecryptable::WrongConversation => "it names another conversation",
             Undecryptable::NoGroupSession => "this device was never given the group session",
+            Undecryptable::Replayed => "a replay of a message already read",
         })
     }
 }

@@ -59,7 +59,16 @@ pub(super) struct InboundRecord {
     pub(super) pickle: InboundGroupSessionPickle,
     /// The device that shared it: only its messages may use it.
     pub(super) sender: Addr,
+    /// Message indexes read under it, each with the group sequence number
+    /// it came as (a redelivery has the same one, a replay another); at
+    /// most [`SEEN_MAX`], the oldest forgotten first.
+    #[serde(default)]
+    pub(super) seen: BTreeMap<u32, u64>,
 }
+
+/// Indexes remembered per inbound session: an honest sender starts a new
+/// session long before (`MEGOLM_MAX_MESSAGES`).
+pub(super) const SEEN_MAX: usize = 1_024;
 
 /// A message waiting to be sealed: `pb::Send`, base64.
 #[derive(Serialize, Deserialize)]

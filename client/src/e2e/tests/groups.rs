@@ -232,3 +232,25 @@ fn a_member_cannot_pass_off_another_members_session_as_its_own() {
     let got = w.deliver_group(a, &next, &[1, 2, 3]);
     assert!(got.iter().all(|(_, e)| plaintext(e) == Some(&b"still a"[..])), "{got:?}");
 }
+
+#[test]
+fn a_group_message_delivered_again_as_a_new_message_is_a_replay() {
+    let mut w = World::new();
+    let a = w.add(1, 0);
+    let b = w.add(2, 0);
+    w.set_group(5, &[1, 2], 1);
+    let sealed = w.seal(a, pb::Send { id: 1, group: 5, payload: Bytes::from_static(b"once"), ..Default::default() });
+    let got = w.deliver_group(a, &sealed, &[1, 2]);
+    assert_eq!(plaintext(&got[0].1), Some(&b"once"[..]));
+    // The same delivery again (a reconnect before the ack): read again.
+    let again = deliver((1, 0), sealed.payload.clone(), 0, 5);
+    assert_eq!(plaintext(&w.decrypt(b, again)), Some(&b"once"[..]));
+    // The same ciphertext as a new group message: not shown twice.
+    let replay = pb::Deliver { seq: 2, inbox: 2, ..deliver((1, 0), sealed.payload.clone(), 0, 5) };
+    let events = w.decrypt(b, replay);
+    assert!(matches!(&events[..], [Event::Undecryptable { reason: Undecryptable::Replayed, .. }]), "{events:?}");
+    // The sender's next message still reads.
+    let next = w.seal(a, pb::Send { id: 2, group: 5, payload: Bytes::from_static(b"twice"), ..Default::default() });
+    let got = w.deliver_group(a, &next, &[1, 2]);
+    assert_eq!(plaintext(&got[0].1), Some(&b"twice"[..]));
+}

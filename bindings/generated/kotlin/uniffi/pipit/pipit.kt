@@ -3916,6 +3916,10 @@ enum class UndecryptableReason {
      */
     NO_GROUP_SESSION,
     /**
+     * A group message already read, delivered again as a new one.
+     */
+    REPLAYED,
+    /**
      * A reason newer than this binding.
      */
     OTHER;
