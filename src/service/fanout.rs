@@ -231,7 +231,15 @@ fn step(txn: &mut Txn<'_>, group: u64, seq: u64, batch: usize, pushes: &mut Push
     if g.members.iter().any(|m| m.left != 0 && m.left <= seq) {
         let mut g = (*g).clone();
         g.members.retain(|m| m.left == 0 || m.left > seq);
-        txn.put_group(g);
+        if g.members.is_empty() {
+            // Its last member has left and heard so: nobody can send to
+            // it or change it again, so nothing of it is kept (bodies go
+            // with their references, receipt counts with their age).
+            txn.delete_group(group);
+            txn.delete_counter(Counter::GroupSeq(group));
+        } else {
+            txn.put_group(g);
+        }
     }
     if !job.notice {
         super::group_receipts::fanned_out(txn, group, seq, job.recipients)?;

@@ -121,6 +121,12 @@ impl Txn<'_> {
         self.state.groups.set(g.id, Some(Arc::new(g)));
     }
 
+    /// Deletes a group's record (its last member has gone).
+    pub fn delete_group(&mut self, id: u64) {
+        self.delete(Table::Groups, &id.to_be_bytes());
+        self.state.groups.set(id, None);
+    }
+
     /// Records that `account` is a member of `group`.
     pub fn put_membership(&mut self, account: u64, group: u64) {
         self.put(Table::GroupMembers, &membership_key(account, group), &[]);

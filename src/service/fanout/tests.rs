@@ -250,3 +250,27 @@ fn group_receipts_count_each_member_once_and_reach_the_sender_coalesced() {
     assert_eq!(ids(&s, a).len(), before + 3);
     assert!(s.store.group_counts(g, seq).unwrap().is_none());
 }
+
+/// A group whose last member has left (and heard so) is deleted with its
+/// sequence counter; its last bodies go with their references.
+#[test]
+fn a_group_is_deleted_once_its_last_member_has_left() {
+    let s = setup(Registration::Open);
+    let a = s.register(1, "").unwrap();
+    let b = s.register(2, "").unwrap();
+    let g = s.create_group(a, &[b.account]).unwrap().group;
+    s.group_send(a, 1, g).unwrap();
+    s.change(b, g, Change::Leave).unwrap();
+    s.fan_out(128);
+    assert!(s.store.group(g).unwrap().is_some(), "a is still in it");
+    s.change(a, g, Change::Leave).unwrap();
+    s.fan_out(128);
+    assert!(s.store.group(g).unwrap().is_none());
+    assert_eq!(s.store.counter(Counter::GroupSeq(g)).unwrap(), 1, "deleted: reads as new");
+    assert_eq!(s.group_send(a, 2, g).map_err(|e| format!("{e:?}")), Err("Code(NotFound)".into()));
+    for d in [a, b] {
+        s.ack(d, &ids(&s, d));
+    }
+    let stats = s.store.group_body_stats(Some(g)).unwrap();
+    assert_eq!((stats.messages, stats.notices), (0, 0));
+}
