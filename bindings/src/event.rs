@@ -6,7 +6,8 @@ use pipit_client::pipit_protocol::Message;
 /// What the client reports, in order, through `Client.next_event()`.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
 pub enum Event {
-    /// Logged in.
+    /// Logged in (on a device's first login with encryption on: once its
+    /// keys are on the server, so peers can reach it at once).
     Connected {
         /// This device's account id.
         account: u64,

@@ -308,3 +308,37 @@ async fn an_oversized_message_is_refused_before_it_reaches_the_outbox() {
     assert!(matches!(err, pipit_client::ClientError::TooLarge { .. }), "{err}");
     assert_eq!(c.send(1, vec![0u8; 60_000]).await.unwrap(), 1, "a large but valid one is queued");
 }
+
+/// A new device behind a slow link: its `Connected` comes once its keys
+/// are on the server, so a peer that writes to it at once (as an app does
+/// when told "new contact") reaches it, instead of finding no keys and
+/// withholding the message from it for good.
+#[tokio::test(flavor = "current_thread")]
+async fn a_new_device_is_reachable_as_soon_as_it_reports_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let slow = Link { delay: Duration::from_millis(300), ..Link::default() };
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), s.local_addr, slow, slow).await.unwrap();
+    let e2e = |addr| {
+        let mut c = config(addr);
+        c.encryption = Encryption::On;
+        c
+    };
+    let (alice, mut alice_events) = Client::start(e2e(s.local_addr), MemoryStore::default()).unwrap();
+    account(&mut alice_events).await;
+    let (_bob, mut bob_events) = Client::start(e2e(proxy.addr()), MemoryStore::default()).unwrap();
+    let b = account(&mut bob_events).await;
+    alice.send(b, &b"right away"[..]).await.unwrap();
+    loop {
+        match tokio::time::timeout(T, bob_events.next()).await.expect("the message in time") {
+            Some(Event::Message(d)) => {
+                assert_eq!(&d.payload[..], b"right away");
+                break;
+            }
+            Some(Event::Undecryptable { reason, .. }) => panic!("bob cannot read alice's first message: {reason}"),
+            Some(_) => {}
+            None => panic!("client ended"),
+        }
+    }
+    s.shutdown(Duration::from_secs(2));
+}

@@ -1993,7 +1993,8 @@ public func FfiConverterTypeErrorCode_lower(_ value: ErrorCode) -> RustBuffer {
 public enum Event: Equatable, Hashable {
     
     /**
-     * Logged in.
+     * Logged in (on a device's first login with encryption on: once its
+     * keys are on the server, so peers can reach it at once).
      */
     case connected(
         /**

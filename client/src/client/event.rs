@@ -11,7 +11,9 @@ use crate::e2e::{DeviceIdentity, Undecryptable};
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
-    /// Logged in.
+    /// Logged in. With end-to-end encryption, a device's first login is
+    /// reported once its keys are on the server (one more round trip), so
+    /// that a peer told of the new device can already reach it.
     Connected {
         /// Account id.
         account: u64,

@@ -38,6 +38,15 @@ impl Task {
                 if answered.published {
                     self.stats.keys_published.fetch_add(1, Ordering::Relaxed);
                 }
+                if answered.upload_answered {
+                    // Stored, or refused for good: either way the app
+                    // should not wait any longer.
+                    if let Some(ev) = self.held_connected.take() {
+                        if !emit(&self.events, ev).await {
+                            return Err(End::Closed(None));
+                        }
+                    }
+                }
                 self.out.extend(answered.send);
                 if let Some(secs) = answered.retry_after {
                     self.reseal_at = Some(Instant::now() + retry_delay(secs, 1));

@@ -122,6 +122,7 @@ impl Client {
             pending,
             reseal_at: None,
             reseals: BTreeMap::new(),
+            held_connected: None,
             out: Vec::new(),
         };
         tokio::spawn(task.run());

@@ -52,6 +52,11 @@ pub(super) struct Task {
     pub(super) reseals: BTreeMap<u64, u32>,
     /// What handling a message gave to send.
     pub(super) out: Vec<Message>,
+    /// `Connected`, held on a device's first login until its keys are on
+    /// the server: an app that tells a peer "I am here" on `Connected`
+    /// must not let the peer find no keys (its message would be withheld
+    /// from this device for good).
+    pub(super) held_connected: Option<Event>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -177,24 +182,28 @@ impl Task {
     async fn online(&mut self, mut conn: Connection) -> End {
         let login = conn.login().clone();
         let features = login.features().collect();
-        if !emit(
-            &self.events,
-            Event::Connected { account: login.account, device: login.device, pending: login.pending, features },
-        )
-        .await
-        {
-            return End::Closed(None);
-        }
+        let connected =
+            Event::Connected { account: login.account, device: login.device, pending: login.pending, features };
         // Everything goes again below; pauses asked on an old connection
         // do not carry over.
         self.deferred.clear();
         self.out.clear();
         self.reseal_at = None;
+        self.held_connected = None;
         if let Some(e2e) = &mut self.e2e {
+            let first = !e2e.published();
             match e2e.on_login(&mut *self.store, &login) {
-                Ok(requests) => self.out.extend(requests),
+                Ok(requests) => {
+                    if first && !requests.is_empty() {
+                        self.held_connected = Some(connected.clone());
+                    }
+                    self.out.extend(requests);
+                }
                 Err(e) => return End::Lost(e.into()),
             }
+        }
+        if self.held_connected.is_none() && !emit(&self.events, connected).await {
+            return End::Closed(None);
         }
         // Everything not yet confirmed goes again, same ids, in order; then
         // the presence subscription and the unanswered requests.

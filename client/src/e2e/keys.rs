@@ -15,6 +15,11 @@ use crate::store::{Store, StoreError};
 use super::{now, Answered, DeviceIdentity, E2e, Pending, FALLBACK_MAX_AGE_SECS, ONE_TIME_TARGET, SESSIONS_PER_DEVICE};
 
 impl E2e {
+    /// This device's keys are on the server.
+    pub(crate) fn published(&self) -> bool {
+        self.published
+    }
+
     /// Logged in as `account`/`device`: publishes the keys if they are
     /// not on the server yet, or a new signed prekey when the old one is
     /// due.
@@ -126,6 +131,7 @@ impl E2e {
                 self.fallback_due = false;
                 self.save_account(store)?;
                 out.published = true;
+                out.upload_answered = true;
             }
             (Pending::Fetch(account, asked), Message::KeysResult(r)) => {
                 self.fetching.remove(&account);
@@ -159,7 +165,9 @@ impl E2e {
                         }
                     }
                     Pending::Groups => self.listing = false,
-                    Pending::Upload => {}
+                    // Uploaded again when a message waits to be sealed or
+                    // at the next login; the app hears of this login now.
+                    Pending::Upload => out.upload_answered = true,
                 }
                 if retry {
                     out.retry_after = Some(e.retry_after_secs.max(1));

@@ -162,6 +162,8 @@ pub(crate) struct Answered {
     pub(crate) retry_after: Option<u32>,
     /// An upload of this device's keys was stored.
     pub(crate) published: bool,
+    /// An upload of this device's keys was answered (stored or refused).
+    pub(crate) upload_answered: bool,
 }
 
 /// What one of the layer's requests was for.

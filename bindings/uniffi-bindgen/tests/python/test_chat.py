@@ -49,6 +49,15 @@ class Server:
             self.proc.wait(timeout=WAIT)
 
 
+def describe(event):
+    """An event for a failure message: its kind, and why for the unreadable."""
+    if isinstance(event, pipit.Event.UNDECRYPTABLE):
+        return f"UNDECRYPTABLE({event.reason})"
+    if isinstance(event, pipit.Event.OTHER):
+        return repr(event)
+    return type(event).__name__
+
+
 class Device:
     """A client and everything it has reported, filled by a pump task."""
 
@@ -87,7 +96,7 @@ class Device:
         try:
             await asyncio.wait_for(wait(), WAIT)
         except asyncio.TimeoutError:
-            kinds = [repr(e) if isinstance(e, (pipit.Event.OTHER, pipit.Event.UNDECRYPTABLE)) else type(e).__name__ for e in self.events]
+            kinds = [describe(e) for e in self.events]
             pytest.fail(f"timed out waiting for {what}; events so far: {kinds}")
 
     def of(self, kind):

@@ -2764,7 +2764,8 @@ public object FfiConverterTypeErrorCode: FfiConverterRustBuffer<ErrorCode> {
 sealed class Event {
     
     /**
-     * Logged in.
+     * Logged in (on a device's first login with encryption on: once its
+     * keys are on the server, so peers can reach it at once).
      */
     data class Connected(
         /**
