@@ -41,12 +41,15 @@ impl TestServer {
         }
     }
 
-    /// Starts it again on the same data and address.
+    /// Starts it again with the same data and configuration, on a new
+    /// port: between the stop and the start, a connection of another test
+    /// may have been given the old port as its local one.
     pub fn restart_same(&mut self) {
         self.stop();
         let mut cfg = self.cfg.clone();
-        cfg.listen = self.addr;
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
         let running = pipit::start(cfg).unwrap();
+        self.addr = running.local_addr;
         self.running = Some(running);
     }
 
