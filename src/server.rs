@@ -28,6 +28,9 @@ pub struct Running {
     shutdown: CancellationToken,
     shards: Vec<std::thread::JoinHandle<()>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    /// The etcd membership thread (a cluster node); it gives the lease
+    /// back on shutdown.
+    cluster_thread: Option<std::thread::JoinHandle<()>>,
     /// Held while the server runs: the data directory's lock and the
     /// listening address's.
     _locks: (std::fs::File, Option<listener::Shared>),
@@ -71,6 +74,10 @@ impl Running {
         let _ = writer.barrier_blocking(Duration::from_secs(5));
         drop(self.services);
         drop(writer);
+        if let Some(c) = self.cluster_thread.take() {
+            // Bounded: revoking the lease waits at most 2 s for etcd.
+            let _ = c.join();
+        }
         if let Some(w) = self.writer_thread.take() {
             // The writer exits once every handle is gone; shards that
             // missed the grace period still hold theirs, and the process
@@ -96,6 +103,21 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let public_key = *key_files.current.public();
     let keys = Arc::new(crate::keys::KeyRing::new(key_files.server_keys()));
     let store = Store::open(&config.data_dir.join("db")).context("opening the database")?;
+    let shutdown = CancellationToken::new();
+    // A cluster node joins before it listens: a login must never be
+    // answered before this node knows who owns what.
+    // Should anything below fail, the membership thread gives the lease
+    // back and ends.
+    let stop_on_error = shutdown.clone().drop_guard();
+    let (cluster, cluster_thread) = match &config.cluster {
+        None => (None, None),
+        Some(c) => {
+            let (cluster, thread) = crate::route::cluster::join(c, public_key, shutdown.clone())
+                .with_context(|| format!("joining the cluster as node {:?}", c.node_id))?;
+            tracing::info!(node = %c.node_id, slot = cluster.slot(), epoch = cluster.view().epoch, "joined the cluster");
+            (Some(cluster), Some(thread))
+        }
+    };
     let registry = Arc::new(Registry::default());
     let budget = Budget::new(config.memory_budget_bytes());
     let key_rules = KeyRules {
@@ -108,6 +130,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         registration: config.registration,
         max_group_members: config.max_group_members,
         keys: key_rules,
+        cluster,
     };
     let engine = EngineConfig {
         max_batch: config.max_batch,
@@ -116,7 +139,6 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         reserve_bytes: config.storage_reserve_mb.saturating_mul(1 << 20),
         full_wait: Duration::from_secs(config.storage_full_wait_secs),
     };
-    let shutdown = CancellationToken::new();
     let live = live_config(&config, registry.clone(), shutdown.clone());
     let (services, writer_thread) =
         service::start(store.clone(), rules, registry.clone(), engine, live).context("starting the services")?;
@@ -160,6 +182,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     };
     crate::admin::spawn(admin).context("starting the admin socket")?;
     spawn_gauges(services.clone(), registry.clone(), budget.clone(), ctx.clone(), shutdown.clone());
+    stop_on_error.disarm();
     tracing::info!(%local_addr, shards = n, server_key = %public_key, retired_keys = key_files.retired.len(), "listening");
     Ok(Running {
         local_addr,
@@ -170,6 +193,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         shards,
         writer_thread: Some(writer_thread),
+        cluster_thread,
         _locks: (dir_lock, Some(shared)),
     })
 }

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::{self, EngineConfig, SubmitError};
 use crate::config::Registration;
+use crate::route::cluster::Cluster;
 use crate::route::{Deliveries, Registry};
 use crate::store::Store;
 
@@ -86,6 +87,8 @@ pub struct Rules {
     pub max_group_members: usize,
     /// The key directory's settings.
     pub keys: KeyRules,
+    /// This node's cluster; `None`: a single node.
+    pub cluster: Option<Cluster>,
 }
 
 /// What the writer's operations may use besides the transaction.
@@ -150,6 +153,8 @@ pub struct Services {
     pub keys: Keys,
     /// The writer itself (barriers at shutdown, metrics).
     pub writer: Writer,
+    /// This node's cluster (placement, liveness); `None`: a single node.
+    pub cluster: Option<Cluster>,
 }
 
 /// What the services that never pass through the commit need: the
@@ -188,6 +193,7 @@ pub fn start(
     live: Live,
 ) -> Result<(Services, std::thread::JoinHandle<()>), StartError> {
     let key_rules = rules.keys;
+    let cluster = rules.cluster.clone();
     let shared = fanout::Shared::new(std::time::Duration::ZERO);
     let ctx = Ctx { rules, deliveries, expiry: expiry::Cursor::default(), fanout: shared.clone() };
     let (writer, thread) = Writer::start(store.clone(), ctx, engine)?;
@@ -205,6 +211,7 @@ pub fn start(
         features: Features::new(push.enabled()),
         push,
         writer,
+        cluster,
     };
     Ok((services, thread))
 }
@@ -270,7 +277,7 @@ pub(crate) mod testing {
         let store = Store::open(dir.path()).unwrap();
         let pushed = Arc::new(Collect::default());
         let keys = KeyRules { low_water: 16, fetch_burst: 1_000, fetch_per_minute: 600 };
-        let rules = Rules { ttl_secs: 100, registration, max_group_members: 8, keys };
+        let rules = Rules { ttl_secs: 100, registration, max_group_members: 8, keys, cluster: None };
         let engine = EngineConfig {
             max_batch: 64,
             capacity: 1024,

@@ -1,0 +1,152 @@
+//! A real etcd on a free loopback port and real `pipit` processes that
+//! form a cluster through it. Both are killed when their guards drop.
+
+use std::io::BufRead as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pipit_client::pipit_protocol::PublicKey;
+
+use super::free_port;
+
+/// An etcd server of its own: a temporary data directory, client and
+/// peer ports on 127.0.0.1. Fails loudly when `etcd` is not installed
+/// (`tools/dev deps` installs Debian's `etcd-server`).
+pub struct Etcd {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .arg("--name=pipit-test")
+            .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=pipit-test={peer_url}"))
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start etcd ({e}): install it with `tools/dev deps` (Debian: etcd-server)")
+            });
+        let etcd = Self { child, endpoint, _dir: dir };
+        etcd.wait_ready();
+        etcd
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr: SocketAddr = self.endpoint.trim_start_matches("http://").parse().unwrap();
+        loop {
+            // etcd answers its health endpoint once it has a leader.
+            if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                use std::io::{Read as _, Write as _};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                if body.contains("\"health\":\"true\"") {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "etcd at {} not healthy within 20 s", self.endpoint);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops etcd (kill -9) while the test goes on.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One `pipit serve` process of a cluster, with its own data directory
+/// and config file.
+pub struct Node {
+    pub child: Option<Child>,
+    pub id: String,
+    pub addr: SocketAddr,
+    pub key: PublicKey,
+    pub dir: PathBuf,
+}
+
+/// The TOML of a cluster node listening on `port`.
+pub fn node_config(dir: &Path, id: &str, port: u16, etcd: &str, extra: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nshards = 1\n{extra}\n\n[cluster]\nnode_id = \"{id}\"\nadvertise = \"127.0.0.1:{port}\"\netcd_endpoints = [\"{etcd}\"]\nlease_secs = 3\n",
+        dir.display()
+    )
+}
+
+impl Node {
+    /// Starts node `id` on a fresh port in `dir` (created), joined to `etcd`.
+    pub fn start(dir: &Path, id: &str, etcd: &str) -> Self {
+        Self::start_on(dir, id, etcd, free_port())
+    }
+
+    /// Starts (or restarts) node `id` on `port`.
+    pub fn start_on(dir: &Path, id: &str, etcd: &str, port: u16) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("pipit.toml");
+        std::fs::write(&cfg, node_config(dir, id, port, etcd, "")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pipit"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("PIPIT_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start pipit");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // "pipit listening on ADDR server key KEY"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words.get(..3), Some(&["pipit", "listening", "on"][..]), "node {id} did not start: {line:?}");
+        Self {
+            addr: words[3].parse().unwrap(),
+            key: words[6].parse().unwrap(),
+            child: Some(child),
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three nodes `n1`..`n3` on one etcd, each in its own directory under
+/// `root`.
+pub fn three_nodes(root: &Path, etcd: &Etcd) -> Vec<Node> {
+    (1..=3).map(|i| Node::start(&root.join(format!("n{i}")), &format!("n{i}"), &etcd.endpoint)).collect()
+}
