@@ -6,11 +6,43 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{three_nodes, Etcd};
+use common::cluster::{three_nodes, Etcd, Node};
 use common::*;
+use pipit_client::pipit_protocol::message::pb;
+use pipit_client::{ClientError, Config, ConnectOptions, Connection, Encryption, Event, FileStore, Store as _};
+
+/// Where `d` logs in at `node`: logged in, redirected, or refused.
+async fn try_login(node: &Node, d: &Device) -> Result<Connection, ClientError> {
+    let opts = ConnectOptions { server_key: Some(node.key), timeout: T, ..ConnectOptions::default() };
+    Connection::connect(node.addr, &d.key, pipit_client::login(d.account, d.device, 0), &opts).await
+}
+
+/// Waits up to 20 s for the client to log in; answers its account.
+async fn connected(events: &mut pipit_client::Events) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.next()).await {
+            Ok(Some(Event::Connected { account, .. })) => return account,
+            Ok(Some(Event::Stopped { reason })) => panic!("client stopped: {reason}"),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("no login within 20 s"),
+        }
+    }
+}
+
+/// Registers one account on each node; returns them by node.
+async fn one_account_each(nodes: &[Node]) -> Vec<Device> {
+    let mut out = Vec::new();
+    for n in nodes {
+        let (d, _conn) = register(n.addr).await;
+        out.push(d);
+    }
+    out
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accounts_are_created_with_ids_unique_across_nodes() {
+async fn accounts_are_created_on_their_owner_and_a_login_elsewhere_is_redirected() {
     let etcd = Etcd::start();
     let root = tempfile::tempdir().unwrap();
     let nodes = three_nodes(root.path(), &etcd);
@@ -32,6 +64,125 @@ async fn accounts_are_created_with_ids_unique_across_nodes() {
     slots.sort_unstable();
     slots.dedup();
     assert_eq!(slots.len(), 3, "two nodes share a slot");
+
+    let devices = one_account_each(&nodes).await;
+    for (i, d) in devices.iter().enumerate() {
+        // On its own node: logged in with IK.
+        let c = try_login(&nodes[i], d).await.unwrap();
+        assert_eq!(c.login().account, d.account);
+        drop(c);
+        // Elsewhere: sent to the owner, with the owner's key.
+        let other = &nodes[(i + 1) % 3];
+        match try_login(other, d).await {
+            Err(ClientError::Redirected { server, server_key }) => {
+                assert_eq!(server, nodes[i].addr.to_string());
+                assert_eq!(server_key, nodes[i].key);
+            }
+            other => panic!("expected a redirect, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_library_follows_a_redirect_and_then_goes_straight_to_the_owner() {
+    let etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path(), &etcd);
+    let (d, conn) = register(nodes[0].addr).await;
+    drop(conn);
+
+    // A profile that knows its ids and n2 (the server the app is
+    // configured with), not the owner n1.
+    let profile = tempfile::tempdir().unwrap();
+    let mut state = pipit_client::State::new(d.key.clone());
+    state.account = d.account;
+    state.device = d.device;
+    state.server_key = Some(nodes[1].key);
+    FileStore::open(profile.path()).unwrap().save_state(&state).unwrap();
+
+    let seed = nodes[1].addr.to_string();
+    let config = || {
+        let mut c = Config::new(seed.clone());
+        c.encryption = Encryption::Off;
+        c
+    };
+    let (client, mut events) = pipit_client::Client::start(config(), FileStore::open(profile.path()).unwrap()).unwrap();
+    assert_eq!(connected(&mut events).await, d.account);
+    client.close().await;
+    let saved = FileStore::open(profile.path()).unwrap().load_state().unwrap().unwrap();
+    let home = saved.home.expect("the owner is remembered");
+    assert_eq!((home.server, home.server_key), (nodes[0].addr.to_string(), nodes[0].key));
+    assert_eq!(saved.server_key, Some(nodes[1].key), "the configured server's key stays pinned");
+
+    // Next time it goes to the owner directly: even with the configured
+    // server gone, it logs in.
+    nodes[1].kill();
+    let (client, mut events) = pipit_client::Client::start(config(), FileStore::open(profile.path()).unwrap()).unwrap();
+    assert_eq!(connected(&mut events).await, d.account);
+    assert_eq!(client.stats().reconnects.load(std::sync::atomic::Ordering::Relaxed), 0);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_lease_lapses_is_down_for_the_others_and_back_when_it_restarts() {
+    let etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path(), &etcd);
+    let (d, conn) = register(nodes[0].addr).await;
+    drop(conn);
+    let port = nodes[0].addr.port();
+    nodes[0].kill();
+
+    // Within its lease (3 s) and a generous margin, n2 says "try later"
+    // with a retry_after rather than sending the device to a dead node.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match try_login(&nodes[1], &d).await {
+            Err(ClientError::Refused(pb::ErrorCode::Unavailable)) => break,
+            Err(ClientError::Redirected { .. }) => {}
+            other => panic!("unexpected answer while n1 is down: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "n1 never seen down");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Back on the same data: it takes its own old lease's place at once
+    // and the others send its devices to it again.
+    nodes[0] = Node::start_on(&root.path().join("n1"), "n1", &etcd.endpoint, port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match try_login(&nodes[1], &d).await {
+            Err(ClientError::Redirected { server, .. }) => {
+                assert_eq!(server, nodes[0].addr.to_string());
+                break;
+            }
+            Err(ClientError::Refused(pb::ErrorCode::Unavailable)) => {}
+            other => panic!("unexpected answer after n1 restarted: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "n1 never seen back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = try_login(&nodes[0], &d).await.unwrap();
+    assert_eq!(c.login().account, d.account);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_etcd_keeps_the_ring_and_nobody_is_declared_down() {
+    let mut etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(root.path(), &etcd);
+    let devices = one_account_each(&nodes).await;
+    etcd.kill();
+    // Well past every lease: no node decides on its own that another died.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (i, d) in devices.iter().enumerate() {
+        let c = try_login(&nodes[i], d).await.unwrap();
+        assert_eq!(c.login().account, d.account);
+        match try_login(&nodes[(i + 2) % 3], d).await {
+            Err(ClientError::Redirected { server, .. }) => assert_eq!(server, nodes[i].addr.to_string()),
+            other => panic!("expected a redirect with etcd gone, got {other:?}"),
+        }
+    }
 }
 
 #[test]

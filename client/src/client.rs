@@ -465,6 +465,10 @@ struct Deferred {
 /// the server asks: a bound on how long a busy server can park a message.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
+/// Redirects followed in a row before the client pauses as after any
+/// failed connect.
+const MAX_REDIRECTS: u32 = 3;
+
 /// The pause before the `refusals`-th attempt of a send the server refused
 /// for now: at least what it asked (at least a second), doubling with each
 /// refusal in a row, capped, plus up to a quarter of jitter so refused
@@ -488,11 +492,15 @@ impl Task {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let mut attempt: u32 = 0;
         let mut logins: u64 = 0;
+        // Redirects followed in a row: bounded, so two nodes that disagree
+        // about the owner (a ring change in flight) cannot keep the client
+        // bouncing without a pause.
+        let mut redirects: u32 = 0;
         loop {
             // Dial without borrowing the task, so the app's sends keep
             // landing in the outbox while a slow connect is under way.
-            let dial =
-                dial(self.config.server.clone(), self.state.identity.clone(), self.hello(), self.connect_options());
+            let server = self.state.home.as_ref().map_or_else(|| self.config.server.clone(), |h| h.server.clone());
+            let dial = dial(server, self.state.identity.clone(), self.hello(), self.connect_options());
             let connected = tokio::select! {
                 c = dial => c.and_then(|conn| self.connected(conn)),
                 end = self.offline_commands() => {
@@ -503,6 +511,7 @@ impl Task {
             match connected {
                 Ok(conn) => {
                     attempt = 0;
+                    redirects = 0;
                     logins += 1;
                     if logins > 1 {
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -525,7 +534,25 @@ impl Task {
                     let _ = emit(&self.events, Event::Stopped { reason: e.to_string() }).await;
                     return;
                 }
+                Err(ClientError::Redirected { server, server_key }) if redirects < MAX_REDIRECTS => {
+                    // The owner node, authenticated by the node that named
+                    // it: go there now, and from now on.
+                    redirects += 1;
+                    self.state.home = Some(crate::store::Home { server, server_key });
+                    if let Err(e) = self.store.save_state(&self.state) {
+                        let _ = emit(&self.events, Event::Stopped { reason: ClientError::from(e).to_string() }).await;
+                        return;
+                    }
+                    continue;
+                }
                 Err(e) => {
+                    redirects = 0;
+                    if self.state.home.is_some() && matches!(e, ClientError::Io(_) | ClientError::Timeout) {
+                        // The home node does not answer: ask the configured
+                        // server next time, which redirects to the owner
+                        // (perhaps a new one) or says to retry later.
+                        self.state.home = None;
+                    }
                     if !emit(&self.events, Event::Disconnected { reason: e.to_string() }).await {
                         return;
                     }
@@ -767,7 +794,7 @@ impl Task {
 
     fn connect_options(&self) -> ConnectOptions {
         ConnectOptions {
-            server_key: self.state.server_key,
+            server_key: self.state.home.as_ref().map(|h| h.server_key).or(self.state.server_key),
             accept_new_server_key: self.config.accept_server_key_change,
             timeout: self.config.connect_timeout,
             local_ip: None,
@@ -778,14 +805,21 @@ impl Task {
     fn connected(&mut self, conn: Connection) -> Result<Connection, ClientError> {
         let login = conn.login().clone();
         let mut changed = false;
+        // The key this connection authenticated belongs to the home node
+        // when there is one, else to the configured server.
+        let first_contact = self.state.home.is_none() && self.state.server_key.is_none();
+        let pinned = match &mut self.state.home {
+            Some(home) => &mut home.server_key,
+            None => self.state.server_key.get_or_insert(*conn.server_key()),
+        };
         // Trust on first use: pin what XX authenticated.
-        if self.state.server_key != Some(*conn.server_key()) {
-            self.state.server_key = Some(*conn.server_key());
+        if first_contact || *pinned != *conn.server_key() {
+            *pinned = *conn.server_key();
             changed = true;
         }
         // A rotated key arrives inside the session made with the old one.
         if let Some(k) = PublicKey::from_slice(&login.new_server_key) {
-            self.state.server_key = Some(k);
+            *pinned = k;
             changed = true;
         }
         if self.state.account == 0 {
