@@ -177,6 +177,13 @@ pub struct ClusterConfig {
     /// `host:port` that devices redirected to this node connect to (the
     /// chat listener as reachable from outside).
     pub advertise: String,
+    /// Address the node links listen on (other nodes only; keep it off
+    /// the public network).
+    pub link_listen: SocketAddr,
+    /// `host:port` other nodes dial for links; empty: `advertise`'s host
+    /// with `link_listen`'s port.
+    #[serde(default)]
+    pub link_advertise: String,
     /// etcd's client URLs (`http://10.0.0.5:2379`).
     pub etcd_endpoints: Vec<String>,
     /// The key prefix under which this cluster keeps its state in etcd;
@@ -216,6 +223,12 @@ impl ClusterConfig {
         if self.advertise_host_port().is_none() {
             return bad(format!("cluster.advertise {:?} must be host:port with a port above 0", self.advertise));
         }
+        if self.link_address().is_none() {
+            return bad(format!(
+                "cluster.link_advertise {:?} must be host:port with a port above 0",
+                self.link_advertise
+            ));
+        }
         if self.etcd_endpoints.is_empty() {
             return bad("cluster.etcd_endpoints must name at least one etcd".to_string());
         }
@@ -229,6 +242,18 @@ impl ClusterConfig {
             return bad("cluster.etcd_timeout_secs must be positive".to_string());
         }
         Ok(())
+    }
+
+    /// `host:port` other nodes dial for links.
+    pub fn link_address(&self) -> Option<String> {
+        if self.link_advertise.is_empty() {
+            let (host, _) = self.advertise_host_port()?;
+            let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+            return Some(format!("{host}:{}", self.link_listen.port())).filter(|_| self.link_listen.port() > 0);
+        }
+        let (host, port) = self.link_advertise.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        (!host.is_empty() && port > 0).then(|| self.link_advertise.clone())
     }
 
     /// `advertise` split into host and port.
@@ -482,24 +507,25 @@ mod tests {
     #[test]
     fn cluster_section_is_checked() {
         let ok: Config = toml::from_str(
-            "[cluster]\nnode_id = \"n1\"\nadvertise = \"chat1.example:5222\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n",
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"chat1.example:5222\"\nlink_listen = \"10.0.0.1:5223\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n",
         )
         .unwrap();
         ok.validate().unwrap();
         let c = ok.cluster.as_ref().unwrap();
         assert_eq!((c.etcd_prefix.as_str(), c.lease_secs), ("/pipit", 10));
         assert_eq!(c.advertise_host_port(), Some(("chat1.example", 5222)));
+        assert_eq!(c.link_address().as_deref(), Some("chat1.example:5223"));
         for bad in [
-            "[cluster]\nnode_id = \"N 1\"\nadvertise = \"h:1\"\netcd_endpoints = [\"x\"]\n",
-            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h\"\netcd_endpoints = [\"x\"]\n",
-            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h:1\"\netcd_endpoints = []\n",
-            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h:1\"\netcd_endpoints = [\"x\"]\nlease_secs = 1\n",
+            "[cluster]\nnode_id = \"N 1\"\nadvertise = \"h:1\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = [\"x\"]\n",
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = [\"x\"]\n",
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h:1\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = []\n",
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h:1\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = [\"x\"]\nlease_secs = 1\n",
         ] {
             let cfg: Config = toml::from_str(bad).unwrap();
             assert!(cfg.validate().is_err(), "{bad}");
         }
         assert!(toml::from_str::<Config>(
-            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h:1\"\netcd_endpoints = []\nfoo = 1\n"
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h:1\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = []\nfoo = 1\n"
         )
         .is_err());
     }

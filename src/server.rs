@@ -31,6 +31,8 @@ pub struct Running {
     /// The etcd membership thread (a cluster node); it gives the lease
     /// back on shutdown.
     cluster_thread: Option<std::thread::JoinHandle<()>>,
+    /// The node links' thread (a cluster node).
+    links_thread: Option<std::thread::JoinHandle<()>>,
     /// Held while the server runs: the data directory's lock and the
     /// listening address's.
     _locks: (std::fs::File, Option<listener::Shared>),
@@ -74,6 +76,9 @@ impl Running {
         let _ = writer.barrier_blocking(Duration::from_secs(5));
         drop(self.services);
         drop(writer);
+        if let Some(l) = self.links_thread.take() {
+            let _ = l.join();
+        }
         if let Some(c) = self.cluster_thread.take() {
             // Bounded: revoking the lease waits at most 2 s for etcd.
             let _ = c.join();
@@ -109,13 +114,17 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     // Should anything below fail, the membership thread gives the lease
     // back and ends.
     let stop_on_error = shutdown.clone().drop_guard();
-    let (cluster, cluster_thread) = match &config.cluster {
-        None => (None, None),
+    let (cluster, cluster_thread, link_listener) = match &config.cluster {
+        None => (None, None, None),
         Some(c) => {
+            // Bound before joining: the list must never advertise a link
+            // address this node cannot serve.
+            let link_listener = std::net::TcpListener::bind(c.link_listen)
+                .with_context(|| format!("node links: listening on {}", c.link_listen))?;
             let (cluster, thread) = crate::route::cluster::join(c, public_key, shutdown.clone())
                 .with_context(|| format!("joining the cluster as node {:?}", c.node_id))?;
             tracing::info!(node = %c.node_id, slot = cluster.slot(), epoch = cluster.view().epoch, "joined the cluster");
-            (Some(cluster), Some(thread))
+            (Some(cluster), Some(thread), Some(link_listener))
         }
     };
     let registry = Arc::new(Registry::default());
@@ -130,8 +139,9 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         registration: config.registration,
         max_group_members: config.max_group_members,
         keys: key_rules,
-        cluster,
+        cluster: cluster.clone(),
     };
+    let cluster_handle = cluster;
     let engine = EngineConfig {
         max_batch: config.max_batch,
         capacity: config.storage_queue,
@@ -172,12 +182,21 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             .context("spawning a shard")?;
         shards.push(handle);
     }
+    let (links, links_thread) = match (&cluster_handle, link_listener) {
+        (Some(cluster), Some(l)) => {
+            let (links, thread) = crate::net::nodes::spawn(cluster.clone(), ctx.keys.clone(), l, shutdown.clone())
+                .context("starting the node links")?;
+            (Some(links), Some(thread))
+        }
+        _ => (None, None),
+    };
     let admin = crate::admin::AdminCtx {
         data_dir: config.data_dir.clone(),
         services: services.clone(),
         registry: registry.clone(),
         keys: ctx.keys.clone(),
         budget: budget.clone(),
+        links,
         shutdown: shutdown.clone(),
     };
     crate::admin::spawn(admin).context("starting the admin socket")?;
@@ -194,6 +213,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         shards,
         writer_thread: Some(writer_thread),
         cluster_thread,
+        links_thread,
         _locks: (dir_lock, Some(shared)),
     })
 }

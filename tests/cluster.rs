@@ -206,3 +206,108 @@ fn an_unreachable_etcd_at_start_is_a_clear_error() {
     assert!(err.contains("joining the cluster as node \"n1\""), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30), "gave up only after {:?}", started.elapsed());
 }
+
+/// `pipit admin cluster` at `node`, polled until `ok` accepts it.
+async fn admin_cluster_until(node: &Node, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dir = node.dir.clone();
+        let text = tokio::task::spawn_blocking(move || pipit::admin::request(&dir, "cluster").unwrap_or_default())
+            .await
+            .unwrap();
+        if ok(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{}: never {what}:\n{text}", node.id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn line<'a>(text: &'a str, peer: &str) -> &'a str {
+    text.lines().find(|l| l.starts_with(&format!("{peer} "))).unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_links_come_up_between_every_pair_and_again_after_a_kill() {
+    let etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path(), &etcd);
+    for (i, n) in nodes.iter().enumerate() {
+        let others: Vec<String> = (1..=3).filter(|j| *j != i + 1).map(|j| format!("n{j}")).collect();
+        let text = admin_cluster_until(n, "all links up with a round trip", |t| {
+            others.iter().all(|o| line(t, o).contains("link up rtt"))
+        })
+        .await;
+        assert!(text.starts_with(&format!("node n{} slot ", i + 1)), "{text}");
+        assert!(line(&text, &format!("n{}", i + 1)).ends_with("alive me"), "{text}");
+    }
+
+    // kill -9 n2: n1 and n3 see the link go down, then n2 down in etcd.
+    let port = nodes[1].addr.port();
+    nodes[1].kill();
+    admin_cluster_until(&nodes[0], "n2 down", |t| line(t, "n2").contains("down link down")).await;
+    admin_cluster_until(&nodes[2], "n2's link down", |t| !line(t, "n2").contains("link up")).await;
+    // Back: both links come up again by themselves.
+    nodes[1] = Node::start_on(&root.path().join("n2"), "n2", &etcd.endpoint, port);
+    admin_cluster_until(&nodes[0], "n2 back", |t| line(t, "n2").contains("alive link up")).await;
+    admin_cluster_until(&nodes[2], "n2 back", |t| line(t, "n2").contains("alive link up")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_is_refused_at_the_link_handshake_and_a_forged_frame_closes_the_link() {
+    use bytes::BytesMut;
+    use pipit_client::pipit_protocol::node::{pb as node_pb, DialStep, LinkDialer};
+    use pipit_client::pipit_protocol::StaticKeypair;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path(), &etcd);
+    let n3_link: std::net::SocketAddr =
+        format!("127.0.0.1:{}", common::cluster::link_port(nodes[2].addr.port())).parse().unwrap();
+    let hello = |id: &str| node_pb::NodeHello { node_id: id.into(), epoch: 1, max_in_flight: 0 };
+
+    // A key that is not in the node list: closed on, nothing answered.
+    let mut s = tokio::net::TcpStream::connect(n3_link).await.unwrap();
+    let mut out = BytesMut::new();
+    LinkDialer::dial(&StaticKeypair::generate(), &nodes[2].key, &hello("n9"), &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(T, s.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    assert_eq!(n, 0, "a stranger got an answer");
+
+    // n2's real key (its process stopped, its key file read): the link
+    // comes up; then a forged frame and n3 closes it.
+    nodes[1].kill();
+    let n2_key = pipit::keys::load_or_create(&nodes[1].dir).unwrap().current;
+    let mut s = tokio::net::TcpStream::connect(n3_link).await.unwrap();
+    let mut out = BytesMut::new();
+    let mut dialer = LinkDialer::dial(&n2_key, &nodes[2].key, &hello("n2"), &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut inbuf = BytesMut::new();
+    let mut session = loop {
+        assert!(tokio::time::timeout(T, s.read_buf(&mut inbuf)).await.unwrap().unwrap() > 0, "n3 closed");
+        match dialer.read(&mut inbuf).unwrap() {
+            DialStep::NeedMore(d) => dialer = d,
+            DialStep::Established(h, session) => {
+                assert_eq!(h.node_id, "n3");
+                break session;
+            }
+        }
+    };
+    let mut frame = BytesMut::new();
+    session.seal(&node_pb::NodePacket::default(), &mut frame).unwrap();
+    let last = frame.len() - 1;
+    frame[last] ^= 0x80;
+    s.write_all(&frame).await.unwrap();
+    // n3 closes (what it sent before, a ping, may come first).
+    let deadline = Instant::now() + T;
+    loop {
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await.expect("n3 kept the link open") {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    admin_cluster_until(&nodes[2], "the forged link down", |t| line(t, "n2").contains("link down")).await;
+}

@@ -8,6 +8,7 @@ mod dispatch;
 mod groups;
 mod handshake;
 pub mod listener;
+pub mod nodes;
 
 pub use admission::AdmissionConfig;
 

@@ -91,10 +91,20 @@ pub struct Node {
 
 /// The TOML of a cluster node listening on `port`.
 pub fn node_config(dir: &Path, id: &str, port: u16, etcd: &str, extra: &str) -> String {
+    let link = link_port(port);
     format!(
-        "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nshards = 1\n{extra}\n\n[cluster]\nnode_id = \"{id}\"\nadvertise = \"127.0.0.1:{port}\"\netcd_endpoints = [\"{etcd}\"]\nlease_secs = 3\n",
+        "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nshards = 1\n{extra}\n\n[cluster]\nnode_id = \"{id}\"\nadvertise = \"127.0.0.1:{port}\"\nlink_listen = \"127.0.0.1:{link}\"\netcd_endpoints = [\"{etcd}\"]\nlease_secs = 3\n",
         dir.display()
     )
+}
+
+/// The link port of the node whose chat port is `port`: a free port
+/// picked once and remembered, so a restarted node keeps both.
+pub fn link_port(port: u16) -> u16 {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static PORTS: OnceLock<Mutex<HashMap<u16, u16>>> = OnceLock::new();
+    *PORTS.get_or_init(Default::default).lock().unwrap().entry(port).or_insert_with(free_port)
 }
 
 impl Node {

@@ -5,7 +5,8 @@
 //! Layout under the configured prefix `P`:
 //!
 //! ```text
-//! P/members/<node_id>   {"id","slot","advertise","key"}, kept for good
+//! P/members/<node_id>   {"id","slot","advertise","link","key"}, kept
+//!                       for good
 //! P/epoch               the node list's version, decimal; bumped in the
 //!                       same transaction as every change to P/members/
 //! P/alive/<node_id>     the node's server key, attached to its lease
@@ -76,6 +77,8 @@ struct Record {
     id: String,
     slot: u32,
     advertise: String,
+    #[serde(default)]
+    link: String,
     key: String,
 }
 
@@ -161,7 +164,7 @@ impl Node {
                 if r.id != id || u64::from(r.slot) >= MAX_NODES {
                     return Err(corrupt("id or slot out of place"));
                 }
-                members.push(Member { id: r.id, slot: r.slot, advertise: r.advertise, key: node_key });
+                members.push(Member { id: r.id, slot: r.slot, advertise: r.advertise, link: r.link, key: node_key });
             } else if let Some(id) = key.strip_prefix(&self.keys.alive_prefix) {
                 alive.insert(id.to_string());
                 alive_keys.push((id.to_string(), String::from_utf8_lossy(kv.value()).into_owned()));
@@ -182,10 +185,11 @@ impl Node {
     /// Enters (or updates) this node in the list; answers its slot.
     async fn enter(&self, client: &mut Client) -> Result<u32, JoinError> {
         let advertise = self.cfg.advertise.clone();
+        let link = self.cfg.link_address().unwrap_or_default();
         for _ in 0..JOIN_ATTEMPTS {
             let snap = self.read(client).await?;
             let slot = match snap.view.members.iter().find(|m| m.id == self.cfg.node_id) {
-                Some(m) if m.key == self.key && m.advertise == advertise => return Ok(m.slot),
+                Some(m) if m.key == self.key && m.advertise == advertise && m.link == link => return Ok(m.slot),
                 // A rotated server key or a new address: same slot, new epoch.
                 Some(m) => m.slot,
                 None => {
@@ -193,8 +197,13 @@ impl Node {
                     (0..MAX_NODES as u32).find(|s| !used.contains(s)).ok_or(JoinError::Full)?
                 }
             };
-            let record =
-                Record { id: self.cfg.node_id.clone(), slot, advertise: advertise.clone(), key: self.key.to_string() };
+            let record = Record {
+                id: self.cfg.node_id.clone(),
+                slot,
+                advertise: advertise.clone(),
+                link: link.clone(),
+                key: self.key.to_string(),
+            };
             let json = serde_json::to_vec(&record).map_err(|e| self.unreachable(e))?;
             let txn = Txn::new()
                 .when([Compare::mod_revision(self.keys.epoch.as_bytes(), CompareOp::Equal, snap.epoch_rev)])

@@ -30,6 +30,8 @@ pub struct Member {
     pub slot: u32,
     /// `host:port` devices are redirected to.
     pub advertise: String,
+    /// `host:port` other nodes dial for links.
+    pub link: String,
     /// Its server static key (devices pin it when redirected).
     pub key: PublicKey,
 }
@@ -168,12 +170,5 @@ impl Cluster {
             return Ok(None);
         };
         owned_id(&view.ring, me, self.shared.slot, next)
-    }
-
-    /// A cluster of one, with no etcd behind it (tests of the layers
-    /// above).
-    pub fn standalone(me: &str, slot: u32, members: Vec<Member>) -> Self {
-        let alive = members.iter().map(|m| m.id.clone()).collect();
-        Self::new(me.to_string(), slot, 1, View::new(1, members, alive))
     }
 }

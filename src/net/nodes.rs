@@ -1,0 +1,423 @@
+//! Node links, the I/O side: one persistent, Noise-KK-encrypted TCP
+//! connection between every two nodes of the cluster (the rules are the
+//! protocol crate's `node` module).
+//!
+//! One link per pair: the node whose id sorts first dials, the other
+//! accepts, so two nodes never race to open two. A dialer reconnects with
+//! jittered exponential backoff (100 ms up to 5 s). Each side pings every
+//! `PING_EVERY` and closes a link that has said nothing for `DEAD_AFTER`,
+//! so a stalled path is noticed within seconds, not at TCP's timeout. An
+//! acceptor refuses, without an answer, any key that is not a member of
+//! the node list; a frame that fails to decrypt (forged, replayed) ends
+//! the link. Every link's state and round-trip time is in [`Links`] (for
+//! `pipit admin cluster`) and in metrics.
+//!
+//! The links run on a thread of their own, apart from the shards.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pipit_protocol::node::{pb, DialStep, LinkAcceptor, LinkDialer, LinkError, LinkIncoming, LinkSession};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::KeyRing;
+use crate::route::cluster::{Cluster, Member};
+
+/// How often a link pings the other side.
+const PING_EVERY: Duration = Duration::from_secs(2);
+
+/// A link that has received nothing for this long is closed.
+const DEAD_AFTER: Duration = Duration::from_secs(10);
+
+/// Time a link handshake may take, either side.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time one write may make no progress before the link is closed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reconnect delays: the first, and the most.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How often the dialers are matched to the node list.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
+
+/// Where a link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LinkState {
+    /// Dialing, or waiting for the other node to dial.
+    Connecting,
+    /// Handshake done; packets flow.
+    Up,
+    /// The last attempt failed; a new one follows (dialer) or is awaited.
+    Down,
+}
+
+impl LinkState {
+    /// Lower-case name for the admin command.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Up => "up",
+            LinkState::Down => "down",
+        }
+    }
+}
+
+/// One link as an operator sees it.
+#[derive(Debug, Clone)]
+pub struct LinkStatus {
+    /// Its state.
+    pub state: LinkState,
+    /// Whether this node dials it (else it accepts it).
+    pub dialer: bool,
+    /// The last measured round trip.
+    pub rtt: Option<Duration>,
+    /// Times it came up.
+    pub connects: u64,
+    /// Why it last went down, if it did.
+    pub last_error: String,
+}
+
+/// Every link of this node, by peer id.
+#[derive(Debug, Default)]
+pub struct Links {
+    peers: Mutex<BTreeMap<String, LinkStatus>>,
+}
+
+impl Links {
+    /// A copy of every link's status.
+    pub fn snapshot(&self) -> BTreeMap<String, LinkStatus> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update(&self, peer: &str, dialer: bool, f: impl FnOnce(&mut LinkStatus)) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let s = peers.entry(peer.to_string()).or_insert_with(|| LinkStatus {
+            state: LinkState::Connecting,
+            dialer,
+            rtt: None,
+            connects: 0,
+            last_error: String::new(),
+        });
+        f(s);
+        let up = if s.state == LinkState::Up { 1.0 } else { 0.0 };
+        metrics::gauge!("pipit_node_link_up", "peer" => peer.to_string()).set(up);
+    }
+
+    fn up(&self, peer: &str, dialer: bool) {
+        metrics::counter!("pipit_node_link_connects_total", "peer" => peer.to_string()).increment(1);
+        tracing::info!(peer, "node link up");
+        self.update(peer, dialer, |s| {
+            s.state = LinkState::Up;
+            s.connects += 1;
+        });
+    }
+
+    fn down(&self, peer: &str, dialer: bool, why: &LinkFailure) {
+        tracing::info!(peer, reason = %why, "node link down");
+        self.update(peer, dialer, |s| {
+            s.state = LinkState::Down;
+            s.rtt = None;
+            s.last_error = why.to_string();
+        });
+    }
+
+    fn rtt(&self, peer: &str, dialer: bool, rtt: Duration) {
+        metrics::gauge!("pipit_node_link_rtt_seconds", "peer" => peer.to_string()).set(rtt.as_secs_f64());
+        self.update(peer, dialer, |s| s.rtt = Some(rtt));
+    }
+}
+
+/// Why a link ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkFailure {
+    /// The socket failed.
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+    /// The protocol failed (handshake rejected, frame forged or replayed).
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The other side closed.
+    #[error("closed by the other node")]
+    Closed,
+    /// Nothing arrived for `DEAD_AFTER`, or a handshake or write took too
+    /// long.
+    #[error("timed out")]
+    Timeout,
+    /// The other side is not who the node list says.
+    #[error("{0}")]
+    WrongPeer(String),
+    /// This node is stopping.
+    #[error("shutting down")]
+    Shutdown,
+}
+
+struct Ctx {
+    cluster: Cluster,
+    keys: Arc<KeyRing>,
+    links: Arc<Links>,
+    shutdown: CancellationToken,
+}
+
+impl Ctx {
+    fn hello(&self) -> pb::NodeHello {
+        pb::NodeHello { node_id: self.cluster.me().to_string(), epoch: self.cluster.view().epoch, max_in_flight: 0 }
+    }
+}
+
+/// Starts the node links on their own thread: accepts on `listener`,
+/// dials the members whose ids sort after this node's. Stops at
+/// `shutdown`.
+pub fn spawn(
+    cluster: Cluster,
+    keys: Arc<KeyRing>,
+    listener: std::net::TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<(Arc<Links>, std::thread::JoinHandle<()>)> {
+    listener.set_nonblocking(true)?;
+    let links = Arc::new(Links::default());
+    let ctx = Arc::new(Ctx { cluster, keys, links: links.clone(), shutdown });
+    let thread = std::thread::Builder::new().name("pipit-links".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "no runtime for node links; this node cannot reach the others");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "node-link listener");
+                    return;
+                }
+            };
+            tokio::spawn(accept_loop(listener, ctx.clone()));
+            supervise(ctx).await;
+        });
+    })?;
+    Ok((links, thread))
+}
+
+/// Keeps one dialer per member this node dials, restarting it when the
+/// member's address or key changes.
+async fn supervise(ctx: Arc<Ctx>) {
+    let mut dialers: HashMap<String, (Member, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let view = ctx.cluster.view();
+        for m in view.members.iter().filter(|m| m.id.as_str() > ctx.cluster.me()) {
+            let stale = dialers.get(&m.id).is_some_and(|(known, _)| known != m);
+            if stale {
+                if let Some((_, task)) = dialers.remove(&m.id) {
+                    task.abort();
+                }
+            }
+            if !dialers.contains_key(&m.id) {
+                let task = tokio::spawn(dial_loop(m.clone(), ctx.clone()));
+                dialers.insert(m.id.clone(), (m.clone(), task));
+            }
+        }
+    }
+    for (_, (_, task)) in dialers {
+        task.abort();
+    }
+}
+
+async fn dial_loop(peer: Member, ctx: Arc<Ctx>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        ctx.links.update(&peer.id, true, |s| s.state = LinkState::Connecting);
+        let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, dial(&peer, &ctx)).await {
+            Err(_) => Err(LinkFailure::Timeout),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok((stream, session, inbuf))) => {
+                backoff = BACKOFF_MIN;
+                ctx.links.up(&peer.id, true);
+                run(stream, session, inbuf, &peer.id, true, &ctx).await
+            }
+        };
+        let why = result.err().unwrap_or(LinkFailure::Closed);
+        if matches!(why, LinkFailure::Shutdown) {
+            return;
+        }
+        ctx.links.down(&peer.id, true, &why);
+        let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn dial(peer: &Member, ctx: &Ctx) -> Result<(TcpStream, LinkSession, BytesMut), LinkFailure> {
+    let mut stream = TcpStream::connect(peer.link.as_str()).await?;
+    stream.set_nodelay(true)?;
+    let keys = ctx.keys.get();
+    let mut out = BytesMut::new();
+    let mut dialer = LinkDialer::dial(keys.current(), &peer.key, &ctx.hello(), &mut out)?;
+    stream.write_all(&out).await?;
+    let mut inbuf = BytesMut::with_capacity(1024);
+    loop {
+        if stream.read_buf(&mut inbuf).await? == 0 {
+            return Err(LinkFailure::Closed);
+        }
+        match dialer.read(&mut inbuf)? {
+            DialStep::NeedMore(d) => dialer = d,
+            DialStep::Established(hello, session) => {
+                if hello.node_id != peer.id {
+                    return Err(LinkFailure::WrongPeer(format!("{} answered as {:?}", peer.id, hello.node_id)));
+                }
+                return Ok((stream, session, inbuf));
+            }
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, from)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, &ctx)).await {
+                            Ok(Ok((stream, session, inbuf, peer))) => {
+                                ctx.links.up(&peer, false);
+                                let why = run(stream, session, inbuf, &peer, false, &ctx).await.err();
+                                let why = why.unwrap_or(LinkFailure::Closed);
+                                if !matches!(why, LinkFailure::Shutdown) {
+                                    ctx.links.down(&peer, false, &why);
+                                }
+                            }
+                            Ok(Err(e)) => {
+                                metrics::counter!("pipit_node_link_refused_total").increment(1);
+                                tracing::warn!(%from, reason = %e, "node link refused");
+                            }
+                            Err(_) => tracing::debug!(%from, "node-link handshake timed out"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "node-link accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn accept(mut stream: TcpStream, ctx: &Ctx) -> Result<(TcpStream, LinkSession, BytesMut, String), LinkFailure> {
+    stream.set_nodelay(true)?;
+    let mut acceptor = LinkAcceptor::new();
+    let mut inbuf = BytesMut::with_capacity(1024);
+    let offer = loop {
+        if stream.read_buf(&mut inbuf).await? == 0 {
+            return Err(LinkFailure::Closed);
+        }
+        if let Some(offer) = acceptor.read(&mut inbuf)? {
+            break offer;
+        }
+    };
+    // Only a member that dials this node may: one whose id sorts first.
+    // Anyone else is closed on without an answer, before any cryptography.
+    let view = ctx.cluster.view();
+    let Some(peer) = view.members.iter().find(|m| m.key == *offer.claimed_key()) else {
+        return Err(LinkFailure::WrongPeer(format!("key {} is not in the node list", offer.claimed_key())));
+    };
+    if peer.id.as_str() >= ctx.cluster.me() {
+        return Err(LinkFailure::WrongPeer(format!("{} dialed, but this node dials it", peer.id)));
+    }
+    let keys = ctx.keys.get();
+    let mut out = BytesMut::new();
+    let (hello, session) = offer.accept(keys.current(), &ctx.hello(), &mut out)?;
+    if hello.node_id != peer.id {
+        return Err(LinkFailure::WrongPeer(format!("{}'s key says it is {:?}", peer.id, hello.node_id)));
+    }
+    write(&mut stream, &mut out).await?;
+    Ok((stream, session, inbuf, peer.id.clone()))
+}
+
+async fn write(stream: &mut TcpStream, out: &mut BytesMut) -> Result<(), LinkFailure> {
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(out)).await.map_err(|_| LinkFailure::Timeout)??;
+    out.clear();
+    Ok(())
+}
+
+/// Runs an established link until it fails or the node stops.
+async fn run(
+    mut stream: TcpStream,
+    mut session: LinkSession,
+    mut inbuf: BytesMut,
+    peer: &str,
+    dialer: bool,
+    ctx: &Ctx,
+) -> Result<(), LinkFailure> {
+    let mut out = BytesMut::new();
+    let mut tick = tokio::time::interval(PING_EVERY);
+    let mut heard = Instant::now();
+    // The ping in flight: its id and when it left. One at a time is enough
+    // for a round-trip figure and bounds what a peer can make us track.
+    let mut ping: Option<(u64, Instant)> = None;
+    let mut next_ping = 1u64;
+    loop {
+        // Frames already buffered (the handshake's read may carry some).
+        let mut reply = pb::NodePacket::default();
+        while let Some(incoming) = session.open(&mut inbuf)? {
+            if let LinkIncoming::Packet(p) = incoming {
+                reply.pong.extend(p.ping.iter().map(|p| pb::LinkPong { id: p.id }));
+                for pong in &p.pong {
+                    if let Some((id, sent)) = ping {
+                        if pong.id == id {
+                            ctx.links.rtt(peer, dialer, sent.elapsed());
+                            ping = None;
+                        }
+                    }
+                }
+            }
+        }
+        if !reply.pong.is_empty() {
+            session.seal(&reply, &mut out)?;
+            write(&mut stream, &mut out).await?;
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Err(LinkFailure::Shutdown),
+            read = stream.read_buf(&mut inbuf) => {
+                if read? == 0 {
+                    return Err(LinkFailure::Closed);
+                }
+                heard = Instant::now();
+            }
+            _ = tick.tick() => {
+                if heard.elapsed() > DEAD_AFTER {
+                    return Err(LinkFailure::Timeout);
+                }
+                if ping.is_none_or(|(_, sent)| sent.elapsed() > DEAD_AFTER) {
+                    ping = Some((next_ping, Instant::now()));
+                    let p = pb::NodePacket { ping: vec![pb::LinkPing { id: next_ping }], ..Default::default() };
+                    next_ping += 1;
+                    session.seal(&p, &mut out)?;
+                } else {
+                    // A pong is still due: keep the path warm without
+                    // asking for more.
+                    session.write_keepalive(&mut out);
+                }
+                write(&mut stream, &mut out).await?;
+            }
+        }
+    }
+}
