@@ -202,7 +202,8 @@ async fn storage(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
 }
 
 /// The cluster as this node sees it: one line for this node, then one per
-/// member: `<id> <address> alive|down [me] [link <state> [rtt <ms>ms]]`.
+/// member: `<id> <address> alive|down me`, or for another node
+/// `... link <state> [rtt <ms>ms] queue <entries waiting for it>`.
 fn cluster(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
     let Some(cluster) = &shared.services.cluster else {
         anyhow::bail!("not a cluster node (no [cluster] in the config)");
@@ -221,13 +222,19 @@ fn cluster(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
         out.push_str(&format!("{} {} {alive}", m.id, m.advertise));
         if m.id == cluster.me() {
             out.push_str(" me");
-        } else if let Some(l) = links.get(&m.id) {
-            out.push_str(&format!(" link {}", l.state.as_str()));
-            if let Some(rtt) = l.rtt {
-                out.push_str(&format!(" rtt {:.1}ms", rtt.as_secs_f64() * 1e3));
-            }
         } else {
-            out.push_str(" link none");
+            match links.get(&m.id) {
+                Some(l) => {
+                    out.push_str(&format!(" link {}", l.state.as_str()));
+                    if let Some(rtt) = l.rtt {
+                        out.push_str(&format!(" rtt {:.1}ms", rtt.as_secs_f64() * 1e3));
+                    }
+                }
+                None => out.push_str(" link none"),
+            }
+            // Two point reads, on the admin thread.
+            let depth = shared.services.forward.depth_blocking(m.slot)?;
+            out.push_str(&format!(" queue {depth}"));
         }
         out.push('\n');
     }

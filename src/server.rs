@@ -184,8 +184,14 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     }
     let (links, links_thread) = match (&cluster_handle, link_listener) {
         (Some(cluster), Some(l)) => {
-            let (links, thread) = crate::net::nodes::spawn(cluster.clone(), ctx.keys.clone(), l, shutdown.clone())
-                .context("starting the node links")?;
+            let (links, thread) = crate::net::nodes::spawn(
+                cluster.clone(),
+                services.forward.clone(),
+                ctx.keys.clone(),
+                l,
+                shutdown.clone(),
+            )
+            .context("starting the node links")?;
             (Some(links), Some(thread))
         }
         _ => (None, None),

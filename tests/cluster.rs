@@ -311,3 +311,100 @@ async fn a_stranger_is_refused_at_the_link_handshake_and_a_forged_frame_closes_t
     }
     admin_cluster_until(&nodes[2], "the forged link down", |t| line(t, "n2").contains("link down")).await;
 }
+
+/// Logs `d` in at its owner `node`.
+async fn at_home(node: &Node, d: &Device) -> Connection {
+    try_login(node, d).await.unwrap()
+}
+
+/// Receives `n` deliveries from `from`, acking each, in arrival order.
+async fn receive(c: &mut Connection, from: u64, n: usize) -> Vec<pb::Deliver> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let d = expect_deliver(c).await;
+        ack(c, d.inbox).await;
+        if d.from == from {
+            got.push(d);
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_an_account_on_another_node_is_forwarded_and_answered() {
+    let etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(root.path(), &etcd);
+    let devices = one_account_each(&nodes).await;
+    let (a, b) = (&devices[0], &devices[1]);
+    let mut ca = at_home(&nodes[0], a).await;
+    let mut cb = at_home(&nodes[1], b).await;
+
+    ca.send(&[text(1, b.account, "hello from n1")]).await.unwrap();
+    let sent = expect_sent(&mut ca, 1).await;
+    let got = receive(&mut cb, a.account, 1).await;
+    assert_eq!((&got[0].payload[..], got[0].seq, got[0].from_device), (&b"hello from n1"[..], sent.seq, a.device));
+    // A retry is the same message, not a second one.
+    ca.send(&[text(1, b.account, "hello from n1")]).await.unwrap();
+    assert_eq!(expect_sent(&mut ca, 1).await, sent);
+
+    // The answer goes the other way; the two directions never share a
+    // sequence number.
+    cb.send(&[text(1, a.account, "hello back from n2")]).await.unwrap();
+    let back = expect_sent(&mut cb, 1).await;
+    assert_ne!(back.seq % 2, sent.seq % 2);
+    let got = receive(&mut ca, b.account, 1).await;
+    assert_eq!(&got[0].payload[..], b"hello back from n2");
+    // Nothing arrived twice.
+    quiet(&mut cb, Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_owner_loses_nothing_and_doubles_nothing() {
+    let etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path(), &etcd);
+    let devices = one_account_each(&nodes).await;
+    let (a, b, c) = (&devices[0], &devices[1], &devices[2]);
+    let mut ca = at_home(&nodes[0], a).await;
+    let mut cc = at_home(&nodes[2], c).await;
+    const N: u64 = 40;
+    // Senders on n1 and n3 keep sending to b (on n2); n2 is killed part
+    // way and started again later.
+    let port = nodes[1].addr.port();
+    for id in 1..=N {
+        if id == N / 4 {
+            nodes[1].kill();
+        }
+        ca.send(&[text(id, b.account, &format!("a{id}"))]).await.unwrap();
+        expect_sent(&mut ca, id).await;
+        cc.send(&[text(id, b.account, &format!("c{id}"))]).await.unwrap();
+        expect_sent(&mut cc, id).await;
+    }
+    // What waits for n2 is visible to operators on n1.
+    let queued =
+        |t: &str| -> u64 { line(t, "n2").rsplit_once("queue ").and_then(|(_, n)| n.trim().parse().ok()).unwrap_or(0) };
+    let text = admin_cluster_until(&nodes[0], "a queue for n2", |t| queued(t) > 0).await;
+    assert!(queued(&text) <= N, "{text}");
+    nodes[1] = Node::start_on(&root.path().join("n2"), "n2", &etcd.endpoint, port);
+    let mut cb = at_home(&nodes[1], b).await;
+    let mut from_a = Vec::new();
+    let mut from_c = Vec::new();
+    while from_a.len() < N as usize || from_c.len() < N as usize {
+        let d = expect_deliver(&mut cb).await;
+        ack(&mut cb, d.inbox).await;
+        let text = String::from_utf8(d.payload.to_vec()).unwrap();
+        if d.from == a.account {
+            from_a.push(text)
+        } else if d.from == c.account {
+            from_c.push(text)
+        }
+    }
+    quiet(&mut cb, Duration::from_secs(1)).await;
+    let want = |p: &str| (1..=N).map(|i| format!("{p}{i}")).collect::<Vec<_>>();
+    assert_eq!(from_a, want("a"), "every message from n1, once, in order");
+    assert_eq!(from_c, want("c"), "every message from n3, once, in order");
+    // Acknowledged, the queues empty.
+    admin_cluster_until(&nodes[0], "n1's queue to n2 drained", |t| line(t, "n2").ends_with("queue 0")).await;
+    admin_cluster_until(&nodes[2], "n3's queue to n2 drained", |t| line(t, "n2").ends_with("queue 0")).await;
+}

@@ -20,12 +20,14 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pipit_protocol::node::{pb, DialStep, LinkAcceptor, LinkDialer, LinkError, LinkIncoming, LinkSession};
+use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeyRing;
 use crate::route::cluster::{Cluster, Member};
+use crate::service::forward::{Applied, Forward};
 
 /// How often a link pings the other side.
 const PING_EVERY: Duration = Duration::from_secs(2);
@@ -42,6 +44,14 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnect delays: the first, and the most.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Forwards this node accepts unacknowledged on a link (told to the
+/// other node in the hello), and the most it sends unacknowledged.
+const MAX_IN_FLIGHT: u32 = 256;
+
+/// Bytes of queued forwards read for one packet (below a frame's
+/// 65,519, leaving room for the packet's own fields).
+const PACKET_BYTES: usize = 48 * 1024;
 
 /// How often the dialers are matched to the node list.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
@@ -157,18 +167,30 @@ pub enum LinkFailure {
     /// This node is stopping.
     #[error("shutting down")]
     Shutdown,
+    /// Storage failed (reading the queue, applying a forward).
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The other node broke the link's rules (too many forwards in
+    /// flight, an entry that does not decode).
+    #[error("protocol: {0}")]
+    Protocol(String),
 }
 
 struct Ctx {
     cluster: Cluster,
     keys: Arc<KeyRing>,
     links: Arc<Links>,
+    forward: Forward,
     shutdown: CancellationToken,
 }
 
 impl Ctx {
     fn hello(&self) -> pb::NodeHello {
-        pb::NodeHello { node_id: self.cluster.me().to_string(), epoch: self.cluster.view().epoch, max_in_flight: 0 }
+        pb::NodeHello {
+            node_id: self.cluster.me().to_string(),
+            epoch: self.cluster.view().epoch,
+            max_in_flight: MAX_IN_FLIGHT,
+        }
     }
 }
 
@@ -177,13 +199,14 @@ impl Ctx {
 /// `shutdown`.
 pub fn spawn(
     cluster: Cluster,
+    forward: Forward,
     keys: Arc<KeyRing>,
     listener: std::net::TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<(Arc<Links>, std::thread::JoinHandle<()>)> {
     listener.set_nonblocking(true)?;
     let links = Arc::new(Links::default());
-    let ctx = Arc::new(Ctx { cluster, keys, links: links.clone(), shutdown });
+    let ctx = Arc::new(Ctx { cluster, keys, links: links.clone(), forward, shutdown });
     let thread = std::thread::Builder::new().name("pipit-links".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -243,10 +266,10 @@ async fn dial_loop(peer: Member, ctx: Arc<Ctx>) {
         let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, dial(&peer, &ctx)).await {
             Err(_) => Err(LinkFailure::Timeout),
             Ok(Err(e)) => Err(e),
-            Ok(Ok((stream, session, inbuf))) => {
+            Ok(Ok((stream, session, inbuf, hello))) => {
                 backoff = BACKOFF_MIN;
                 ctx.links.up(&peer.id, true);
-                run(stream, session, inbuf, &peer.id, true, &ctx).await
+                run(stream, session, inbuf, &peer, &hello, true, &ctx).await
             }
         };
         let why = result.err().unwrap_or(LinkFailure::Closed);
@@ -263,7 +286,7 @@ async fn dial_loop(peer: Member, ctx: Arc<Ctx>) {
     }
 }
 
-async fn dial(peer: &Member, ctx: &Ctx) -> Result<(TcpStream, LinkSession, BytesMut), LinkFailure> {
+async fn dial(peer: &Member, ctx: &Ctx) -> Result<(TcpStream, LinkSession, BytesMut, pb::NodeHello), LinkFailure> {
     let mut stream = TcpStream::connect(peer.link.as_str()).await?;
     stream.set_nodelay(true)?;
     let keys = ctx.keys.get();
@@ -281,7 +304,7 @@ async fn dial(peer: &Member, ctx: &Ctx) -> Result<(TcpStream, LinkSession, Bytes
                 if hello.node_id != peer.id {
                     return Err(LinkFailure::WrongPeer(format!("{} answered as {:?}", peer.id, hello.node_id)));
                 }
-                return Ok((stream, session, inbuf));
+                return Ok((stream, session, inbuf, hello));
             }
         }
     }
@@ -296,12 +319,12 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, &ctx)).await {
-                            Ok(Ok((stream, session, inbuf, peer))) => {
-                                ctx.links.up(&peer, false);
-                                let why = run(stream, session, inbuf, &peer, false, &ctx).await.err();
+                            Ok(Ok((stream, session, inbuf, peer, hello))) => {
+                                ctx.links.up(&peer.id, false);
+                                let why = run(stream, session, inbuf, &peer, &hello, false, &ctx).await.err();
                                 let why = why.unwrap_or(LinkFailure::Closed);
                                 if !matches!(why, LinkFailure::Shutdown) {
-                                    ctx.links.down(&peer, false, &why);
+                                    ctx.links.down(&peer.id, false, &why);
                                 }
                             }
                             Ok(Err(e)) => {
@@ -321,7 +344,9 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
-async fn accept(mut stream: TcpStream, ctx: &Ctx) -> Result<(TcpStream, LinkSession, BytesMut, String), LinkFailure> {
+type Accepted = (TcpStream, LinkSession, BytesMut, Member, pb::NodeHello);
+
+async fn accept(mut stream: TcpStream, ctx: &Ctx) -> Result<Accepted, LinkFailure> {
     stream.set_nodelay(true)?;
     let mut acceptor = LinkAcceptor::new();
     let mut inbuf = BytesMut::with_capacity(1024);
@@ -349,7 +374,7 @@ async fn accept(mut stream: TcpStream, ctx: &Ctx) -> Result<(TcpStream, LinkSess
         return Err(LinkFailure::WrongPeer(format!("{}'s key says it is {:?}", peer.id, hello.node_id)));
     }
     write(&mut stream, &mut out).await?;
-    Ok((stream, session, inbuf, peer.id.clone()))
+    Ok((stream, session, inbuf, peer.clone(), hello))
 }
 
 async fn write(stream: &mut TcpStream, out: &mut BytesMut) -> Result<(), LinkFailure> {
@@ -358,15 +383,22 @@ async fn write(stream: &mut TcpStream, out: &mut BytesMut) -> Result<(), LinkFai
     Ok(())
 }
 
-/// Runs an established link until it fails or the node stops.
+/// Runs an established link until it fails or the node stops: pings,
+/// forwards this node's queue to the peer (at most its in-flight bound
+/// unacknowledged, in entry order, again from the first unacknowledged
+/// one after every reconnect), applies what the peer forwards and
+/// acknowledges it once durable.
 async fn run(
     mut stream: TcpStream,
     mut session: LinkSession,
     mut inbuf: BytesMut,
-    peer: &str,
+    peer: &Member,
+    hello: &pb::NodeHello,
     dialer: bool,
     ctx: &Ctx,
 ) -> Result<(), LinkFailure> {
+    let storage = |e: crate::store::StorageError| LinkFailure::Storage(e.to_string());
+    let name = peer.id.as_str();
     let mut out = BytesMut::new();
     let mut tick = tokio::time::interval(PING_EVERY);
     let mut heard = Instant::now();
@@ -374,24 +406,82 @@ async fn run(
     // for a round-trip figure and bounds what a peer can make us track.
     let mut ping: Option<(u64, Instant)> = None;
     let mut next_ping = 1u64;
+    // Outgoing: everything up to `acked` is acknowledged, up to `sent` is
+    // on the wire.
+    let their_limit = u64::from(if hello.max_in_flight == 0 {
+        pipit_protocol::node::DEFAULT_MAX_IN_FLIGHT
+    } else {
+        hello.max_in_flight
+    })
+    .min(u64::from(MAX_IN_FLIGHT));
+    let wake = ctx.forward.wakeup(peer.slot);
+    let mut acked = ctx.forward.acked(peer.slot).await.map_err(storage)?;
+    let mut sent = acked;
+    // Incoming: forwards applying, their outcomes, and the mark acked.
+    let (applied_tx, mut applied_rx) = tokio::sync::mpsc::channel::<Result<Applied, ()>>(MAX_IN_FLIGHT as usize * 2);
+    let mut applying: u64 = 0;
+    let mut acked_to_peer = 0u64;
     loop {
         // Frames already buffered (the handshake's read may carry some).
         let mut reply = pb::NodePacket::default();
         while let Some(incoming) = session.open(&mut inbuf)? {
-            if let LinkIncoming::Packet(p) = incoming {
-                reply.pong.extend(p.ping.iter().map(|p| pb::LinkPong { id: p.id }));
-                for pong in &p.pong {
-                    if let Some((id, sent)) = ping {
-                        if pong.id == id {
-                            ctx.links.rtt(peer, dialer, sent.elapsed());
-                            ping = None;
-                        }
+            let LinkIncoming::Packet(p) = incoming else { continue };
+            reply.pong.extend(p.ping.iter().map(|p| pb::LinkPong { id: p.id }));
+            for pong in &p.pong {
+                if let Some((id, at)) = ping {
+                    if pong.id == id {
+                        ctx.links.rtt(name, dialer, at.elapsed());
+                        ping = None;
                     }
                 }
             }
+            for f in p.forward {
+                applying += 1;
+                if applying > u64::from(MAX_IN_FLIGHT) * 2 {
+                    return Err(LinkFailure::Protocol(format!("{name} exceeded {MAX_IN_FLIGHT} forwards in flight")));
+                }
+                let send = f.send.ok_or_else(|| LinkFailure::Protocol("a forward without a message".into()))?;
+                // Waits for room in the writer: the backpressure that
+                // stops this link reading while storage is behind.
+                let done = ctx
+                    .forward
+                    .apply(peer.slot, f.entry, send)
+                    .await
+                    .map_err(|e| LinkFailure::Storage(e.to_string()))?;
+                let tx = applied_tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(done.await).await;
+                });
+            }
+            for a in p.forward_ack {
+                let through = a.through.min(sent);
+                if through > acked {
+                    acked = through;
+                    ctx.forward.acknowledge(peer.slot, acked).await.map_err(|e| LinkFailure::Storage(e.to_string()))?;
+                }
+            }
+        }
+        // Forward what waits, within the peer's in-flight bound.
+        while sent - acked < their_limit {
+            let room = usize::try_from(their_limit - (sent - acked)).unwrap_or(usize::MAX);
+            let entries = ctx.forward.pending(peer.slot, sent, room, PACKET_BYTES).await.map_err(storage)?;
+            let Some(&(last, _)) = entries.last() else { break };
+            let mut packet = pb::NodePacket::default();
+            for (entry, bytes) in entries {
+                let send = pb::ForwardedSend::decode(bytes).map_err(|e| LinkFailure::Storage(e.to_string()))?;
+                packet.forward.push(pb::Forward { entry, send: Some(send) });
+            }
+            metrics::counter!("pipit_node_link_forwarded_total", "peer" => name.to_string())
+                .increment(packet.forward.len() as u64);
+            reply.forward = packet.forward;
+            session.seal(&reply, &mut out)?;
+            reply = pb::NodePacket::default();
+            sent = last;
         }
         if !reply.pong.is_empty() {
             session.seal(&reply, &mut out)?;
+        }
+        if !out.is_empty() {
             write(&mut stream, &mut out).await?;
         }
         tokio::select! {
@@ -402,11 +492,36 @@ async fn run(
                 }
                 heard = Instant::now();
             }
+            _ = wake.notified() => {}
+            Some(r) = applied_rx.recv() => {
+                applying = applying.saturating_sub(1);
+                let through = match r {
+                    Ok(Applied::Through(t) | Applied::Gap(t)) => t,
+                    // Not stored (storage failed): the peer sends it again
+                    // after a reconnect.
+                    Err(()) => return Err(LinkFailure::Storage("a forward was not stored".into())),
+                };
+                // Acknowledge all outcomes that are in now, in one packet.
+                let mut through = through;
+                while let Ok(more) = applied_rx.try_recv() {
+                    applying = applying.saturating_sub(1);
+                    match more {
+                        Ok(Applied::Through(t) | Applied::Gap(t)) => through = through.max(t),
+                        Err(()) => return Err(LinkFailure::Storage("a forward was not stored".into())),
+                    }
+                }
+                if through > acked_to_peer {
+                    acked_to_peer = through;
+                    let ack = pb::NodePacket { forward_ack: vec![pb::ForwardAck { through }], ..Default::default() };
+                    session.seal(&ack, &mut out)?;
+                    write(&mut stream, &mut out).await?;
+                }
+            }
             _ = tick.tick() => {
                 if heard.elapsed() > DEAD_AFTER {
                     return Err(LinkFailure::Timeout);
                 }
-                if ping.is_none_or(|(_, sent)| sent.elapsed() > DEAD_AFTER) {
+                if ping.is_none_or(|(_, at)| at.elapsed() > DEAD_AFTER) {
                     ping = Some((next_ping, Instant::now()));
                     let p = pb::NodePacket { ping: vec![pb::LinkPing { id: next_ping }], ..Default::default() };
                     next_ping += 1;

@@ -19,6 +19,7 @@
 //!   subscriptions.
 //! - `typing`: typing notices, relayed at most once, rate-limited.
 //! - `push`: push tokens and content-free wake-ups through a gateway.
+//! - `forward`: store and forward of sends between cluster nodes.
 //! - `keys`: the end-to-end key directory: uploads, fetches that hand out
 //!   each one-time prekey once, low-stock notices, the fetch rate limit.
 
@@ -26,6 +27,7 @@ pub mod accounts;
 pub mod expiry;
 pub mod fanout;
 pub mod features;
+pub mod forward;
 pub mod group_receipts;
 pub mod group_send;
 pub mod groups;
@@ -97,6 +99,8 @@ pub struct Ctx {
     deliveries: Arc<dyn Deliveries>,
     expiry: expiry::Cursor,
     fanout: Arc<fanout::Shared>,
+    /// Wake-ups of the node links when forwards are queued.
+    wakes: Arc<forward::Wakes>,
 }
 
 /// The group-commit writer, carrying this layer's operations.
@@ -155,6 +159,8 @@ pub struct Services {
     pub writer: Writer,
     /// This node's cluster (placement, liveness); `None`: a single node.
     pub cluster: Option<Cluster>,
+    /// Store and forward to and from other nodes (idle on a single node).
+    pub forward: forward::Forward,
 }
 
 /// What the services that never pass through the commit need: the
@@ -195,12 +201,15 @@ pub fn start(
     let key_rules = rules.keys;
     let cluster = rules.cluster.clone();
     let shared = fanout::Shared::new(std::time::Duration::ZERO);
-    let ctx = Ctx { rules, deliveries, expiry: expiry::Cursor::default(), fanout: shared.clone() };
+    let wakes = Arc::new(forward::Wakes::default());
+    let ctx =
+        Ctx { rules, deliveries, expiry: expiry::Cursor::default(), fanout: shared.clone(), wakes: wakes.clone() };
     let (writer, thread) = Writer::start(store.clone(), ctx, engine)?;
     let push = Push::start(live.push, store.clone(), live.registry.clone(), writer.clone(), live.shutdown)?;
     let services = Services {
         accounts: Accounts::new(writer.clone(), store.clone()),
         messaging: Messaging::new(writer.clone()),
+        forward: forward::Forward::new(writer.clone(), store.clone(), wakes),
         receipts: Receipts,
         groups: Groups::new(writer.clone(), store.clone()),
         fanout: Fanout::new(shared, store.clone()),
