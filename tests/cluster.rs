@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{three_nodes, Etcd, Node};
 use common::*;
 use pipit_client::pipit_protocol::message::pb;
+use pipit_client::pipit_protocol::Message;
 use pipit_client::{ClientError, Config, ConnectOptions, Connection, Encryption, Event, FileStore, Store as _};
 
 /// Where `d` logs in at `node`: logged in, redirected, or refused.
@@ -331,7 +332,7 @@ async fn receive(c: &mut Connection, from: u64, n: usize) -> Vec<pb::Deliver> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_to_an_account_on_another_node_is_forwarded_and_answered() {
+async fn a_message_to_an_account_on_another_node_is_sent_delivered_read_and_answered() {
     let etcd = Etcd::start();
     let root = tempfile::tempdir().unwrap();
     let nodes = three_nodes(root.path(), &etcd);
@@ -347,6 +348,26 @@ async fn a_message_to_an_account_on_another_node_is_forwarded_and_answered() {
     // A retry is the same message, not a second one.
     ca.send(&[text(1, b.account, "hello from n1")]).await.unwrap();
     assert_eq!(expect_sent(&mut ca, 1).await, sent);
+    // b's ack comes back to a as "delivered", its read receipt as "read".
+    let receipt = |kind: pb::ReceiptKind| {
+        move |m: Message| match m {
+            Message::Receipt(r) if r.kind == kind as i32 => Some(r),
+            _ => None,
+        }
+    };
+    let delivered = expect(&mut ca, receipt(pb::ReceiptKind::Delivered)).await;
+    assert_eq!((delivered.peer, delivered.through), (b.account, sent.seq));
+    cb.send(&[pb::Receipt {
+        kind: pb::ReceiptKind::Read as i32,
+        peer: a.account,
+        through: sent.seq,
+        ..Default::default()
+    }
+    .into()])
+        .await
+        .unwrap();
+    let read = expect(&mut ca, receipt(pb::ReceiptKind::Read)).await;
+    assert_eq!((read.peer, read.through), (b.account, sent.seq));
 
     // The answer goes the other way; the two directions never share a
     // sequence number.
@@ -355,7 +376,9 @@ async fn a_message_to_an_account_on_another_node_is_forwarded_and_answered() {
     assert_ne!(back.seq % 2, sent.seq % 2);
     let got = receive(&mut ca, b.account, 1).await;
     assert_eq!(&got[0].payload[..], b"hello back from n2");
-    // Nothing arrived twice.
+    // Nothing arrived twice; b hears of a's receipt of its answer.
+    let delivered = expect(&mut cb, receipt(pb::ReceiptKind::Delivered)).await;
+    assert_eq!((delivered.peer, delivered.through), (a.account, back.seq));
     quiet(&mut cb, Duration::from_millis(500)).await;
 }
 

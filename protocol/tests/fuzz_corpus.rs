@@ -131,17 +131,31 @@ fn write_node_seeds() {
     let packet = node_pb::NodePacket {
         ping: vec![node_pb::LinkPing { id: 1 }, node_pb::LinkPing { id: u64::MAX }],
         pong: vec![node_pb::LinkPong { id: 9 }],
-        forward: vec![node_pb::Forward {
-            entry: 7,
-            send: Some(node_pb::ForwardedSend {
-                from_account: 1_025,
-                from_device: 1,
-                to: 2_049,
-                seq: 4,
-                time: 1_700_000_000,
-                payload: bytes::Bytes::from_static(b"forwarded"),
-            }),
-        }],
+        forward: vec![
+            node_pb::Forward {
+                entry: 7,
+                send: Some(node_pb::ForwardedSend {
+                    from_account: 1_025,
+                    from_device: 1,
+                    to: 2_049,
+                    seq: 4,
+                    time: 1_700_000_000,
+                    payload: bytes::Bytes::from_static(b"forwarded"),
+                }),
+                receipt: None,
+            },
+            node_pb::Forward {
+                entry: 8,
+                send: None,
+                receipt: Some(node_pb::ForwardedReceipt {
+                    to: 2_049,
+                    kind: 2,
+                    peer: 1_025,
+                    through: 4,
+                    time: 1_700_000_001,
+                }),
+            },
+        ],
         forward_ack: vec![node_pb::ForwardAck { through: 6 }],
     };
     seed("packet", &[&[1u8][..], &packet.encode_to_vec()].concat());

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pipit_protocol::node::{pb, DialStep, LinkAcceptor, LinkDialer, LinkError, LinkIncoming, LinkSession};
-use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -440,14 +439,9 @@ async fn run(
                 if applying > u64::from(MAX_IN_FLIGHT) * 2 {
                     return Err(LinkFailure::Protocol(format!("{name} exceeded {MAX_IN_FLIGHT} forwards in flight")));
                 }
-                let send = f.send.ok_or_else(|| LinkFailure::Protocol("a forward without a message".into()))?;
                 // Waits for room in the writer: the backpressure that
                 // stops this link reading while storage is behind.
-                let done = ctx
-                    .forward
-                    .apply(peer.slot, f.entry, send)
-                    .await
-                    .map_err(|e| LinkFailure::Storage(e.to_string()))?;
+                let done = ctx.forward.apply(peer.slot, f).await.map_err(|e| LinkFailure::Storage(e.to_string()))?;
                 let tx = applied_tx.clone();
                 tokio::spawn(async move {
                     let _ = tx.send(done.await).await;
@@ -468,8 +462,9 @@ async fn run(
             let Some(&(last, _)) = entries.last() else { break };
             let mut packet = pb::NodePacket::default();
             for (entry, bytes) in entries {
-                let send = pb::ForwardedSend::decode(bytes).map_err(|e| LinkFailure::Storage(e.to_string()))?;
-                packet.forward.push(pb::Forward { entry, send: Some(send) });
+                let mut f = crate::service::forward::decode_entry(bytes).map_err(storage)?;
+                f.entry = entry;
+                packet.forward.push(f);
             }
             metrics::counter!("pipit_node_link_forwarded_total", "peer" => name.to_string())
                 .increment(packet.forward.len() as u64);

@@ -105,28 +105,32 @@ impl Forward {
         self.writer.submit(Box::new(Acknowledge { slot, through })).await
     }
 
-    /// Applies entry `entry` forwarded by the node with slot `origin`;
-    /// waits for room in the writer's queue, then answers once durable.
+    /// Applies `forward` from the node with slot `origin`; waits for room
+    /// in the writer's queue, then answers once durable.
     pub async fn apply(
         &self,
         origin: u32,
-        entry: u64,
-        send: node_pb::ForwardedSend,
+        forward: node_pb::Forward,
     ) -> Result<impl Future<Output = Result<Applied, ()>> + Send + 'static, SubmitError> {
         let (tx, rx) = oneshot::channel();
-        let op =
-            Apply { origin, entry, send, result: None, applied: false, pushes: Pushes::default(), reply: Some(tx) };
+        let op = Apply { origin, forward, result: None, applied: false, pushes: Pushes::default(), reply: Some(tx) };
         self.writer.submit(Box::new(op)).await?;
         Ok(async move { rx.await.unwrap_or(Err(())) })
     }
 }
 
-/// Stages `send` (already numbered) as the next outbound entry to the
-/// node with `slot`; its wake-up is due once the commit is durable.
-pub(crate) fn queue(txn: &mut Txn<'_>, slot: u32, send: &node_pb::ForwardedSend) -> Result<u64, StorageError> {
+/// Stages `forward` (its `entry` is set here) as the next outbound entry
+/// to the node with `slot`; its wake-up is due once the commit is durable.
+pub(crate) fn queue(txn: &mut Txn<'_>, slot: u32, mut forward: node_pb::Forward) -> Result<u64, StorageError> {
     let entry = txn.next(Counter::OutboundNext(slot))?;
-    txn.put_outbound(slot, entry, &send.encode_to_vec());
+    forward.entry = entry;
+    txn.put_outbound(slot, entry, &forward.encode_to_vec());
     Ok(entry)
+}
+
+/// Decodes a queued entry as read by [`Forward::pending`].
+pub fn decode_entry(bytes: Bytes) -> Result<node_pb::Forward, StorageError> {
+    node_pb::Forward::decode(bytes).map_err(|_| StorageError::Corrupt("outbound"))
 }
 
 /// Tells the link to `slot` that entries wait (after the commit).
@@ -163,10 +167,36 @@ impl Operation<Ctx> for Acknowledge {
     }
 }
 
+/// Puts a forwarded message in every device inbox of its recipient.
+fn deliver(txn: &mut Txn<'_>, s: &node_pb::ForwardedSend, pushes: &mut Pushes) -> Result<(), StorageError> {
+    let Some(recipient) = txn.account(s.to)? else {
+        // The sender's node placed the account here, but it does not
+        // exist: nothing to deliver. Applied all the same, or the queue
+        // behind it would wait forever.
+        tracing::warn!(to = s.to, from = s.from_account, "forwarded message for an unknown account dropped");
+        metrics::counter!("pipit_forwards_dropped_total").increment(1);
+        return Ok(());
+    };
+    for d in &recipient.devices {
+        let deliver = pb::Deliver {
+            inbox: 0,
+            from: s.from_account,
+            from_device: s.from_device,
+            seq: s.seq,
+            time: s.time,
+            payload: s.payload.clone(),
+            peer: 0,
+            group: 0,
+            device_payload: Bytes::new(),
+        };
+        enqueue(txn, DeviceAddr::new(s.to, d.device), deliver.into(), pushes)?;
+    }
+    Ok(())
+}
+
 struct Apply {
     origin: u32,
-    entry: u64,
-    send: node_pb::ForwardedSend,
+    forward: node_pb::Forward,
     result: Option<Applied>,
     /// Stored now (not a duplicate, not past a gap).
     applied: bool,
@@ -179,43 +209,36 @@ impl Operation<Ctx> for Apply {
         self.pushes = Pushes::default();
         self.applied = false;
         let mark = txn.counter(Counter::InboundMark(self.origin))?;
-        if self.entry <= mark {
+        if self.forward.entry <= mark {
             metrics::counter!("pipit_forwards_deduplicated_total").increment(1);
             self.result = Some(Applied::Through(mark));
             return Ok(());
         }
-        if self.entry != mark + 1 {
+        if self.forward.entry != mark + 1 {
             self.result = Some(Applied::Gap(mark));
             return Ok(());
         }
-        let s = &self.send;
-        match txn.account(s.to)? {
-            Some(recipient) => {
-                for d in &recipient.devices {
-                    let deliver = pb::Deliver {
-                        inbox: 0,
-                        from: s.from_account,
-                        from_device: s.from_device,
-                        seq: s.seq,
-                        time: s.time,
-                        payload: s.payload.clone(),
-                        peer: 0,
-                        group: 0,
-                        device_payload: Bytes::new(),
-                    };
-                    enqueue(txn, DeviceAddr::new(s.to, d.device), deliver.into(), &mut self.pushes)?;
-                }
+        match (&self.forward.send, &self.forward.receipt) {
+            (Some(s), None) => deliver(txn, s, &mut self.pushes)?,
+            (None, Some(r)) => {
+                let receipt = pb::Receipt {
+                    kind: i32::try_from(r.kind).unwrap_or(0),
+                    peer: r.peer,
+                    through: r.through,
+                    time: r.time,
+                    ..Default::default()
+                };
+                super::receipts::deliver_receipt(txn, r.to, receipt, &mut self.pushes)?;
             }
-            None => {
-                // The sender's node placed the account here, but it does
-                // not exist: nothing to deliver. Acknowledged all the same,
-                // or the queue behind it would wait forever.
-                tracing::warn!(to = s.to, from = s.from_account, "forwarded message for an unknown account dropped");
+            _ => {
+                // Neither or both: a peer that breaks the rules. Applied as
+                // nothing, so that the queue behind it moves on.
+                tracing::warn!(entry = self.forward.entry, "malformed forward dropped");
                 metrics::counter!("pipit_forwards_dropped_total").increment(1);
             }
         }
-        txn.set_counter(Counter::InboundMark(self.origin), self.entry);
-        self.result = Some(Applied::Through(self.entry));
+        txn.set_counter(Counter::InboundMark(self.origin), self.forward.entry);
+        self.result = Some(Applied::Through(self.forward.entry));
         self.applied = true;
         Ok(())
     }
@@ -243,15 +266,16 @@ mod tests {
     use crate::config::Registration;
     use crate::service::testing::setup;
 
-    fn fwd(to: u64, seq: u64) -> node_pb::ForwardedSend {
-        node_pb::ForwardedSend {
+    fn fwd(entry: u64, to: u64, seq: u64) -> node_pb::Forward {
+        let send = node_pb::ForwardedSend {
             from_account: 9_000,
             from_device: 0,
             to,
             seq,
             time: 1,
             payload: Bytes::from(format!("m{seq}")),
-        }
+        };
+        node_pb::Forward { entry, send: Some(send), receipt: None }
     }
 
     #[test]
@@ -259,7 +283,7 @@ mod tests {
         let s = setup(Registration::Open);
         let b = s.register(1, "").unwrap();
         let f = s.services().forward.clone();
-        let apply = |entry, seq| s.rt.block_on(async { f.apply(3, entry, fwd(b.account, seq)).await.unwrap().await });
+        let apply = |entry, seq| s.rt.block_on(async { f.apply(3, fwd(entry, b.account, seq)).await.unwrap().await });
         assert_eq!(apply(1, 2), Ok(Applied::Through(1)));
         assert_eq!(apply(1, 2), Ok(Applied::Through(1)), "a repeat is acknowledged, not stored again");
         assert_eq!(apply(3, 6), Ok(Applied::Gap(1)), "past a gap: not applied");
@@ -267,7 +291,7 @@ mod tests {
         assert_eq!(apply(3, 6), Ok(Applied::Through(3)), "sent again after the gap");
         // Another origin has its own mark.
         assert_eq!(
-            s.rt.block_on(async { f.apply(4, 1, fwd(b.account, 8)).await.unwrap().await }),
+            s.rt.block_on(async { f.apply(4, fwd(1, b.account, 8)).await.unwrap().await }),
             Ok(Applied::Through(1))
         );
         let seqs: Vec<u64> = s
@@ -291,7 +315,7 @@ mod tests {
         struct Queue(u64);
         impl Operation<Ctx> for Queue {
             fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
-                assert_eq!(queue(txn, 5, &fwd(1, self.0))?, self.0);
+                assert_eq!(queue(txn, 5, fwd(0, 1, self.0))?, self.0);
                 Ok(())
             }
             fn finish(self: Box<Self>, _: &mut Ctx, _: Outcome<'_>) {}

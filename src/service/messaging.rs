@@ -342,7 +342,8 @@ fn store_remote(
         time: now,
         payload: send.payload.clone(),
     };
-    super::forward::queue(txn, slot, &forward)?;
+    let forward = pipit_protocol::node::pb::Forward { entry: 0, send: Some(forward), receipt: None };
+    super::forward::queue(txn, slot, forward)?;
     txn.put_dedup(from, send.id, DedupRecord { seq, time: now, digest: Some(digest) });
     *out.stored = true;
     *forwarded = Some(slot);
