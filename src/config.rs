@@ -197,6 +197,15 @@ pub struct ClusterConfig {
     /// Seconds to wait for etcd at start before giving up with an error.
     #[serde(default = "default_etcd_timeout_secs")]
     pub etcd_timeout_secs: u64,
+    /// Messages that may wait for one other node (down, or its link
+    /// slow); past it, sends to its accounts are refused `UNAVAILABLE`
+    /// with a retry time, and nothing is lost.
+    #[serde(default = "default_outbound_max")]
+    pub outbound_max: u64,
+}
+
+fn default_outbound_max() -> u64 {
+    1_000_000
 }
 
 fn default_etcd_prefix() -> String {
@@ -237,6 +246,9 @@ impl ClusterConfig {
         }
         if !(2..=3_600).contains(&self.lease_secs) {
             return bad("cluster.lease_secs must be between 2 and 3600".to_string());
+        }
+        if self.outbound_max == 0 {
+            return bad("cluster.outbound_max must be positive".to_string());
         }
         if self.etcd_timeout_secs == 0 {
             return bad("cluster.etcd_timeout_secs must be positive".to_string());

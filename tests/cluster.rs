@@ -431,3 +431,52 @@ async fn kill_9_of_the_owner_loses_nothing_and_doubles_nothing() {
     admin_cluster_until(&nodes[0], "n1's queue to n2 drained", |t| line(t, "n2").ends_with("queue 0")).await;
     admin_cluster_until(&nodes[2], "n3's queue to n2 drained", |t| line(t, "n2").ends_with("queue 0")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_for_a_down_node_refuses_with_a_retry_time_and_loses_nothing() {
+    let etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let n1 = Node::start_with(&root.path().join("n1"), "n1", &etcd.endpoint, free_port(), "outbound_max = 5\n");
+    let n2_port = free_port();
+    let mut n2 = Node::start_on(&root.path().join("n2"), "n2", &etcd.endpoint, n2_port);
+    let (a, ca) = register(n1.addr).await;
+    drop(ca);
+    let (b, cb) = register(n2.addr).await;
+    drop(cb);
+    let mut ca = at_home(&n1, &a).await;
+    n2.kill();
+    for id in 1..=5 {
+        ca.send(&[text(id, b.account, &format!("m{id}"))]).await.unwrap();
+        expect_sent(&mut ca, id).await;
+    }
+    ca.send(&[text(6, b.account, "m6")]).await.unwrap();
+    let refused = expect(&mut ca, |m| match m {
+        Message::Error(e) if e.id == 6 => Some(e),
+        Message::Sent(s) if s.id == 6 => panic!("a sixth message was queued past outbound_max"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(refused.code, pb::ErrorCode::Unavailable as i32);
+    assert!(refused.retry_after_secs > 0);
+    // The node comes back, the queue drains, the retry is taken.
+    n2 = Node::start_on(&root.path().join("n2"), "n2", &etcd.endpoint, n2_port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        ca.send(&[text(6, b.account, "m6")]).await.unwrap();
+        let answer = expect(&mut ca, |m| match m {
+            Message::Error(e) if e.id == 6 => Some(false),
+            Message::Sent(s) if s.id == 6 => Some(true),
+            _ => None,
+        })
+        .await;
+        if answer {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut cb = at_home(&n2, &b).await;
+    let got = receive(&mut cb, a.account, 6).await;
+    let texts: Vec<_> = got.iter().map(|d| String::from_utf8(d.payload.to_vec()).unwrap()).collect();
+    assert_eq!(texts, ["m1", "m2", "m3", "m4", "m5", "m6"]);
+}

@@ -104,14 +104,14 @@ impl Operation<Ctx> for SendOp {
         // for it (store and forward) instead of delivered here.
         let owner = match &ctx.rules.cluster {
             Some(c) if send.group == 0 && send.to != 0 => match c.place(send.to) {
-                Placement::Remote(m) | Placement::Down(m) => Some(m.slot),
+                Placement::Remote(m) | Placement::Down(m) => Some((m.slot, c.outbound_max(), c.retry_after_secs())),
                 _ => None,
             },
             _ => None,
         };
         let out = Out { pushes: &mut self.pushes, fanout: &mut self.fanout, stored: &mut self.stored };
         self.result = Some(match owner {
-            Some(slot) => store_remote(txn, from, send, digest, slot, out, &mut self.forwarded)?,
+            Some(queue) => store_remote(txn, from, send, digest, queue, out, &mut self.forwarded)?,
             None => store_send(txn, from, send, digest, out)?,
         });
         Ok(())
@@ -288,7 +288,8 @@ fn store_send(txn: &mut Txn<'_>, from: DeviceAddr, send: &pb::Send, digest: Dige
     Ok(Ok(pb::Sent { id: send.id, seq, time: now }))
 }
 
-/// A 1:1 send to an account that the node with `slot` owns: stored here
+/// A 1:1 send to an account that the node with `slot` owns (at most `max`
+/// entries waiting for it, else refused with `retry_after_secs`): stored here
 /// as an outbound entry to that node, with the copies for the sender's
 /// other devices and the dedup record, all in one commit, so "sent" means
 /// durable here. The owner delivers it when the entry arrives.
@@ -302,12 +303,19 @@ fn store_remote(
     from: DeviceAddr,
     send: &pb::Send,
     digest: Digest,
-    slot: u32,
+    (slot, max, retry_after_secs): (u32, u64, u32),
     out: Out<'_>,
     forwarded: &mut Option<u32>,
 ) -> Stored {
     if let Some(answer) = precheck(txn, from, send, digest) {
         return answer;
+    }
+    // Bounded: past `max` waiting for that node, refuse (nothing stored,
+    // the client retries) rather than grow the queue without end.
+    let queued = txn.counter(Counter::OutboundNext(slot))?.saturating_sub(1);
+    if queued.saturating_sub(txn.counter(Counter::OutboundAcked(slot))?) >= max {
+        metrics::counter!("pipit_forward_queue_full_total").increment(1);
+        return Ok(Err(SendFailure::Unavailable { retry_after_secs }));
     }
     if !send.per_device.is_empty() {
         // Needs the recipient's device list, which its owner holds: not

@@ -115,9 +115,15 @@ impl Node {
 
     /// Starts (or restarts) node `id` on `port`.
     pub fn start_on(dir: &Path, id: &str, etcd: &str, port: u16) -> Self {
+        Self::start_with(dir, id, etcd, port, "")
+    }
+
+    /// Starts node `id` on `port` with `cluster_extra` lines added to its
+    /// `[cluster]` section.
+    pub fn start_with(dir: &Path, id: &str, etcd: &str, port: u16, cluster_extra: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let cfg = dir.join("pipit.toml");
-        std::fs::write(&cfg, node_config(dir, id, port, etcd, "")).unwrap();
+        std::fs::write(&cfg, node_config(dir, id, port, etcd, "") + cluster_extra).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_pipit"))
             .args(["serve", "--config"])
             .arg(&cfg)

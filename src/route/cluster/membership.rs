@@ -286,7 +286,7 @@ pub fn join(
             };
             let revision = snap.revision;
             let retry = u32::try_from(node.cfg.lease_secs).unwrap_or(u32::MAX);
-            let cluster = Cluster::new(node.cfg.node_id.clone(), slot, retry, snap.view.clone());
+            let cluster = Cluster::new(node.cfg.node_id.clone(), slot, retry, node.cfg.outbound_max, snap.view.clone());
             cluster.set_view(snap.view);
             cluster.set_etcd_up(true);
             if tx.send(Ok(cluster.clone())).is_err() {

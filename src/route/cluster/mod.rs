@@ -90,6 +90,8 @@ struct Shared {
     /// Seconds a device of a down node is told to wait: a node back up
     /// is seen within about a lease.
     retry_after_secs: u32,
+    /// Messages that may wait for one other node.
+    outbound_max: u64,
     view: RwLock<Arc<View>>,
     etcd_up: AtomicBool,
 }
@@ -108,9 +110,16 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    fn new(me: String, slot: u32, retry_after_secs: u32, view: View) -> Self {
+    fn new(me: String, slot: u32, retry_after_secs: u32, outbound_max: u64, view: View) -> Self {
         let view = RwLock::new(Arc::new(view));
-        Self { shared: Arc::new(Shared { me, slot, retry_after_secs, view, etcd_up: AtomicBool::new(true) }) }
+        let etcd_up = AtomicBool::new(true);
+        Self { shared: Arc::new(Shared { me, slot, retry_after_secs, outbound_max, view, etcd_up }) }
+    }
+
+    /// Messages that may wait for one other node before sends to it are
+    /// refused.
+    pub fn outbound_max(&self) -> u64 {
+        self.shared.outbound_max
     }
 
     /// What a device whose account's node is down is told to wait.
