@@ -1,83 +1,15 @@
-//! A real etcd on a free loopback port and real `pipit` processes that
-//! form a cluster through it. Both are killed when their guards drop.
+//! Real `pipit` processes that form a cluster through a real etcd
+//! (`super::etcd`). Both are killed when their guards drop.
 
 use std::io::BufRead as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use pipit_client::pipit_protocol::PublicKey;
 
+pub(crate) use super::etcd::Etcd;
 use super::free_port;
-
-/// An etcd server of its own: a temporary data directory, client and
-/// peer ports on 127.0.0.1. Fails loudly when `etcd` is not installed
-/// (`tools/dev deps` installs Debian's `etcd-server`).
-pub struct Etcd {
-    child: Child,
-    pub endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .arg("--name=pipit-test")
-            .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
-            .arg(format!("--listen-client-urls={endpoint}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=pipit-test={peer_url}"))
-            .arg("--log-level=error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start etcd ({e}): install it with `tools/dev deps` (Debian: etcd-server)")
-            });
-        let etcd = Self { child, endpoint, _dir: dir };
-        etcd.wait_ready();
-        etcd
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let addr: SocketAddr = self.endpoint.trim_start_matches("http://").parse().unwrap();
-        loop {
-            // etcd answers its health endpoint once it has a leader.
-            if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-                use std::io::{Read as _, Write as _};
-                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
-                let mut body = String::new();
-                let _ = s.read_to_string(&mut body);
-                if body.contains("\"health\":\"true\"") {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "etcd at {} not healthy within 20 s", self.endpoint);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Stops etcd (kill -9) while the test goes on.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// One `pipit serve` process of a cluster, with its own data directory
 /// and config file.
