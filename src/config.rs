@@ -508,6 +508,9 @@ mod tests {
 
     #[test]
     fn example_config_parses_and_unknown_keys_are_errors() {
+        let cluster: Config = toml::from_str(include_str!("../systemd/pipit-cluster-node.toml")).unwrap();
+        cluster.validate().unwrap();
+        assert_eq!(cluster.cluster.as_ref().unwrap().link_address().as_deref(), Some("chat1.example.net:5223"));
         let example = include_str!("../systemd/pipit.toml");
         let cfg: Config = toml::from_str(example).unwrap();
         cfg.validate().unwrap();

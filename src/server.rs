@@ -332,6 +332,13 @@ fn spawn_gauges(
                 metrics::gauge!("pipit_fanout_backlog_members").set(b.members as f64);
             }
             metrics::gauge!("pipit_push_queue").set(services.push.queued() as f64);
+            if let Some(cluster) = &services.cluster {
+                for m in cluster.view().members.iter().filter(|m| m.id != cluster.me()) {
+                    if let Ok(depth) = services.forward.depth_blocking(m.slot) {
+                        metrics::gauge!("pipit_node_link_queue", "peer" => m.id.clone()).set(depth as f64);
+                    }
+                }
+            }
             for _ in 0..50 {
                 if shutdown.is_cancelled() {
                     return;

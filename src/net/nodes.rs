@@ -398,6 +398,9 @@ async fn run(
 ) -> Result<(), LinkFailure> {
     let storage = |e: crate::store::StorageError| LinkFailure::Storage(e.to_string());
     let name = peer.id.as_str();
+    // What the link costs on the wire (after the handshake), both ways.
+    let bytes_out = metrics::counter!("pipit_node_link_bytes_out_total", "peer" => name.to_string());
+    let bytes_in = metrics::counter!("pipit_node_link_bytes_in_total", "peer" => name.to_string());
     let mut out = BytesMut::new();
     let mut tick = tokio::time::interval(PING_EVERY);
     let mut heard = Instant::now();
@@ -477,14 +480,17 @@ async fn run(
             session.seal(&reply, &mut out)?;
         }
         if !out.is_empty() {
+            bytes_out.increment(out.len() as u64);
             write(&mut stream, &mut out).await?;
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Err(LinkFailure::Shutdown),
             read = stream.read_buf(&mut inbuf) => {
-                if read? == 0 {
+                let n = read?;
+                if n == 0 {
                     return Err(LinkFailure::Closed);
                 }
+                bytes_in.increment(n as u64);
                 heard = Instant::now();
             }
             _ = wake.notified() => {}
@@ -509,7 +515,8 @@ async fn run(
                     acked_to_peer = through;
                     let ack = pb::NodePacket { forward_ack: vec![pb::ForwardAck { through }], ..Default::default() };
                     session.seal(&ack, &mut out)?;
-                    write(&mut stream, &mut out).await?;
+                    bytes_out.increment(out.len() as u64);
+            write(&mut stream, &mut out).await?;
                 }
             }
             _ = tick.tick() => {
@@ -526,7 +533,8 @@ async fn run(
                     // asking for more.
                     session.write_keepalive(&mut out);
                 }
-                write(&mut stream, &mut out).await?;
+                bytes_out.increment(out.len() as u64);
+            write(&mut stream, &mut out).await?;
             }
         }
     }
