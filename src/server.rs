@@ -169,9 +169,20 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     )
     .context("starting the group receipt flusher")?;
 
+    // A cluster node's links, made before the connections that ask them
+    // (whose device is this key?) and the thread that runs them.
+    let links = cluster_handle.as_ref().map(|_| Arc::new(crate::net::nodes::Links::default()));
     let ctx = Arc::new(
-        ConnCtx::new(net_config(&config), keys, services.clone(), registry.clone(), budget.clone(), shutdown.clone())
-            .context("starting the handshake threads")?,
+        ConnCtx::new(
+            net_config(&config),
+            keys,
+            services.clone(),
+            registry.clone(),
+            budget.clone(),
+            links.clone(),
+            shutdown.clone(),
+        )
+        .context("starting the handshake threads")?,
     );
     let mut shards = Vec::with_capacity(n);
     for (i, l) in listeners.into_iter().enumerate() {
@@ -182,19 +193,12 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             .context("spawning a shard")?;
         shards.push(handle);
     }
-    let (links, links_thread) = match (&cluster_handle, link_listener) {
-        (Some(cluster), Some(l)) => {
-            let (links, thread) = crate::net::nodes::spawn(
-                cluster.clone(),
-                services.forward.clone(),
-                ctx.keys.clone(),
-                l,
-                shutdown.clone(),
-            )
-            .context("starting the node links")?;
-            (Some(links), Some(thread))
-        }
-        _ => (None, None),
+    let links_thread = match (&cluster_handle, link_listener, &links) {
+        (Some(cluster), Some(l), Some(links)) => Some(
+            crate::net::nodes::spawn(cluster.clone(), &services, ctx.keys.clone(), links.clone(), l, shutdown.clone())
+                .context("starting the node links")?,
+        ),
+        _ => None,
     };
     let admin = crate::admin::AdminCtx {
         data_dir: config.data_dir.clone(),

@@ -480,3 +480,51 @@ async fn a_full_queue_for_a_down_node_refuses_with_a_retry_time_and_loses_nothin
     let texts: Vec<_> = got.iter().map(|d| String::from_utf8(d.payload.to_vec()).unwrap()).collect();
     assert_eq!(texts, ["m1", "m2", "m3", "m4", "m5", "m6"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_device_that_knows_only_its_key_is_found_and_sent_to_its_owner() {
+    use bytes::Bytes;
+    use pipit_client::pipit_protocol::StaticKeypair;
+
+    let etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(root.path(), &etcd);
+    // Wait for every link: the lookup asks the nodes a link reaches.
+    for n in &nodes {
+        admin_cluster_until(n, "all links up", |t| t.matches("link up").count() == 2).await;
+    }
+    let (a, conn) = register(nodes[0].addr).await;
+    drop(conn);
+    let mut ca = at_home(&nodes[0], &a).await;
+    let tablet = StaticKeypair::generate();
+    ca.send(&[pb::LinkDevice {
+        req: 1,
+        key: Bytes::copy_from_slice(tablet.public().as_bytes()),
+        name: "tablet".into(),
+    }
+    .into()])
+        .await
+        .unwrap();
+    let device = expect(&mut ca, |m| match m {
+        Message::Linked(l) if l.req == 1 => Some(l.device),
+        _ => None,
+    })
+    .await;
+    // It knows only its key, and asks n2: n2 asks the others and sends it
+    // to n1, where it logs in as the account's new device.
+    let opts = |n: &Node| ConnectOptions { server_key: Some(n.key), timeout: T, ..ConnectOptions::default() };
+    match Connection::connect(nodes[1].addr, &tablet, pipit_client::login(0, 0, 0), &opts(&nodes[1])).await {
+        Err(ClientError::Redirected { server, server_key }) => {
+            assert_eq!((server, server_key), (nodes[0].addr.to_string(), nodes[0].key));
+        }
+        other => panic!("expected a redirect to n1, got {other:?}"),
+    }
+    let c = Connection::connect(nodes[0].addr, &tablet, pipit_client::login(0, 0, 0), &opts(&nodes[0])).await.unwrap();
+    assert_eq!((c.login().account, c.login().device), (a.account, device));
+    // A key no node knows is refused as before, after the bounded lookup.
+    let stranger = StaticKeypair::generate();
+    match Connection::connect(nodes[2].addr, &stranger, pipit_client::login(0, 0, 0), &opts(&nodes[2])).await {
+        Err(ClientError::Refused(pb::ErrorCode::UnknownDevice)) => {}
+        other => panic!("expected UNKNOWN_DEVICE, got {other:?}"),
+    }
+}

@@ -157,6 +157,8 @@ fn write_node_seeds() {
             },
         ],
         forward_ack: vec![node_pb::ForwardAck { through: 6 }],
+        lookup: vec![node_pb::Lookup { req: 1, key: bytes::Bytes::from(vec![5; 32]) }],
+        lookup_result: vec![node_pb::LookupResult { req: 1, account: 1_025, device: 2 }],
     };
     seed("packet", &[&[1u8][..], &packet.encode_to_vec()].concat());
 }

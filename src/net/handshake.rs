@@ -105,7 +105,18 @@ pub(super) async fn establish(
     };
     let verdict = match elsewhere {
         Some(refusal) => Err(refusal),
-        None => identify(&accepted.hello, accepted.client_key, ctx).await?.map_err(|code| (code, vec![error(code)])),
+        None => match identify(&accepted.hello, accepted.client_key, ctx).await? {
+            Ok(v) => Ok(v),
+            // A login without an account id whose key this node does not
+            // know: in a cluster, the other nodes are asked (bounded).
+            Err(pb::ErrorCode::UnknownDevice) if matches!(&accepted.hello, Hello::Login(l) if l.account == 0) => {
+                match found_elsewhere(ctx, accepted.client_key).await {
+                    Some(refusal) => Err(refusal),
+                    None => Err((pb::ErrorCode::UnknownDevice, vec![error(pb::ErrorCode::UnknownDevice)])),
+                }
+            }
+            Err(code) => Err((code, vec![error(code)])),
+        },
     };
     let (addr, proposed_keepalive, acked_through) = match verdict {
         Ok(v) => v,
@@ -233,6 +244,16 @@ async fn identify(hello: &Hello, client_key: PublicKey, ctx: &Arc<ConnCtx>) -> R
             }
         }
     })
+}
+
+/// For a login that names no account and whose key this node does not
+/// know: asks the other nodes (at most `nodes::LOOKUP_TIMEOUT`) and
+/// redirects to the one that knows it.
+async fn found_elsewhere(ctx: &Arc<ConnCtx>, key: PublicKey) -> Option<(pb::ErrorCode, Vec<Message>)> {
+    let (cluster, links) = (ctx.services.cluster.as_ref()?, ctx.links.as_ref()?);
+    let (_, addr) = links.lookup(key).await?;
+    metrics::counter!("pipit_login_lookups_found_total").increment(1);
+    placement_refusal(cluster, addr.account)
 }
 
 /// The answer for a login of `account` when another node owns it: a

@@ -20,13 +20,18 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pipit_protocol::node::{pb, DialStep, LinkAcceptor, LinkDialer, LinkError, LinkIncoming, LinkSession};
+use pipit_protocol::PublicKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeyRing;
+use crate::model::DeviceAddr;
 use crate::route::cluster::{Cluster, Member};
+use crate::service::accounts::Accounts;
 use crate::service::forward::{Applied, Forward};
+use crate::service::Services;
 
 /// How often a link pings the other side.
 const PING_EVERY: Duration = Duration::from_secs(2);
@@ -51,6 +56,12 @@ const MAX_IN_FLIGHT: u32 = 256;
 /// Bytes of queued forwards read for one packet (below a frame's
 /// 65,519, leaving room for the packet's own fields).
 const PACKET_BYTES: usize = 48 * 1024;
+
+/// Questions waiting for one link, and unanswered on it, at most.
+const MAX_ASKS: usize = 64;
+
+/// How long a login waits for the other nodes to say whose key it is.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often the dialers are matched to the node list.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
@@ -93,13 +104,70 @@ pub struct LinkStatus {
     pub last_error: String,
 }
 
+/// A question for the node at the other end of a link.
+#[derive(Debug)]
+struct Ask {
+    key: PublicKey,
+    reply: oneshot::Sender<Option<DeviceAddr>>,
+}
+
 /// Every link of this node, by peer id.
 #[derive(Debug, Default)]
 pub struct Links {
     peers: Mutex<BTreeMap<String, LinkStatus>>,
+    /// The links that are up, by peer id: where to ask them things, and
+    /// which link's channel it is (a newer link replaces an older one).
+    asks: Mutex<HashMap<String, (u64, mpsc::Sender<Ask>)>>,
+    next_channel: std::sync::atomic::AtomicU64,
 }
 
 impl Links {
+    /// Asks every node with a link up whose device `key` is, at once,
+    /// for at most `LOOKUP_TIMEOUT`: the first that knows it answers its
+    /// id and the device. A link too busy to take the question is
+    /// skipped. `None`: no node knows the key (or none answered in time).
+    pub async fn lookup(&self, key: PublicKey) -> Option<(String, DeviceAddr)> {
+        let asks: Vec<(String, mpsc::Sender<Ask>)> = self
+            .asks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect();
+        let mut answers = futures_util::stream::FuturesUnordered::new();
+        for (peer, tx) in asks {
+            let (reply, rx) = oneshot::channel();
+            if tx.try_send(Ask { key, reply }).is_ok() {
+                answers.push(async move { rx.await.ok().flatten().map(|addr| (peer, addr)) });
+            }
+        }
+        use futures_util::StreamExt as _;
+        let first = async {
+            while let Some(answer) = answers.next().await {
+                if answer.is_some() {
+                    return answer;
+                }
+            }
+            None
+        };
+        tokio::time::timeout(LOOKUP_TIMEOUT, first).await.ok().flatten()
+    }
+
+    fn open_asks(&self, peer: &str) -> (u64, mpsc::Receiver<Ask>) {
+        let (tx, rx) = mpsc::channel(MAX_ASKS);
+        let id = self.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.asks.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.to_string(), (id, tx));
+        (id, rx)
+    }
+
+    fn close_asks(&self, peer: &str, id: u64) {
+        let mut asks = self.asks.lock().unwrap_or_else(|e| e.into_inner());
+        // Only this link's own channel: a newer link may have replaced it.
+        if asks.get(peer).is_some_and(|(current, _)| *current == id) {
+            asks.remove(peer);
+        }
+    }
+
     /// A copy of every link's status.
     pub fn snapshot(&self) -> BTreeMap<String, LinkStatus> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -180,6 +248,7 @@ struct Ctx {
     keys: Arc<KeyRing>,
     links: Arc<Links>,
     forward: Forward,
+    accounts: Accounts,
     shutdown: CancellationToken,
 }
 
@@ -198,14 +267,21 @@ impl Ctx {
 /// `shutdown`.
 pub fn spawn(
     cluster: Cluster,
-    forward: Forward,
+    services: &Services,
     keys: Arc<KeyRing>,
+    links: Arc<Links>,
     listener: std::net::TcpListener,
     shutdown: CancellationToken,
-) -> std::io::Result<(Arc<Links>, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
-    let links = Arc::new(Links::default());
-    let ctx = Arc::new(Ctx { cluster, keys, links: links.clone(), forward, shutdown });
+    let ctx = Arc::new(Ctx {
+        cluster,
+        keys,
+        links,
+        forward: services.forward.clone(),
+        accounts: services.accounts.clone(),
+        shutdown,
+    });
     let thread = std::thread::Builder::new().name("pipit-links".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -226,7 +302,7 @@ pub fn spawn(
             supervise(ctx).await;
         });
     })?;
-    Ok((links, thread))
+    Ok(thread)
 }
 
 /// Keeps one dialer per member this node dials, restarting it when the
@@ -382,12 +458,30 @@ async fn write(stream: &mut TcpStream, out: &mut BytesMut) -> Result<(), LinkFai
     Ok(())
 }
 
+/// Runs an established link (see [`serve`]) with its question channel
+/// open for [`Links::lookup`] while it lasts.
+async fn run(
+    stream: TcpStream,
+    session: LinkSession,
+    inbuf: BytesMut,
+    peer: &Member,
+    hello: &pb::NodeHello,
+    dialer: bool,
+    ctx: &Ctx,
+) -> Result<(), LinkFailure> {
+    let (id, mut asks) = ctx.links.open_asks(&peer.id);
+    let r = serve(stream, session, inbuf, peer, hello, dialer, ctx, &mut asks).await;
+    ctx.links.close_asks(&peer.id, id);
+    r
+}
+
 /// Runs an established link until it fails or the node stops: pings,
 /// forwards this node's queue to the peer (at most its in-flight bound
 /// unacknowledged, in entry order, again from the first unacknowledged
 /// one after every reconnect), applies what the peer forwards and
-/// acknowledges it once durable.
-async fn run(
+/// acknowledges it once durable; asks and answers lookups.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
     mut stream: TcpStream,
     mut session: LinkSession,
     mut inbuf: BytesMut,
@@ -395,7 +489,12 @@ async fn run(
     hello: &pb::NodeHello,
     dialer: bool,
     ctx: &Ctx,
+    asks: &mut mpsc::Receiver<Ask>,
 ) -> Result<(), LinkFailure> {
+    // Lookups this node asked on this link, by req: bounded by the
+    // channel (MAX_ASKS), and dropped (answered "unknown") with the link.
+    let mut asked: HashMap<u64, oneshot::Sender<Option<DeviceAddr>>> = HashMap::new();
+    let mut next_req = 1u64;
     let storage = |e: crate::store::StorageError| LinkFailure::Storage(e.to_string());
     let name = peer.id.as_str();
     // What the link costs on the wire (after the handshake), both ways.
@@ -450,6 +549,24 @@ async fn run(
                     let _ = tx.send(done.await).await;
                 });
             }
+            for r in p.lookup_result {
+                if let Some(reply) = asked.remove(&r.req) {
+                    let found = (r.account != 0).then(|| DeviceAddr::new(r.account, r.device));
+                    let _ = reply.send(found);
+                }
+            }
+            if p.lookup.len() > MAX_ASKS {
+                return Err(LinkFailure::Protocol(format!("{name} asked {} lookups at once", p.lookup.len())));
+            }
+            for q in p.lookup {
+                // A point read; answered at once, whatever it finds.
+                let found = match PublicKey::from_slice(&q.key) {
+                    Some(key) => ctx.accounts.device_by_key(key).await.map_err(storage)?,
+                    None => None,
+                };
+                let (account, device) = found.map_or((0, 0), |a| (a.account, a.device));
+                reply.lookup_result.push(pb::LookupResult { req: q.req, account, device });
+            }
             for a in p.forward_ack {
                 let through = a.through.min(sent);
                 if through > acked {
@@ -476,7 +593,7 @@ async fn run(
             reply = pb::NodePacket::default();
             sent = last;
         }
-        if !reply.pong.is_empty() {
+        if !reply.pong.is_empty() || !reply.lookup_result.is_empty() {
             session.seal(&reply, &mut out)?;
         }
         if !out.is_empty() {
@@ -494,6 +611,18 @@ async fn run(
                 heard = Instant::now();
             }
             _ = wake.notified() => {}
+            Some(ask) = asks.recv(), if asked.len() < MAX_ASKS => {
+                let req = next_req;
+                next_req += 1;
+                asked.insert(req, ask.reply);
+                let q = pb::NodePacket {
+                    lookup: vec![pb::Lookup { req, key: bytes::Bytes::copy_from_slice(ask.key.as_bytes()) }],
+                    ..Default::default()
+                };
+                session.seal(&q, &mut out)?;
+                bytes_out.increment(out.len() as u64);
+                write(&mut stream, &mut out).await?;
+            }
             Some(r) = applied_rx.recv() => {
                 applying = applying.saturating_sub(1);
                 let through = match r {
