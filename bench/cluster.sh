@@ -8,12 +8,19 @@
 # Prints both pipit-load reports and the node-link bytes per message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin="${CARGO_TARGET_DIR:-target}/release"
+# PROFILE=debug measures a debug build (ratios only: the server crate is
+# unoptimised there).
+bin="${BIN:-${CARGO_TARGET_DIR:-target}/${PROFILE:-release}}"
 pairs=${PAIRS:-8}
 messages=${MESSAGES:-4000}
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+    rc=$?
+    [ "$rc" = 0 ] || tail -n 5 "$work"/*.err >&2 2>/dev/null || true
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
 trap cleanup EXIT
 
 etcd --name bench --data-dir "$work/etcd" \
@@ -43,10 +50,10 @@ TOML
     key[$i]=$(grep -o 'server key [0-9a-f]*' "$work/n$i.out" | awk '{print $3}')
 done
 for _ in $(seq 100); do
-    [ "$("$bin/pipit" admin cluster --data-dir "$work/n1" | grep -c 'link up')" = 2 ] && break
+    [ "$("$bin/pipit" admin --data-dir "$work/n1" cluster | grep -c 'link up')" = 2 ] && break
     sleep 0.1
 done
-"$bin/pipit" admin cluster --data-dir "$work/n1"
+"$bin/pipit" admin --data-dir "$work/n1" cluster
 
 link_bytes() { # NODE DIRECTION(out|in) PEER
     curl -s "127.0.0.1:942$1/metrics" | awk -v m="pipit_node_link_bytes_$2_total{peer=\"$3\"}" '$1 == m {print $2}' | head -1
@@ -54,13 +61,13 @@ link_bytes() { # NODE DIRECTION(out|in) PEER
 
 echo "== same node: senders and receivers on n1"
 "$bin/pipit-load" --addr 127.0.0.1:5411 --server-key "${key[1]}" \
-    --pairs "$pairs" --messages "$messages" --window 256 --seconds 60
+    --pairs "$pairs" --messages "$messages" --rate "${RATE:-0}" --window 256 --seconds 60
 
 echo "== cross node: senders on n1, receivers on n2"
 out0=$(link_bytes 1 out n2); in0=$(link_bytes 1 in n2)
 "$bin/pipit-load" --addr 127.0.0.1:5411 --server-key "${key[1]}" \
     --peer-addr 127.0.0.1:5412 --peer-key "${key[2]}" \
-    --pairs "$pairs" --messages "$messages" --window 256 --seconds 60
+    --pairs "$pairs" --messages "$messages" --rate "${RATE:-0}" --window 256 --seconds 60
 sleep 1
 out1=$(link_bytes 1 out n2); in1=$(link_bytes 1 in n2)
 total=$((pairs * messages))
