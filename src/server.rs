@@ -194,10 +194,11 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         shards.push(handle);
     }
     let links_thread = match (&cluster_handle, link_listener, &links) {
-        (Some(cluster), Some(l), Some(links)) => Some(
+        (Some(cluster), Some(l), Some(links)) => Some({
+            cluster.set_relay(links.clone());
             crate::net::nodes::spawn(cluster.clone(), &services, ctx.keys.clone(), links.clone(), l, shutdown.clone())
-                .context("starting the node links")?,
-        ),
+                .context("starting the node links")?
+        }),
         _ => None,
     };
     let admin = crate::admin::AdminCtx {

@@ -528,3 +528,26 @@ async fn a_linked_device_that_knows_only_its_key_is_found_and_sent_to_its_owner(
         other => panic!("expected UNKNOWN_DEVICE, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_a_device_on_another_node_and_is_never_stored() {
+    let etcd = Etcd::start();
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(root.path(), &etcd);
+    admin_cluster_until(&nodes[0], "n1's links up", |t| t.matches("link up").count() == 2).await;
+    let devices = one_account_each(&nodes).await;
+    let (a, b) = (&devices[0], &devices[1]);
+    let mut ca = at_home(&nodes[0], a).await;
+    let mut cb = at_home(&nodes[1], b).await;
+    ca.send(&[pb::Typing { peer: b.account, typing: true, ..Default::default() }.into()]).await.unwrap();
+    let t = expect(&mut cb, |m| match m {
+        Message::Typing(t) => Some(t),
+        _ => None,
+    })
+    .await;
+    assert_eq!((t.peer, t.typing, t.group), (a.account, true, 0));
+    // Never stored: a device that logs in later gets nothing of it.
+    drop(cb);
+    let mut cb = at_home(&nodes[1], b).await;
+    quiet(&mut cb, Duration::from_millis(500)).await;
+}

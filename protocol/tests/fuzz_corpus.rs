@@ -159,6 +159,7 @@ fn write_node_seeds() {
         forward_ack: vec![node_pb::ForwardAck { through: 6 }],
         lookup: vec![node_pb::Lookup { req: 1, key: bytes::Bytes::from(vec![5; 32]) }],
         lookup_result: vec![node_pb::LookupResult { req: 1, account: 1_025, device: 2 }],
+        typing: vec![node_pb::NodeTyping { to: 2_049, from: 1_025, typing: true }],
     };
     seed("packet", &[&[1u8][..], &packet.encode_to_vec()].concat());
 }

@@ -31,7 +31,7 @@ use crate::model::DeviceAddr;
 use crate::route::cluster::{Cluster, Member};
 use crate::service::accounts::Accounts;
 use crate::service::forward::{Applied, Forward};
-use crate::service::Services;
+use crate::service::{Services, Typing};
 
 /// How often a link pings the other side.
 const PING_EVERY: Duration = Duration::from_secs(2);
@@ -104,11 +104,13 @@ pub struct LinkStatus {
     pub last_error: String,
 }
 
-/// A question for the node at the other end of a link.
+/// What another part of this node hands a link to send.
 #[derive(Debug)]
-struct Ask {
-    key: PublicKey,
-    reply: oneshot::Sender<Option<DeviceAddr>>,
+enum Ask {
+    /// Whose device is this key?
+    Lookup { key: PublicKey, reply: oneshot::Sender<Option<DeviceAddr>> },
+    /// A typing notice, at most once.
+    Typing(pb::NodeTyping),
 }
 
 /// Every link of this node, by peer id.
@@ -137,7 +139,7 @@ impl Links {
         let mut answers = futures_util::stream::FuturesUnordered::new();
         for (peer, tx) in asks {
             let (reply, rx) = oneshot::channel();
-            if tx.try_send(Ask { key, reply }).is_ok() {
+            if tx.try_send(Ask::Lookup { key, reply }).is_ok() {
                 answers.push(async move { rx.await.ok().flatten().map(|addr| (peer, addr)) });
             }
         }
@@ -153,7 +155,14 @@ impl Links {
         tokio::time::timeout(LOOKUP_TIMEOUT, first).await.ok().flatten()
     }
 
+    fn ask(&self, peer: &str, ask: Ask) -> bool {
+        let tx = self.asks.lock().unwrap_or_else(|e| e.into_inner()).get(peer).map(|(_, tx)| tx.clone());
+        tx.is_some_and(|tx| tx.try_send(ask).is_ok())
+    }
+
     fn open_asks(&self, peer: &str) -> (u64, mpsc::Receiver<Ask>) {
+        // One channel per link for lookups and typing: bounded, and a
+        // full one refuses rather than waits (neither is ever stored).
         let (tx, rx) = mpsc::channel(MAX_ASKS);
         let id = self.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.asks.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.to_string(), (id, tx));
@@ -249,6 +258,7 @@ struct Ctx {
     links: Arc<Links>,
     forward: Forward,
     accounts: Accounts,
+    typing: Typing,
     shutdown: CancellationToken,
 }
 
@@ -280,6 +290,7 @@ pub fn spawn(
         links,
         forward: services.forward.clone(),
         accounts: services.accounts.clone(),
+        typing: services.typing.clone(),
         shutdown,
     });
     let thread = std::thread::Builder::new().name("pipit-links".into()).spawn(move || {
@@ -549,6 +560,9 @@ async fn serve(
                     let _ = tx.send(done.await).await;
                 });
             }
+            for t in p.typing {
+                ctx.typing.from_node(t.to, t.from, t.typing);
+            }
             for r in p.lookup_result {
                 if let Some(reply) = asked.remove(&r.req) {
                     let found = (r.account != 0).then(|| DeviceAddr::new(r.account, r.device));
@@ -612,12 +626,15 @@ async fn serve(
             }
             _ = wake.notified() => {}
             Some(ask) = asks.recv(), if asked.len() < MAX_ASKS => {
-                let req = next_req;
-                next_req += 1;
-                asked.insert(req, ask.reply);
-                let q = pb::NodePacket {
-                    lookup: vec![pb::Lookup { req, key: bytes::Bytes::copy_from_slice(ask.key.as_bytes()) }],
-                    ..Default::default()
+                let q = match ask {
+                    Ask::Lookup { key, reply } => {
+                        let req = next_req;
+                        next_req += 1;
+                        asked.insert(req, reply);
+                        let lookup = pb::Lookup { req, key: bytes::Bytes::copy_from_slice(key.as_bytes()) };
+                        pb::NodePacket { lookup: vec![lookup], ..Default::default() }
+                    }
+                    Ask::Typing(t) => pb::NodePacket { typing: vec![t], ..Default::default() },
                 };
                 session.seal(&q, &mut out)?;
                 bytes_out.increment(out.len() as u64);
@@ -666,5 +683,11 @@ async fn serve(
             write(&mut stream, &mut out).await?;
             }
         }
+    }
+}
+
+impl crate::route::cluster::Relay for Links {
+    fn typing(&self, node: &str, to: u64, from: u64, typing: bool) -> bool {
+        self.ask(node, Ask::Typing(pb::NodeTyping { to, from, typing }))
     }
 }

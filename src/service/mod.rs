@@ -215,7 +215,7 @@ pub fn start(
         fanout: Fanout::new(shared, store.clone()),
         inbox: InboxReader::new(store.clone()),
         presence: Presence::start(live.registry.clone(), store.clone(), writer.clone(), live.presence)?,
-        typing: Typing::new(live.registry, store.clone(), live.typing),
+        typing: Typing::new(live.registry, store.clone(), live.typing, cluster.clone()),
         keys: Keys::new(writer.clone(), store, key_rules),
         features: Features::new(push.enabled()),
         push,

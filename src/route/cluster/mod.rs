@@ -14,7 +14,7 @@ pub mod ring;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use pipit_protocol::PublicKey;
 
@@ -84,7 +84,17 @@ pub enum Placement {
     Down(Member),
 }
 
+/// What the node links carry that is never stored: set by the network
+/// layer once its links run, used by the services.
+pub trait Relay: Send + Sync + 'static {
+    /// Relays a typing notice from `from` to `to`, an account of node
+    /// `node`, if its link is up and has room; answers whether it went.
+    fn typing(&self, node: &str, to: u64, from: u64, typing: bool) -> bool;
+}
+
 struct Shared {
+    /// The node links, once they run.
+    relay: OnceLock<Arc<dyn Relay>>,
     me: String,
     slot: u32,
     /// Seconds a device of a down node is told to wait: a node back up
@@ -113,7 +123,18 @@ impl Cluster {
     fn new(me: String, slot: u32, retry_after_secs: u32, outbound_max: u64, view: View) -> Self {
         let view = RwLock::new(Arc::new(view));
         let etcd_up = AtomicBool::new(true);
-        Self { shared: Arc::new(Shared { me, slot, retry_after_secs, outbound_max, view, etcd_up }) }
+        let relay = OnceLock::new();
+        Self { shared: Arc::new(Shared { relay, me, slot, retry_after_secs, outbound_max, view, etcd_up }) }
+    }
+
+    /// Installs the node links (once; later calls are ignored).
+    pub fn set_relay(&self, relay: Arc<dyn Relay>) {
+        let _ = self.shared.relay.set(relay);
+    }
+
+    /// The node links, if they run.
+    pub fn relay(&self) -> Option<&Arc<dyn Relay>> {
+        self.shared.relay.get()
     }
 
     /// Messages that may wait for one other node before sends to it are
