@@ -202,7 +202,8 @@ async fn storage(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
 }
 
 /// The cluster as this node sees it: one line for this node, then one per
-/// member: `<id> <address> alive|down me`, or for another node
+/// member: `<id> <address> slot <n> ring <share>% alive|down me`, or for
+/// another node
 /// `... link <state> [rtt <ms>ms] queue <entries waiting for it>`.
 fn cluster(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
     let Some(cluster) = &shared.services.cluster else {
@@ -217,9 +218,11 @@ fn cluster(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
         view.epoch,
         if cluster.etcd_up() { "up" } else { "unreachable (the list below stays in force)" }
     );
-    for m in &view.members {
+    let shares = view.ring.shares(4_096);
+    for (i, m) in view.members.iter().enumerate() {
         let alive = if view.alive.contains(&m.id) { "alive" } else { "down" };
-        out.push_str(&format!("{} {} {alive}", m.id, m.advertise));
+        let share = shares.get(i).copied().unwrap_or(0.0) * 100.0;
+        out.push_str(&format!("{} {} slot {} ring {share:.0}% {alive}", m.id, m.advertise, m.slot));
         if m.id == cluster.me() {
             out.push_str(" me");
         } else {

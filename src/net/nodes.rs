@@ -528,6 +528,10 @@ async fn serve(
     .min(u64::from(MAX_IN_FLIGHT));
     let wake = ctx.forward.wakeup(peer.slot);
     let mut acked = ctx.forward.acked(peer.slot).await.map_err(storage)?;
+    // Whether the queue may hold more than was sent: read it only then
+    // (a commit that queued something wakes us; so does room freed by an
+    // acknowledgement, and the ping tick as a backstop).
+    let mut more = true;
     let mut sent = acked;
     // Incoming: forwards applying, their outcomes, and the mark acked.
     let (applied_tx, mut applied_rx) = tokio::sync::mpsc::channel::<Result<Applied, ()>>(MAX_IN_FLIGHT as usize * 2);
@@ -585,15 +589,19 @@ async fn serve(
                 let through = a.through.min(sent);
                 if through > acked {
                     acked = through;
+                    more = true;
                     ctx.forward.acknowledge(peer.slot, acked).await.map_err(|e| LinkFailure::Storage(e.to_string()))?;
                 }
             }
         }
         // Forward what waits, within the peer's in-flight bound.
-        while sent - acked < their_limit {
+        while more && sent - acked < their_limit {
             let room = usize::try_from(their_limit - (sent - acked)).unwrap_or(usize::MAX);
             let entries = ctx.forward.pending(peer.slot, sent, room, PACKET_BYTES).await.map_err(storage)?;
-            let Some(&(last, _)) = entries.last() else { break };
+            let Some(&(last, _)) = entries.last() else {
+                more = false;
+                break;
+            };
             let mut packet = pb::NodePacket::default();
             for (entry, bytes) in entries {
                 let mut f = crate::service::forward::decode_entry(bytes).map_err(storage)?;
@@ -624,7 +632,7 @@ async fn serve(
                 bytes_in.increment(n as u64);
                 heard = Instant::now();
             }
-            _ = wake.notified() => {}
+            _ = wake.notified() => more = true,
             Some(ask) = asks.recv(), if asked.len() < MAX_ASKS => {
                 let q = match ask {
                     Ask::Lookup { key, reply } => {
@@ -666,6 +674,7 @@ async fn serve(
                 }
             }
             _ = tick.tick() => {
+                more = true;
                 if heard.elapsed() > DEAD_AFTER {
                     return Err(LinkFailure::Timeout);
                 }

@@ -78,6 +78,20 @@ impl Ring {
         self.ring.node(&Key(account)).map(|t| t.node().index)
     }
 
+    /// Each node's share of the account ids (by index in the list),
+    /// estimated from `samples` evenly spread ids: what an operator reads
+    /// to see how balanced the ring is.
+    pub fn shares(&self, samples: u64) -> Vec<f64> {
+        let mut counts = vec![0u64; self.len];
+        let step = u64::MAX / samples.max(1);
+        for i in 0..samples {
+            if let Some(o) = self.owner(i.wrapping_mul(step).wrapping_add(1)) {
+                counts[o] += 1;
+            }
+        }
+        counts.into_iter().map(|c| c as f64 / samples.max(1) as f64).collect()
+    }
+
     /// Nodes on the ring.
     pub fn len(&self) -> usize {
         self.len
@@ -164,6 +178,14 @@ mod tests {
             assert!(c as u64 > n / 3 * 7 / 10 && (c as u64) < n / 3 * 13 / 10, "uneven: {counts:?}");
         }
         assert!(moved as u64 > n / 4 / 2 && (moved as u64) < n / 4 * 2, "moved {moved}");
+    }
+
+    #[test]
+    fn shares_add_up_and_are_even() {
+        let shares = Ring::new(["n1", "n2", "n3"]).shares(4_096);
+        assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{shares:?}");
+        assert!(shares.iter().all(|s| (0.25..0.42).contains(s)), "{shares:?}");
+        assert!(Ring::new([]).shares(10).is_empty());
     }
 
     #[test]
