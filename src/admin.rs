@@ -3,8 +3,9 @@
 //! connection. `pipit admin ...` is its client.
 //!
 //! Commands: `invite [ttl_secs]`, `accounts`, `inbox <account> <device>`,
-//! `group <id>`, `storage`, `stats`, `keys reload` (read the key files
-//! again after a rotation). Answers are text lines; errors start with
+//! `group <id>`, `storage`, `stats`, `cluster` (the node list, its
+//! epoch, liveness and links), `keys reload` (read the key files again
+//! after a rotation). Answers are text lines; errors start with
 //! `error:`. The client side is `pipit_client::admin`.
 
 use std::path::PathBuf;
@@ -37,6 +38,8 @@ pub struct AdminCtx {
     pub keys: Arc<crate::keys::KeyRing>,
     /// The memory budget.
     pub budget: Arc<Budget>,
+    /// The node links (a cluster node).
+    pub links: Option<Arc<crate::net::nodes::Links>>,
     /// Stops the socket.
     pub shutdown: CancellationToken,
 }
@@ -118,6 +121,7 @@ async fn execute(line: &str, shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
         }
         ["group", id] => group(shared, id.parse()?).await,
         ["storage"] => storage(shared).await,
+        ["cluster"] => cluster(shared),
         ["keys", "reload"] => {
             // Read the files again (after `pipit key rotate` or
             // `drop-retired`); handshakes from now on use them.
@@ -193,6 +197,49 @@ async fn storage(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
             "{name} {}{more} {} {} {}\n",
             u.keys, u.key_bytes, u.value_bytes, u.estimated_live_bytes
         ));
+    }
+    Ok(out)
+}
+
+/// The cluster as this node sees it: one line for this node, then one per
+/// member: `<id> <address> slot <n> ring <share>% alive|down me`, or for
+/// another node
+/// `... link <state> [rtt <ms>ms] queue <entries waiting for it>`.
+fn cluster(shared: &Arc<AdminCtx>) -> anyhow::Result<String> {
+    let Some(cluster) = &shared.services.cluster else {
+        anyhow::bail!("not a cluster node (no [cluster] in the config)");
+    };
+    let view = cluster.view();
+    let links = shared.links.as_ref().map(|l| l.snapshot()).unwrap_or_default();
+    let mut out = format!(
+        "node {} slot {} epoch {} etcd {}\n",
+        cluster.me(),
+        cluster.slot(),
+        view.epoch,
+        if cluster.etcd_up() { "up" } else { "unreachable (the list below stays in force)" }
+    );
+    let shares = view.ring.shares(4_096);
+    for (i, m) in view.members.iter().enumerate() {
+        let alive = if view.alive.contains(&m.id) { "alive" } else { "down" };
+        let share = shares.get(i).copied().unwrap_or(0.0) * 100.0;
+        out.push_str(&format!("{} {} slot {} ring {share:.0}% {alive}", m.id, m.advertise, m.slot));
+        if m.id == cluster.me() {
+            out.push_str(" me");
+        } else {
+            match links.get(&m.id) {
+                Some(l) => {
+                    out.push_str(&format!(" link {}", l.state.as_str()));
+                    if let Some(rtt) = l.rtt {
+                        out.push_str(&format!(" rtt {:.1}ms", rtt.as_secs_f64() * 1e3));
+                    }
+                }
+                None => out.push_str(" link none"),
+            }
+            // Two point reads, on the admin thread.
+            let depth = shared.services.forward.depth_blocking(m.slot)?;
+            out.push_str(&format!(" queue {depth}"));
+        }
+        out.push('\n');
     }
     Ok(out)
 }

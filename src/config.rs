@@ -162,6 +162,119 @@ pub struct Config {
     pub keys_fetch_burst: u32,
     /// Key bundles one account may fetch per minute after its burst.
     pub keys_fetch_per_minute: u32,
+    /// Several nodes (`[cluster]`); absent: a single node, no etcd.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The `[cluster]` section: this node's place among several, with the
+/// node list and liveness kept in etcd.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name in the node list: 1 to 64 of `a-z 0-9 - _`, never
+    /// reused for another machine's data directory.
+    pub node_id: String,
+    /// `host:port` that devices redirected to this node connect to (the
+    /// chat listener as reachable from outside).
+    pub advertise: String,
+    /// Address the node links listen on (other nodes only; keep it off
+    /// the public network).
+    pub link_listen: SocketAddr,
+    /// `host:port` other nodes dial for links; empty: `advertise`'s host
+    /// with `link_listen`'s port.
+    #[serde(default)]
+    pub link_advertise: String,
+    /// etcd's client URLs (`http://10.0.0.5:2379`).
+    pub etcd_endpoints: Vec<String>,
+    /// The key prefix under which this cluster keeps its state in etcd;
+    /// two clusters sharing one etcd need two prefixes.
+    #[serde(default = "default_etcd_prefix")]
+    pub etcd_prefix: String,
+    /// Seconds of this node's etcd lease: a node that has not renewed it
+    /// for this long is down for the others.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+    /// Seconds to wait for etcd at start before giving up with an error.
+    #[serde(default = "default_etcd_timeout_secs")]
+    pub etcd_timeout_secs: u64,
+    /// Messages that may wait for one other node (down, or its link
+    /// slow); past it, sends to its accounts are refused `UNAVAILABLE`
+    /// with a retry time, and nothing is lost.
+    #[serde(default = "default_outbound_max")]
+    pub outbound_max: u64,
+}
+
+fn default_outbound_max() -> u64 {
+    1_000_000
+}
+
+fn default_etcd_prefix() -> String {
+    "/pipit".to_string()
+}
+
+fn default_lease_secs() -> u64 {
+    10
+}
+
+fn default_etcd_timeout_secs() -> u64 {
+    5
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let id_ok = !self.node_id.is_empty()
+            && self.node_id.len() <= 64
+            && self.node_id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !id_ok {
+            return bad(format!("cluster.node_id {:?} must be 1 to 64 of a-z 0-9 - _", self.node_id));
+        }
+        if self.advertise_host_port().is_none() {
+            return bad(format!("cluster.advertise {:?} must be host:port with a port above 0", self.advertise));
+        }
+        if self.link_address().is_none() {
+            return bad(format!(
+                "cluster.link_advertise {:?} must be host:port with a port above 0",
+                self.link_advertise
+            ));
+        }
+        if self.etcd_endpoints.is_empty() {
+            return bad("cluster.etcd_endpoints must name at least one etcd".to_string());
+        }
+        if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.ends_with('/') {
+            return bad("cluster.etcd_prefix must start with / and not end with /".to_string());
+        }
+        if !(2..=3_600).contains(&self.lease_secs) {
+            return bad("cluster.lease_secs must be between 2 and 3600".to_string());
+        }
+        if self.outbound_max == 0 {
+            return bad("cluster.outbound_max must be positive".to_string());
+        }
+        if self.etcd_timeout_secs == 0 {
+            return bad("cluster.etcd_timeout_secs must be positive".to_string());
+        }
+        Ok(())
+    }
+
+    /// `host:port` other nodes dial for links.
+    pub fn link_address(&self) -> Option<String> {
+        if self.link_advertise.is_empty() {
+            let (host, _) = self.advertise_host_port()?;
+            let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+            return Some(format!("{host}:{}", self.link_listen.port())).filter(|_| self.link_listen.port() > 0);
+        }
+        let (host, port) = self.link_advertise.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        (!host.is_empty() && port > 0).then(|| self.link_advertise.clone())
+    }
+
+    /// `advertise` split into host and port.
+    pub fn advertise_host_port(&self) -> Option<(&str, u16)> {
+        let (host, port) = self.advertise.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port.parse().ok()?;
+        (!host.is_empty() && port > 0).then_some((host, port))
+    }
 }
 
 impl Default for Config {
@@ -222,6 +335,7 @@ impl Default for Config {
             one_time_keys_low: 16,
             keys_fetch_burst: 2_048,
             keys_fetch_per_minute: 600,
+            cluster: None,
         }
     }
 }
@@ -341,6 +455,9 @@ impl Config {
         if self.keys_fetch_burst == 0 || self.keys_fetch_per_minute == 0 {
             return bad("keys_fetch_burst and keys_fetch_per_minute must be positive");
         }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         Ok(())
     }
 
@@ -391,11 +508,40 @@ mod tests {
 
     #[test]
     fn example_config_parses_and_unknown_keys_are_errors() {
+        let cluster: Config = toml::from_str(include_str!("../systemd/pipit-cluster-node.toml")).unwrap();
+        cluster.validate().unwrap();
+        assert_eq!(cluster.cluster.as_ref().unwrap().link_address().as_deref(), Some("chat1.example.net:5223"));
         let example = include_str!("../systemd/pipit.toml");
         let cfg: Config = toml::from_str(example).unwrap();
         cfg.validate().unwrap();
         assert!(toml::from_str::<Config>("lisen = \"1.2.3.4:5\"").is_err());
         let bad: Config = toml::from_str("delivery_window = 0").unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn cluster_section_is_checked() {
+        let ok: Config = toml::from_str(
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"chat1.example:5222\"\nlink_listen = \"10.0.0.1:5223\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        let c = ok.cluster.as_ref().unwrap();
+        assert_eq!((c.etcd_prefix.as_str(), c.lease_secs), ("/pipit", 10));
+        assert_eq!(c.advertise_host_port(), Some(("chat1.example", 5222)));
+        assert_eq!(c.link_address().as_deref(), Some("chat1.example:5223"));
+        for bad in [
+            "[cluster]\nnode_id = \"N 1\"\nadvertise = \"h:1\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = [\"x\"]\n",
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = [\"x\"]\n",
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h:1\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = []\n",
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h:1\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = [\"x\"]\nlease_secs = 1\n",
+        ] {
+            let cfg: Config = toml::from_str(bad).unwrap();
+            assert!(cfg.validate().is_err(), "{bad}");
+        }
+        assert!(toml::from_str::<Config>(
+            "[cluster]\nnode_id = \"n1\"\nadvertise = \"h:1\"\nlink_listen = \"127.0.0.1:2\"\netcd_endpoints = []\nfoo = 1\n"
+        )
+        .is_err());
     }
 }

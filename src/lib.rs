@@ -23,7 +23,8 @@
 //! model            ids and time
 //! store/           the only code that names RocksDB: a file per table, Txn
 //! commit           the group-commit engine, generic over its operations
-//! route/           online devices, mailboxes, presence (never committed)
+//! route/           online devices, mailboxes, presence, cluster placement
+//!                  (never committed)
 //! service/         the product's rules: a file per concern, its operations
 //! net/             listeners, the connection driver, dispatch
 //! config, admin    settings; the admin socket

@@ -98,6 +98,9 @@ enum AdminCommand {
     Storage,
     /// Server statistics.
     Stats,
+    /// A cluster node: the node list, its epoch, each node's liveness
+    /// and this node's links to them.
+    Cluster,
 }
 
 fn main() -> std::process::ExitCode {
@@ -152,6 +155,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 AdminCommand::Group { id } => format!("group {id}"),
                 AdminCommand::Storage => "storage".into(),
                 AdminCommand::Stats => "stats".into(),
+                AdminCommand::Cluster => "cluster".into(),
             };
             let answer = pipit::admin::request(&data_dir, &line)?;
             print!("{answer}");

@@ -28,6 +28,11 @@ pub struct Running {
     shutdown: CancellationToken,
     shards: Vec<std::thread::JoinHandle<()>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    /// The etcd membership thread (a cluster node); it gives the lease
+    /// back on shutdown.
+    cluster_thread: Option<std::thread::JoinHandle<()>>,
+    /// The node links' thread (a cluster node).
+    links_thread: Option<std::thread::JoinHandle<()>>,
     /// Held while the server runs: the data directory's lock and the
     /// listening address's.
     _locks: (std::fs::File, Option<listener::Shared>),
@@ -71,6 +76,13 @@ impl Running {
         let _ = writer.barrier_blocking(Duration::from_secs(5));
         drop(self.services);
         drop(writer);
+        if let Some(l) = self.links_thread.take() {
+            let _ = l.join();
+        }
+        if let Some(c) = self.cluster_thread.take() {
+            // Bounded: revoking the lease waits at most 2 s for etcd.
+            let _ = c.join();
+        }
         if let Some(w) = self.writer_thread.take() {
             // The writer exits once every handle is gone; shards that
             // missed the grace period still hold theirs, and the process
@@ -96,6 +108,25 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let public_key = *key_files.current.public();
     let keys = Arc::new(crate::keys::KeyRing::new(key_files.server_keys()));
     let store = Store::open(&config.data_dir.join("db")).context("opening the database")?;
+    let shutdown = CancellationToken::new();
+    // A cluster node joins before it listens: a login must never be
+    // answered before this node knows who owns what.
+    // Should anything below fail, the membership thread gives the lease
+    // back and ends.
+    let stop_on_error = shutdown.clone().drop_guard();
+    let (cluster, cluster_thread, link_listener) = match &config.cluster {
+        None => (None, None, None),
+        Some(c) => {
+            // Bound before joining: the list must never advertise a link
+            // address this node cannot serve.
+            let link_listener = std::net::TcpListener::bind(c.link_listen)
+                .with_context(|| format!("node links: listening on {}", c.link_listen))?;
+            let (cluster, thread) = crate::route::cluster::join(c, public_key, shutdown.clone())
+                .with_context(|| format!("joining the cluster as node {:?}", c.node_id))?;
+            tracing::info!(node = %c.node_id, slot = cluster.slot(), epoch = cluster.view().epoch, "joined the cluster");
+            (Some(cluster), Some(thread), Some(link_listener))
+        }
+    };
     let registry = Arc::new(Registry::default());
     let budget = Budget::new(config.memory_budget_bytes());
     let key_rules = KeyRules {
@@ -108,7 +139,9 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         registration: config.registration,
         max_group_members: config.max_group_members,
         keys: key_rules,
+        cluster: cluster.clone(),
     };
+    let cluster_handle = cluster;
     let engine = EngineConfig {
         max_batch: config.max_batch,
         capacity: config.storage_queue,
@@ -116,7 +149,6 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         reserve_bytes: config.storage_reserve_mb.saturating_mul(1 << 20),
         full_wait: Duration::from_secs(config.storage_full_wait_secs),
     };
-    let shutdown = CancellationToken::new();
     let live = live_config(&config, registry.clone(), shutdown.clone());
     let (services, writer_thread) =
         service::start(store.clone(), rules, registry.clone(), engine, live).context("starting the services")?;
@@ -137,9 +169,20 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     )
     .context("starting the group receipt flusher")?;
 
+    // A cluster node's links, made before the connections that ask them
+    // (whose device is this key?) and the thread that runs them.
+    let links = cluster_handle.as_ref().map(|_| Arc::new(crate::net::nodes::Links::default()));
     let ctx = Arc::new(
-        ConnCtx::new(net_config(&config), keys, services.clone(), registry.clone(), budget.clone(), shutdown.clone())
-            .context("starting the handshake threads")?,
+        ConnCtx::new(
+            net_config(&config),
+            keys,
+            services.clone(),
+            registry.clone(),
+            budget.clone(),
+            links.clone(),
+            shutdown.clone(),
+        )
+        .context("starting the handshake threads")?,
     );
     let mut shards = Vec::with_capacity(n);
     for (i, l) in listeners.into_iter().enumerate() {
@@ -150,16 +193,26 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             .context("spawning a shard")?;
         shards.push(handle);
     }
+    let links_thread = match (&cluster_handle, link_listener, &links) {
+        (Some(cluster), Some(l), Some(links)) => Some({
+            cluster.set_relay(links.clone());
+            crate::net::nodes::spawn(cluster.clone(), &services, ctx.keys.clone(), links.clone(), l, shutdown.clone())
+                .context("starting the node links")?
+        }),
+        _ => None,
+    };
     let admin = crate::admin::AdminCtx {
         data_dir: config.data_dir.clone(),
         services: services.clone(),
         registry: registry.clone(),
         keys: ctx.keys.clone(),
         budget: budget.clone(),
+        links,
         shutdown: shutdown.clone(),
     };
     crate::admin::spawn(admin).context("starting the admin socket")?;
     spawn_gauges(services.clone(), registry.clone(), budget.clone(), ctx.clone(), shutdown.clone());
+    stop_on_error.disarm();
     tracing::info!(%local_addr, shards = n, server_key = %public_key, retired_keys = key_files.retired.len(), "listening");
     Ok(Running {
         local_addr,
@@ -170,6 +223,8 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         shards,
         writer_thread: Some(writer_thread),
+        cluster_thread,
+        links_thread,
         _locks: (dir_lock, Some(shared)),
     })
 }
@@ -282,6 +337,13 @@ fn spawn_gauges(
                 metrics::gauge!("pipit_fanout_backlog_members").set(b.members as f64);
             }
             metrics::gauge!("pipit_push_queue").set(services.push.queued() as f64);
+            if let Some(cluster) = &services.cluster {
+                for m in cluster.view().members.iter().filter(|m| m.id != cluster.me()) {
+                    if let Ok(depth) = services.forward.depth_blocking(m.slot) {
+                        metrics::gauge!("pipit_node_link_queue", "peer" => m.id.clone()).set(depth as f64);
+                    }
+                }
+            }
             for _ in 0..50 {
                 if shutdown.is_cancelled() {
                     return;

@@ -25,7 +25,8 @@ fn group_commit(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let keys = KeyRules { low_water: 16, fetch_burst: 2_048, fetch_per_minute: 600 };
-    let rules = Rules { ttl_secs: 86_400, registration: Registration::Open, max_group_members: 1_024, keys };
+    let rules =
+        Rules { ttl_secs: 86_400, registration: Registration::Open, max_group_members: 1_024, keys, cluster: None };
     let engine = EngineConfig {
         max_batch: 4_096,
         capacity: 65_536,

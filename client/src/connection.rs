@@ -60,6 +60,23 @@ fn take_login(messages: Vec<Message>) -> Result<(pb::LoginOk, VecDeque<Message>)
     let mut q: VecDeque<Message> = messages.into();
     match q.pop_front() {
         Some(Message::LoginOk(ok)) => Ok((ok, q)),
+        // SPEC.md 3.7: another node owns the account; an `Error` with
+        // `WRONG_NODE` follows for clients that do not know `Redirect`.
+        Some(Message::Redirect(r)) => {
+            let key = PublicKey::from_slice(&r.server_key).ok_or(ClientError::Refused(pb::ErrorCode::WrongNode))?;
+            let port = u16::try_from(r.port).ok().filter(|p| *p > 0);
+            match port {
+                Some(port) if !r.host.is_empty() => {
+                    let server = if r.host.contains(':') {
+                        format!("[{}]:{port}", r.host)
+                    } else {
+                        format!("{}:{port}", r.host)
+                    };
+                    Err(ClientError::Redirected { server, server_key: key })
+                }
+                _ => Err(ClientError::Refused(pb::ErrorCode::WrongNode)),
+            }
+        }
         Some(Message::Error(e)) => {
             Err(ClientError::Refused(pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified)))
         }

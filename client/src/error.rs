@@ -31,6 +31,16 @@ pub enum ClientError {
         /// The key the server presented.
         offered: PublicKey,
     },
+    /// The account lives on another node of a cluster: connect there,
+    /// with IK to the key given (the library does, and remembers it).
+    #[error("the account lives on node {server}")]
+    Redirected {
+        /// `host:port` of the node that owns the account.
+        server: String,
+        /// That node's static key, learned inside this authenticated
+        /// session.
+        server_key: PublicKey,
+    },
     /// The server closed the connection.
     #[error("connection closed by the server")]
     Closed,

@@ -30,7 +30,7 @@ pub use connection::{ConnectOptions, Connection, Received};
 pub use e2e::{DeviceIdentity, Encryption, Undecryptable};
 pub use error::{explain, ClientError};
 pub use pipit_protocol;
-pub use store::{FileStore, MemoryStore, State, Store, StoreError};
+pub use store::{FileStore, Home, MemoryStore, State, Store, StoreError};
 
 use bytes::Bytes;
 use pipit_protocol::handshake::Hello;

@@ -47,6 +47,10 @@ pub struct State {
     pub device: u32,
     /// The pinned server key; `None` until first contact.
     pub server_key: Option<PublicKey>,
+    /// In a cluster: the node that owns this account, learned from a
+    /// `Redirect`, connected to directly from then on (no extra round
+    /// trip). `None`: the configured server.
+    pub home: Option<Home>,
     /// The next client message id.
     pub next_id: u64,
     /// Every inbox id up to this one was processed (and acked).
@@ -56,8 +60,17 @@ pub struct State {
 impl State {
     /// A fresh identity, not yet registered.
     pub fn new(identity: StaticKeypair) -> Self {
-        Self { identity, account: 0, device: 0, server_key: None, next_id: 1, acked_through: 0 }
+        Self { identity, account: 0, device: 0, server_key: None, home: None, next_id: 1, acked_through: 0 }
     }
+}
+
+/// The node of a cluster that owns the account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Home {
+    /// Its `host:port`.
+    pub server: String,
+    /// Its static key (pinned for IK).
+    pub server_key: PublicKey,
 }
 
 /// Durable client storage. Called only from the client's own task, one call
@@ -246,6 +259,14 @@ impl Store for FileStore {
                 "" => None,
                 k => Some(k.parse().map_err(|_| corrupt())?),
             },
+            // Absent in files written before clusters: no home.
+            home: match fields.get("home").copied().unwrap_or("") {
+                "" => None,
+                h => {
+                    let (server, key) = h.rsplit_once(' ').ok_or_else(corrupt)?;
+                    Some(Home { server: server.to_string(), server_key: key.parse().map_err(|_| corrupt())? })
+                }
+            },
             next_id: get("next_id")?.parse().map_err(|_| corrupt())?,
             acked_through: get("acked_through")?.parse().map_err(|_| corrupt())?,
         }))
@@ -253,11 +274,12 @@ impl Store for FileStore {
 
     fn save_state(&mut self, s: &State) -> Result<(), StoreError> {
         let text = format!(
-            "identity = {}\naccount = {}\ndevice = {}\nserver_key = {}\nnext_id = {}\nacked_through = {}\n",
+            "identity = {}\naccount = {}\ndevice = {}\nserver_key = {}\nhome = {}\nnext_id = {}\nacked_through = {}\n",
             s.identity.to_hex(),
             s.account,
             s.device,
             s.server_key.map(|k| k.to_string()).unwrap_or_default(),
+            s.home.as_ref().map(|h| format!("{} {}", h.server, h.server_key)).unwrap_or_default(),
             s.next_id,
             s.acked_through
         );
@@ -348,6 +370,11 @@ mod tests {
         let mut again = FileStore::open(&dir).unwrap();
         let loaded = again.load_state().unwrap().unwrap();
         assert_eq!((loaded.account, loaded.next_id, loaded.server_key), (7, 42, st.server_key));
+        assert_eq!(loaded.home, None);
+        let home = Home { server: "[::1]:5222".into(), server_key: *StaticKeypair::generate().public() };
+        st.home = Some(home.clone());
+        s.save_state(&st).unwrap();
+        assert_eq!(FileStore::open(&dir).unwrap().load_state().unwrap().unwrap().home, Some(home));
         assert_eq!(loaded.identity.public(), st.identity.public());
         let ids: Vec<u64> = again.load_outbox().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(ids, vec![1, 3]);

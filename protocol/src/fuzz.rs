@@ -122,3 +122,50 @@ pub fn e2e(data: &[u8]) {
         }
     }
 }
+
+/// The fixed keys of the node-link target: the acceptor it plays and the
+/// one dialer it knows; the seed corpus is made with them.
+pub fn fuzz_node_keys() -> (StaticKeypair, StaticKeypair) {
+    (StaticKeypair::from_private([0x51; 32]), StaticKeypair::from_private([0x52; 32]))
+}
+
+/// Feeds `data` to a node link. First byte odd: `data` is a decrypted
+/// node packet, which must re-encode to what decodes again. Even: `data`
+/// is what a dialer sends, split at a point the first byte picks; an init
+/// claiming the known dialer's key is accepted as the server would.
+pub fn node_link(data: &[u8]) {
+    use prost::Message as _;
+
+    use crate::node::{decode_packet, pb, LinkAcceptor};
+    let Some((&sel, data)) = data.split_first() else {
+        return;
+    };
+    if sel % 2 == 1 {
+        if let Ok(p) = decode_packet(Bytes::copy_from_slice(data)) {
+            let again = decode_packet(Bytes::from(p.encode_to_vec())).expect("our own encoding decodes");
+            assert_eq!(again, p);
+        }
+        return;
+    }
+    let (acceptor, dialer) = fuzz_node_keys();
+    let mut acc = LinkAcceptor::new();
+    let split = usize::from(sel / 2).min(data.len());
+    let mut input = BytesMut::new();
+    for piece in [&data[..split], &data[split..]] {
+        input.extend_from_slice(piece);
+        match acc.read(&mut input) {
+            Ok(None) => {}
+            Ok(Some(offer)) => {
+                if offer.claimed_key() == dialer.public() {
+                    let hello = pb::NodeHello { node_id: "fuzz".into(), epoch: 1, max_in_flight: 0 };
+                    let mut out = BytesMut::new();
+                    if let Ok((_, mut session)) = offer.accept(&acceptor, &hello, &mut out) {
+                        while let Ok(Some(_)) = session.open(&mut input) {}
+                    }
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}

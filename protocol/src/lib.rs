@@ -20,7 +20,8 @@
 
 // Modules in layers; each imports only those listed before it:
 // error, limits, role -> frame -> message -> noise -> keys -> session ->
-// handshake. keepalive stands alone; e2e (the end-to-end layer's formats
+// handshake. node (node links) uses frame, keys, limits and noise.
+// keepalive stands alone; e2e (the end-to-end layer's formats
 // inside payloads) uses only limits and message.
 pub mod e2e;
 pub mod error;
@@ -32,6 +33,7 @@ pub mod keepalive;
 pub mod keys;
 pub mod limits;
 pub mod message;
+pub mod node;
 pub mod noise;
 pub mod role;
 pub mod session;

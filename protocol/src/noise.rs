@@ -14,6 +14,9 @@ pub enum Pattern {
     IK,
     /// `Noise_XX_25519_ChaChaPoly_BLAKE2s`: first contact.
     XX,
+    /// `Noise_KK_25519_ChaChaPoly_BLAKE2s`: a link between two cluster
+    /// nodes, each of which knows the other's key (`crate::node`).
+    KK,
 }
 
 impl Pattern {
@@ -22,6 +25,7 @@ impl Pattern {
         match self {
             Pattern::IK => "Noise_IK_25519_ChaChaPoly_BLAKE2s",
             Pattern::XX => "Noise_XX_25519_ChaChaPoly_BLAKE2s",
+            Pattern::KK => "Noise_KK_25519_ChaChaPoly_BLAKE2s",
         }
     }
 
@@ -30,6 +34,7 @@ impl Pattern {
         match self {
             Pattern::IK => "ik",
             Pattern::XX => "xx",
+            Pattern::KK => "kk",
         }
     }
 }

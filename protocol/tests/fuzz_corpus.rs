@@ -107,6 +107,63 @@ fn write_seeds() {
     seed("e2e", "bundle", &[&[4u8][..], &bundle.encode_to_vec()].concat());
 }
 
+/// Node-link seeds (written apart from the others: their IK and XX seeds
+/// use fresh ephemeral keys and would change on every bless).
+fn write_node_seeds() {
+    use pipit_protocol::node::{pb as node_pb, LinkDialer};
+    use prost::Message as _;
+    let seed = |name: &str, data: &[u8]| {
+        let dir = corpus_dir("node_link");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+    };
+    let (acceptor, dialer) = fuzz::fuzz_node_keys();
+    let hello = node_pb::NodeHello { node_id: "n1".into(), epoch: 3, max_in_flight: 64 };
+    let mut init = BytesMut::new();
+    LinkDialer::dial(&dialer, acceptor.public(), &hello, &mut init).unwrap();
+    seed("init", &[&[20u8][..], &init].concat());
+    let mut stranger = BytesMut::new();
+    LinkDialer::dial(&StaticKeypair::from_private([0x53; 32]), acceptor.public(), &hello, &mut stranger).unwrap();
+    seed("stranger", &[&[0u8][..], &stranger].concat());
+    // A valid init followed by garbage where transport frames go.
+    seed("init-then-frames", &[&[200u8][..], &init, &[0, 0, 0, 20], &[7u8; 20]].concat());
+    seed("client-preamble", b"\x04pip\x01");
+    let packet = node_pb::NodePacket {
+        ping: vec![node_pb::LinkPing { id: 1 }, node_pb::LinkPing { id: u64::MAX }],
+        pong: vec![node_pb::LinkPong { id: 9 }],
+        forward: vec![
+            node_pb::Forward {
+                entry: 7,
+                send: Some(node_pb::ForwardedSend {
+                    from_account: 1_025,
+                    from_device: 1,
+                    to: 2_049,
+                    seq: 4,
+                    time: 1_700_000_000,
+                    payload: bytes::Bytes::from_static(b"forwarded"),
+                }),
+                receipt: None,
+            },
+            node_pb::Forward {
+                entry: 8,
+                send: None,
+                receipt: Some(node_pb::ForwardedReceipt {
+                    to: 2_049,
+                    kind: 2,
+                    peer: 1_025,
+                    through: 4,
+                    time: 1_700_000_001,
+                }),
+            },
+        ],
+        forward_ack: vec![node_pb::ForwardAck { through: 6 }],
+        lookup: vec![node_pb::Lookup { req: 1, key: bytes::Bytes::from(vec![5; 32]) }],
+        lookup_result: vec![node_pb::LookupResult { req: 1, account: 1_025, device: 2 }],
+        typing: vec![node_pb::NodeTyping { to: 2_049, from: 1_025, typing: true }],
+    };
+    seed("packet", &[&[1u8][..], &packet.encode_to_vec()].concat());
+}
+
 fn replay(target: &str, body: fn(&[u8])) -> usize {
     let dir = corpus_dir(target);
     let mut n = 0;
@@ -124,9 +181,28 @@ fn corpus_replays_without_panics() {
     if std::env::var_os("PIPIT_BLESS").is_some() {
         write_seeds();
     }
+    if std::env::var_os("PIPIT_BLESS_NODE").is_some() {
+        write_node_seeds();
+    }
     let frames = replay("frame_decoder", fuzz::frame_decoder);
     let handshakes = replay("server_handshake", |d| fuzz::server_handshake(d, std::time::Instant::now()));
     let packets = replay("packet", fuzz::packet);
     let e2e = replay("e2e", fuzz::e2e);
-    println!("replayed {frames} frame, {handshakes} handshake, {packets} packet, {e2e} end-to-end inputs");
+    let links = replay("node_link", fuzz::node_link);
+    println!(
+        "replayed {frames} frame, {handshakes} handshake, {packets} packet, {e2e} end-to-end, {links} node-link inputs"
+    );
+}
+
+#[test]
+fn the_node_link_seed_is_a_handshake_the_target_accepts() {
+    use pipit_protocol::node::{pb as node_pb, LinkAcceptor};
+    let data = std::fs::read(corpus_dir("node_link").join("seed-init")).unwrap();
+    let mut input = BytesMut::from(&data[1..]);
+    let offer = LinkAcceptor::new().read(&mut input).unwrap().expect("a whole init");
+    let (acceptor, dialer) = fuzz::fuzz_node_keys();
+    assert_eq!(offer.claimed_key(), dialer.public());
+    let hello = node_pb::NodeHello { node_id: "fuzz".into(), epoch: 1, max_in_flight: 0 };
+    let (theirs, _) = offer.accept(&acceptor, &hello, &mut BytesMut::new()).unwrap();
+    assert_eq!(theirs.node_id, "n1");
 }

@@ -11,13 +11,14 @@ use pipit_protocol::handshake::{Hello, ServerHandshake, ServerStep};
 use pipit_protocol::keepalive::negotiate_interval;
 use pipit_protocol::limits::{MAX_INVITE_LEN, MAX_NAME_LEN};
 use pipit_protocol::message::pb;
-use pipit_protocol::{Message, Session};
+use pipit_protocol::{Message, PublicKey, Session};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::connection::{error, write_out, Conn};
 use super::{ConnCtx, ConnError};
-use crate::model::unix_now;
+use crate::model::{unix_now, DeviceAddr};
+use crate::route::cluster::{Cluster, Placement};
 use crate::route::{ConnHandle, Mailbox};
 
 /// A connection past its handshake and login.
@@ -96,45 +97,40 @@ pub(super) async fn establish(
     };
     let pattern = accepted.pattern.as_str();
 
-    // Who is this?
-    let verdict = match &accepted.hello {
-        Hello::Login(l) if l.user_agent.len() > MAX_NAME_LEN => Err(pb::ErrorCode::TooLarge),
-        Hello::Login(l) => match ctx.services.accounts.device_by_key(accepted.client_key).await? {
-            // Account 0: a freshly linked device that does not know its
-            // ids yet; the key says who it is. Otherwise the ids must be
-            // the key's (SPEC.md 5.5): a device never logs in as another.
-            Some(addr) if l.account == 0 || (l.account == addr.account && l.device == addr.device) => {
-                Ok((addr, l.keepalive_secs, l.acked_through))
+    // Whose node is this? A device of an account owned elsewhere is
+    // sent there before anything is looked up here (SPEC.md 3.7).
+    let elsewhere = match (&accepted.hello, &ctx.services.cluster) {
+        (Hello::Login(l), Some(cluster)) if l.account != 0 => placement_refusal(cluster, l.account),
+        _ => None,
+    };
+    let verdict = match elsewhere {
+        Some(refusal) => Err(refusal),
+        None => match identify(&accepted.hello, accepted.client_key, ctx).await? {
+            Ok(v) => Ok(v),
+            // A login without an account id whose key this node does not
+            // know: in a cluster, the other nodes are asked (bounded).
+            Err(pb::ErrorCode::UnknownDevice) if matches!(&accepted.hello, Hello::Login(l) if l.account == 0) => {
+                match found_elsewhere(ctx, accepted.client_key).await {
+                    Some(refusal) => Err(refusal),
+                    None => Err((pb::ErrorCode::UnknownDevice, vec![error(pb::ErrorCode::UnknownDevice)])),
+                }
             }
-            Some(addr) => {
-                tracing::debug!(device = %addr, account = l.account, claimed_device = l.device, "login ids do not match the key");
-                Err(pb::ErrorCode::UnknownDevice)
-            }
-            None => Err(pb::ErrorCode::UnknownDevice),
+            Err(code) => Err((code, vec![error(code)])),
         },
-        Hello::Register(r) => {
-            if r.device_name.len() > MAX_NAME_LEN
-                || r.invite.len() > MAX_INVITE_LEN
-                || r.user_agent.len() > MAX_NAME_LEN
-            {
-                Err(pb::ErrorCode::TooLarge)
-            } else {
-                ctx.services
-                    .accounts
-                    .register(accepted.client_key, r.device_name.clone(), r.invite.clone())
-                    .await
-                    .map(|addr| (addr, r.keepalive_secs, 0))
-            }
-        }
     };
     let (addr, proposed_keepalive, acked_through) = match verdict {
         Ok(v) => v,
-        Err(code) => {
-            handshake_metric(pattern, if code == pb::ErrorCode::UnknownDevice { "unknown_device" } else { "refused" });
+        Err((code, answer)) => {
+            let result = match code {
+                pb::ErrorCode::UnknownDevice => "unknown_device",
+                pb::ErrorCode::WrongNode => "redirected",
+                _ => "refused",
+            };
+            handshake_metric(pattern, result);
             let (_, back) = ctx
                 .admission
                 .crypto(move || {
-                    let r = accepted.finish(&[error(code)], &mut out);
+                    let r = accepted.finish(&answer, &mut out);
                     (r.is_ok(), out)
                 })
                 .await?;
@@ -210,4 +206,79 @@ pub(super) async fn establish(
     tracing::debug!(device = %addr, pattern, "logged in");
     write_out(&mut stream, &mut out, write_timeout).await.map_err(unregister)?;
     Ok(Established { stream, session, inbuf, conn, keepalive: Duration::from_secs(u64::from(keepalive_secs)) })
+}
+
+/// What a login or registration at this node gives: the device, its
+/// proposed keepalive and what it has acked; or why not.
+type Identified = Result<(DeviceAddr, u32, u64), pb::ErrorCode>;
+
+/// Who is this? Finds the device by its key, or registers it.
+async fn identify(hello: &Hello, client_key: PublicKey, ctx: &Arc<ConnCtx>) -> Result<Identified, ConnError> {
+    Ok(match hello {
+        Hello::Login(l) if l.user_agent.len() > MAX_NAME_LEN => Err(pb::ErrorCode::TooLarge),
+        Hello::Login(l) => match ctx.services.accounts.device_by_key(client_key).await? {
+            // Account 0: a freshly linked device that does not know its
+            // ids yet; the key says who it is. Otherwise the ids must be
+            // the key's (SPEC.md 5.5): a device never logs in as another.
+            Some(addr) if l.account == 0 || (l.account == addr.account && l.device == addr.device) => {
+                Ok((addr, l.keepalive_secs, l.acked_through))
+            }
+            Some(addr) => {
+                tracing::debug!(device = %addr, account = l.account, claimed_device = l.device, "login ids do not match the key");
+                Err(pb::ErrorCode::UnknownDevice)
+            }
+            None => Err(pb::ErrorCode::UnknownDevice),
+        },
+        Hello::Register(r) => {
+            if r.device_name.len() > MAX_NAME_LEN
+                || r.invite.len() > MAX_INVITE_LEN
+                || r.user_agent.len() > MAX_NAME_LEN
+            {
+                Err(pb::ErrorCode::TooLarge)
+            } else {
+                ctx.services
+                    .accounts
+                    .register(client_key, r.device_name.clone(), r.invite.clone())
+                    .await
+                    .map(|addr| (addr, r.keepalive_secs, 0))
+            }
+        }
+    })
+}
+
+/// For a login that names no account and whose key this node does not
+/// know: asks the other nodes (at most `nodes::LOOKUP_TIMEOUT`) and
+/// redirects to the one that knows it.
+async fn found_elsewhere(ctx: &Arc<ConnCtx>, key: PublicKey) -> Option<(pb::ErrorCode, Vec<Message>)> {
+    let (cluster, links) = (ctx.services.cluster.as_ref()?, ctx.links.as_ref()?);
+    let (_, addr) = links.lookup(key).await?;
+    metrics::counter!("pipit_login_lookups_found_total").increment(1);
+    placement_refusal(cluster, addr.account)
+}
+
+/// The answer for a login of `account` when another node owns it: a
+/// `Redirect` there (the client reconnects with IK to the key given), or
+/// `UNAVAILABLE` when that node is down (retry once its lease is back).
+fn placement_refusal(cluster: &Cluster, account: u64) -> Option<(pb::ErrorCode, Vec<Message>)> {
+    match cluster.place(account) {
+        Placement::Remote(owner) => {
+            let (host, port) = owner.host_port();
+            let redirect = pb::Redirect {
+                host: host.to_string(),
+                port: u32::from(port),
+                server_key: bytes::Bytes::copy_from_slice(owner.key.as_bytes()),
+            };
+            Some((pb::ErrorCode::WrongNode, vec![redirect.into(), error(pb::ErrorCode::WrongNode)]))
+        }
+        Placement::Down(owner) => {
+            tracing::debug!(account, node = %owner.id, "login for an account whose node is down");
+            let e = pb::Error {
+                code: pb::ErrorCode::Unavailable as i32,
+                retry_after_secs: cluster.retry_after_secs(),
+                ..Default::default()
+            };
+            Some((pb::ErrorCode::Unavailable, vec![e.into()]))
+        }
+        _ => None,
+    }
 }

@@ -8,6 +8,7 @@ mod dispatch;
 mod groups;
 mod handshake;
 pub mod listener;
+pub mod nodes;
 
 pub use admission::AdmissionConfig;
 
@@ -72,6 +73,8 @@ pub struct ConnCtx {
     pub shutdown: CancellationToken,
     /// The server's memory budget.
     pub budget: Arc<Budget>,
+    /// A cluster node's links to the others (lookups at login).
+    pub links: Option<Arc<nodes::Links>>,
     /// Payload bytes of sends waiting for storage, server-wide: kept
     /// small so that a light sender's message waits behind little of a
     /// flood (what waits in the queue is what every new send waits for).
@@ -90,6 +93,7 @@ impl ConnCtx {
         services: Services,
         registry: Arc<Registry>,
         budget: Arc<Budget>,
+        links: Option<Arc<nodes::Links>>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
         let admission = admission::Admission::start(cfg.admission)?;
@@ -102,6 +106,7 @@ impl ConnCtx {
             registry,
             shutdown,
             budget,
+            links,
             admission,
             conn_ids: AtomicU64::new(0),
             connections: AtomicUsize::new(0),

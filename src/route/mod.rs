@@ -1,9 +1,11 @@
 //! Where things go that never pass through the commit: which connection
 //! holds which device, how a new inbox entry reaches it (its mailbox, or
 //! a push wake-up when it has none), who watches whose presence, typing
-//! notices, and the memory budget that bounds what waits in between.
+//! notices, and the memory budget that bounds what waits in between;
+//! in a cluster, which node owns which account (`cluster`).
 
 pub mod budget;
+pub mod cluster;
 pub mod presence;
 pub mod registry;
 

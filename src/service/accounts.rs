@@ -14,6 +14,7 @@ use super::{expiry, Ctx, Writer};
 use crate::commit::{Operation, Outcome, SubmitError};
 use crate::config::Registration;
 use crate::model::{unix_now, DeviceAddr};
+use crate::route::cluster::Cluster;
 use crate::store::counters::Counter;
 use crate::store::{StorageError, Store, Txn};
 
@@ -162,7 +163,7 @@ struct Register {
 
 impl Operation<Ctx> for Register {
     fn apply(&mut self, ctx: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
-        self.result = Some(self.register(ctx.rules.registration, txn)?);
+        self.result = Some(self.register(ctx.rules.registration, ctx.rules.cluster.as_ref(), txn)?);
         Ok(())
     }
 
@@ -175,11 +176,24 @@ impl Register {
     fn register(
         &self,
         policy: Registration,
+        cluster: Option<&Cluster>,
         txn: &mut Txn<'_>,
     ) -> Result<Result<DeviceAddr, pb::ErrorCode>, StorageError> {
         if let Some(addr) = txn.device_by_key(&self.key)? {
             return Ok(Ok(addr));
         }
+        // In a cluster the id comes first, so that running out of
+        // candidates does not spend the invite.
+        let clustered = match cluster {
+            None => None,
+            // Owned here and unique cluster-wide with no round trip: see
+            // `route::cluster::ring::owned_id`. The counter then counts
+            // candidates, not accounts.
+            Some(c) => match c.new_account_id(|| txn.next(Counter::NextAccount))? {
+                Some(id) => Some(id),
+                None => return Ok(Err(pb::ErrorCode::Unavailable)),
+            },
+        };
         if policy == Registration::Invite {
             if self.invite.is_empty() {
                 return Ok(Err(pb::ErrorCode::RegistrationClosed));
@@ -189,7 +203,10 @@ impl Register {
                 _ => return Ok(Err(pb::ErrorCode::InvalidInvite)),
             }
         }
-        let account = txn.next(Counter::NextAccount)?;
+        let account = match clustered {
+            Some(id) => id,
+            None => txn.next(Counter::NextAccount)?,
+        };
         let list = pb::DeviceList { req: 0, account, devices: Vec::new() };
         Ok(Ok(add_device(txn, list, self.key, &self.name)?))
     }

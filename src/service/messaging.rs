@@ -15,6 +15,7 @@ use super::inbox::{enqueue, Pushes};
 use super::{Ctx, Writer};
 use crate::commit::{Operation, Outcome, SubmitError};
 use crate::model::{unix_now, DeviceAddr};
+use crate::route::cluster::Placement;
 use crate::store::counters::Counter;
 use crate::store::dedup::DedupRecord;
 use crate::store::{StorageError, Txn};
@@ -67,6 +68,7 @@ impl Messaging {
             result: None,
             fanout: false,
             stored: false,
+            forwarded: None,
             pushes: Pushes::default(),
             reply: tx,
         };
@@ -85,17 +87,33 @@ struct SendOp {
     fanout: bool,
     /// A 1:1 message written (not a retry answered from its dedup record).
     stored: bool,
+    /// Queued for the node with this slot (the recipient's owner).
+    forwarded: Option<u32>,
     pushes: Pushes,
     reply: Reply,
 }
 
 impl Operation<Ctx> for SendOp {
-    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+    fn apply(&mut self, ctx: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
         self.pushes = Pushes::default();
         self.fanout = false;
         self.stored = false;
+        self.forwarded = None;
         let (from, send, digest) = (self.from, &self.send, self.digest);
-        self.result = Some(store_send(txn, from, send, digest, &mut self.pushes, &mut self.fanout, &mut self.stored)?);
+        // The recipient's owner, when another node: the send is queued
+        // for it (store and forward) instead of delivered here.
+        let owner = match &ctx.rules.cluster {
+            Some(c) if send.group == 0 && send.to != 0 => match c.place(send.to) {
+                Placement::Remote(m) | Placement::Down(m) => Some((m.slot, c.outbound_max(), c.retry_after_secs())),
+                _ => None,
+            },
+            _ => None,
+        };
+        let out = Out { pushes: &mut self.pushes, fanout: &mut self.fanout, stored: &mut self.stored };
+        self.result = Some(match owner {
+            Some(queue) => store_remote(txn, from, send, digest, queue, out, &mut self.forwarded)?,
+            None => store_send(txn, from, send, digest, out)?,
+        });
         Ok(())
     }
 
@@ -115,6 +133,9 @@ impl Operation<Ctx> for SendOp {
                 if self.fanout {
                     metrics::counter!("pipit_group_sends_total").increment(1);
                     ctx.fanout.wake();
+                }
+                if let Some(slot) = self.forwarded {
+                    super::forward::wake(ctx, slot);
                 }
                 r
             }
@@ -157,26 +178,32 @@ pub fn content_digest(send: &pb::Send) -> Digest {
     d
 }
 
-fn store_send(
-    txn: &mut Txn<'_>,
-    from: DeviceAddr,
-    send: &pb::Send,
-    digest: Digest,
-    pushes: &mut Pushes,
-    fanout: &mut bool,
-    stored: &mut bool,
-) -> Result<Result<pb::Sent, SendFailure>, StorageError> {
-    let fail = |c| Ok(Err(SendFailure::Code(c)));
-    // Dedup first: a retry must get the original answer even if the
-    // request would now be refused.
-    if let Some(r) = txn.dedup(from, send.id)? {
+/// What storing a send produced besides its answer.
+struct Out<'a> {
+    pushes: &'a mut Pushes,
+    fanout: &'a mut bool,
+    stored: &'a mut bool,
+}
+
+type Stored = Result<Result<pb::Sent, SendFailure>, StorageError>;
+
+/// The checks every send passes first: a retry gets its original answer
+/// (even if the request would now be refused), then the shape and size.
+/// `Some`: the answer, nothing more to do.
+fn precheck(txn: &mut Txn<'_>, from: DeviceAddr, send: &pb::Send, digest: Digest) -> Option<Stored> {
+    let fail = |c| Some(Ok(Err(SendFailure::Code(c))));
+    let dedup = match txn.dedup(from, send.id) {
+        Ok(d) => d,
+        Err(e) => return Some(Err(e)),
+    };
+    if let Some(r) = dedup {
         // Records written before digests were kept match any content.
         if r.digest.is_some_and(|d| d != digest) {
             metrics::counter!("pipit_messages_id_reused_total").increment(1);
             return fail(pb::ErrorCode::IdReused);
         }
         metrics::counter!("pipit_messages_deduplicated_total").increment(1);
-        return Ok(Ok(pb::Sent { id: send.id, seq: r.seq, time: r.time }));
+        return Some(Ok(Ok(pb::Sent { id: send.id, seq: r.seq, time: r.time })));
     }
     if send.id == 0 || (send.to == 0) == (send.group == 0) {
         // The connection refuses these before a send gets here.
@@ -187,6 +214,15 @@ fn store_send(
     if pipit_protocol::message::check_send(send).is_err() {
         return fail(pb::ErrorCode::TooLarge);
     }
+    None
+}
+
+fn store_send(txn: &mut Txn<'_>, from: DeviceAddr, send: &pb::Send, digest: Digest, out: Out<'_>) -> Stored {
+    let fail = |c| Ok(Err(SendFailure::Code(c)));
+    if let Some(answer) = precheck(txn, from, send, digest) {
+        return answer;
+    }
+    let Out { pushes, fanout, stored } = out;
     if send.group != 0 {
         return super::group_send::store(txn, from, send, digest, fanout);
     }
@@ -249,6 +285,76 @@ fn store_send(
     }
     txn.put_dedup(from, send.id, DedupRecord { seq, time: now, digest: Some(digest) });
     *stored = true;
+    Ok(Ok(pb::Sent { id: send.id, seq, time: now }))
+}
+
+/// A 1:1 send to an account that the node with `slot` owns (at most `max`
+/// entries waiting for it, else refused with `retry_after_secs`): stored here
+/// as an outbound entry to that node, with the copies for the sender's
+/// other devices and the dedup record, all in one commit, so "sent" means
+/// durable here. The owner delivers it when the entry arrives.
+///
+/// Its sequence number comes from this direction's own counter, the
+/// sender's node being its only writer: `2k` when the sender's account id
+/// is the lower one, `2k + 1` otherwise, so the two directions, numbered
+/// on two nodes, never collide (SPEC.md 5.11).
+fn store_remote(
+    txn: &mut Txn<'_>,
+    from: DeviceAddr,
+    send: &pb::Send,
+    digest: Digest,
+    (slot, max, retry_after_secs): (u32, u64, u32),
+    out: Out<'_>,
+    forwarded: &mut Option<u32>,
+) -> Stored {
+    if let Some(answer) = precheck(txn, from, send, digest) {
+        return answer;
+    }
+    // Bounded: past `max` waiting for that node, refuse (nothing stored,
+    // the client retries) rather than grow the queue without end.
+    let queued = txn.counter(Counter::OutboundNext(slot))?.saturating_sub(1);
+    if queued.saturating_sub(txn.counter(Counter::OutboundAcked(slot))?) >= max {
+        metrics::counter!("pipit_forward_queue_full_total").increment(1);
+        return Ok(Err(SendFailure::Unavailable { retry_after_secs }));
+    }
+    if !send.per_device.is_empty() {
+        // Needs the recipient's device list, which its owner holds: not
+        // offered across nodes yet.
+        return Ok(Err(SendFailure::Code(pb::ErrorCode::NotSupported)));
+    }
+    let Some(own) = txn.account(from.account)? else {
+        return Ok(Err(SendFailure::Code(pb::ErrorCode::UnknownDevice)));
+    };
+    let now = unix_now();
+    let k = txn.next(Counter::Direction { from: from.account, to: send.to })?;
+    let seq = 2 * k + u64::from(from.account > send.to);
+    for d in own.devices.iter().filter(|d| d.device != from.device) {
+        let deliver = pb::Deliver {
+            inbox: 0,
+            from: from.account,
+            from_device: from.device,
+            seq,
+            time: now,
+            payload: send.payload.clone(),
+            peer: send.to,
+            group: 0,
+            device_payload: Bytes::new(),
+        };
+        enqueue(txn, DeviceAddr::new(from.account, d.device), deliver.into(), out.pushes)?;
+    }
+    let forward = pipit_protocol::node::pb::ForwardedSend {
+        from_account: from.account,
+        from_device: from.device,
+        to: send.to,
+        seq,
+        time: now,
+        payload: send.payload.clone(),
+    };
+    let forward = pipit_protocol::node::pb::Forward { entry: 0, send: Some(forward), receipt: None };
+    super::forward::queue(txn, slot, forward)?;
+    txn.put_dedup(from, send.id, DedupRecord { seq, time: now, digest: Some(digest) });
+    *out.stored = true;
+    *forwarded = Some(slot);
     Ok(Ok(pb::Sent { id: send.id, seq, time: now }))
 }
 

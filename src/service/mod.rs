@@ -19,6 +19,7 @@
 //!   subscriptions.
 //! - `typing`: typing notices, relayed at most once, rate-limited.
 //! - `push`: push tokens and content-free wake-ups through a gateway.
+//! - `forward`: store and forward of sends between cluster nodes.
 //! - `keys`: the end-to-end key directory: uploads, fetches that hand out
 //!   each one-time prekey once, low-stock notices, the fetch rate limit.
 
@@ -26,6 +27,7 @@ pub mod accounts;
 pub mod expiry;
 pub mod fanout;
 pub mod features;
+pub mod forward;
 pub mod group_receipts;
 pub mod group_send;
 pub mod groups;
@@ -43,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::{self, EngineConfig, SubmitError};
 use crate::config::Registration;
+use crate::route::cluster::Cluster;
 use crate::route::{Deliveries, Registry};
 use crate::store::Store;
 
@@ -86,6 +89,8 @@ pub struct Rules {
     pub max_group_members: usize,
     /// The key directory's settings.
     pub keys: KeyRules,
+    /// This node's cluster; `None`: a single node.
+    pub cluster: Option<Cluster>,
 }
 
 /// What the writer's operations may use besides the transaction.
@@ -94,6 +99,8 @@ pub struct Ctx {
     deliveries: Arc<dyn Deliveries>,
     expiry: expiry::Cursor,
     fanout: Arc<fanout::Shared>,
+    /// Wake-ups of the node links when forwards are queued.
+    wakes: Arc<forward::Wakes>,
 }
 
 /// The group-commit writer, carrying this layer's operations.
@@ -150,6 +157,10 @@ pub struct Services {
     pub keys: Keys,
     /// The writer itself (barriers at shutdown, metrics).
     pub writer: Writer,
+    /// This node's cluster (placement, liveness); `None`: a single node.
+    pub cluster: Option<Cluster>,
+    /// Store and forward to and from other nodes (idle on a single node).
+    pub forward: forward::Forward,
 }
 
 /// What the services that never pass through the commit need: the
@@ -188,23 +199,28 @@ pub fn start(
     live: Live,
 ) -> Result<(Services, std::thread::JoinHandle<()>), StartError> {
     let key_rules = rules.keys;
+    let cluster = rules.cluster.clone();
     let shared = fanout::Shared::new(std::time::Duration::ZERO);
-    let ctx = Ctx { rules, deliveries, expiry: expiry::Cursor::default(), fanout: shared.clone() };
+    let wakes = Arc::new(forward::Wakes::default());
+    let ctx =
+        Ctx { rules, deliveries, expiry: expiry::Cursor::default(), fanout: shared.clone(), wakes: wakes.clone() };
     let (writer, thread) = Writer::start(store.clone(), ctx, engine)?;
     let push = Push::start(live.push, store.clone(), live.registry.clone(), writer.clone(), live.shutdown)?;
     let services = Services {
         accounts: Accounts::new(writer.clone(), store.clone()),
         messaging: Messaging::new(writer.clone()),
+        forward: forward::Forward::new(writer.clone(), store.clone(), wakes),
         receipts: Receipts,
         groups: Groups::new(writer.clone(), store.clone()),
         fanout: Fanout::new(shared, store.clone()),
         inbox: InboxReader::new(store.clone()),
         presence: Presence::start(live.registry.clone(), store.clone(), writer.clone(), live.presence)?,
-        typing: Typing::new(live.registry, store.clone(), live.typing),
+        typing: Typing::new(live.registry, store.clone(), live.typing, cluster.clone()),
         keys: Keys::new(writer.clone(), store, key_rules),
         features: Features::new(push.enabled()),
         push,
         writer,
+        cluster,
     };
     Ok((services, thread))
 }
@@ -270,7 +286,7 @@ pub(crate) mod testing {
         let store = Store::open(dir.path()).unwrap();
         let pushed = Arc::new(Collect::default());
         let keys = KeyRules { low_water: 16, fetch_burst: 1_000, fetch_per_minute: 600 };
-        let rules = Rules { ttl_secs: 100, registration, max_group_members: 8, keys };
+        let rules = Rules { ttl_secs: 100, registration, max_group_members: 8, keys, cluster: None };
         let engine = EngineConfig {
             max_batch: 64,
             capacity: 1024,

@@ -7,12 +7,14 @@
 use std::collections::HashMap;
 
 use pipit_protocol::message::pb;
+use pipit_protocol::node::pb as node_pb;
 use pipit_protocol::Message;
 
 use super::inbox::{enqueue, Pushes};
 use super::{Ctx, Submission};
 use crate::commit::{Operation, Outcome};
 use crate::model::{unix_now, DeviceAddr};
+use crate::route::cluster::Placement;
 use crate::store::counters::Counter;
 use crate::store::{StorageError, Txn};
 
@@ -51,18 +53,65 @@ pub struct Receipts;
 impl Receipts {
     /// `device` processed the entries `acked`.
     pub fn ack(&self, device: DeviceAddr, acked: Vec<Acked>) -> Submission {
-        Submission(Box::new(AckOp { device, acked, pushes: Pushes::default() }))
+        Submission(Box::new(AckOp { device, acked, pushes: Pushes::default(), forwarded: Vec::new() }))
     }
 
     /// `from` read `peer`'s messages up to seq `through`.
     pub fn read(&self, from: DeviceAddr, peer: u64, through: u64) -> Submission {
-        Submission(Box::new(ReadOp { from, peer, through, pushes: Pushes::default() }))
+        Submission(Box::new(ReadOp { from, peer, through, pushes: Pushes::default(), forwarded: Vec::new() }))
     }
 }
 
-/// Sends `receipt` to every device of `to`, unless a receipt of this kind
-/// already covered `through` for this conversation.
-fn receipt(txn: &mut Txn<'_>, to: u64, receipt: pb::Receipt, pushes: &mut Pushes) -> Result<(), StorageError> {
+/// Sends `receipt` to `to`: to every device of it here, or, when another
+/// node owns it, as a forward to that node (its slot is added to
+/// `forwarded`, to wake the link after the commit).
+fn receipt(
+    ctx: &Ctx,
+    txn: &mut Txn<'_>,
+    to: u64,
+    receipt: pb::Receipt,
+    pushes: &mut Pushes,
+    forwarded: &mut Vec<u32>,
+) -> Result<(), StorageError> {
+    let owner = match &ctx.rules.cluster {
+        Some(c) => match c.place(to) {
+            Placement::Remote(m) | Placement::Down(m) => Some(m.slot),
+            _ => None,
+        },
+        None => None,
+    };
+    let Some(slot) = owner else {
+        return deliver_receipt(txn, to, receipt, pushes);
+    };
+    // The mark here keeps repeats off the link; the owner keeps its own.
+    let mark = Counter::ReceiptMark { kind: receipt.kind as u8, to, peer: receipt.peer };
+    if receipt.through <= txn.counter(mark)? {
+        return Ok(());
+    }
+    txn.set_counter(mark, receipt.through);
+    let r = node_pb::ForwardedReceipt {
+        to,
+        kind: u32::try_from(receipt.kind).unwrap_or(0),
+        peer: receipt.peer,
+        through: receipt.through,
+        time: receipt.time,
+    };
+    super::forward::queue(txn, slot, node_pb::Forward { entry: 0, send: None, receipt: Some(r) })?;
+    if !forwarded.contains(&slot) {
+        forwarded.push(slot);
+    }
+    Ok(())
+}
+
+/// Puts `receipt` in every device inbox of `to` (an account of this
+/// node), unless a receipt of this kind already covered `through` for
+/// this conversation.
+pub(crate) fn deliver_receipt(
+    txn: &mut Txn<'_>,
+    to: u64,
+    receipt: pb::Receipt,
+    pushes: &mut Pushes,
+) -> Result<(), StorageError> {
     let mark = Counter::ReceiptMark { kind: receipt.kind as u8, to, peer: receipt.peer };
     if receipt.through <= txn.counter(mark)? {
         return Ok(());
@@ -81,11 +130,14 @@ struct AckOp {
     device: DeviceAddr,
     acked: Vec<Acked>,
     pushes: Pushes,
+    /// Slots of nodes a receipt was queued for.
+    forwarded: Vec<u32>,
 }
 
 impl Operation<Ctx> for AckOp {
-    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+    fn apply(&mut self, ctx: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
         self.pushes = Pushes::default();
+        self.forwarded.clear();
         let now = unix_now();
         let mut delivered: HashMap<u64, u64> = HashMap::new();
         let mut group_messages = Vec::new();
@@ -118,7 +170,7 @@ impl Operation<Ctx> for AckOp {
                 time: now,
                 ..Default::default()
             };
-            receipt(txn, sender, r, &mut self.pushes)?;
+            receipt(ctx, txn, sender, r, &mut self.pushes, &mut self.forwarded)?;
         }
         if !group_messages.is_empty() {
             super::group_receipts::delivered(txn, self.device.account, group_messages)?;
@@ -130,6 +182,9 @@ impl Operation<Ctx> for AckOp {
         if let Outcome::Durable = outcome {
             metrics::counter!("pipit_inbox_acked_total").increment(self.acked.len() as u64);
             self.pushes.release(&*ctx.deliveries);
+            for slot in &self.forwarded {
+                super::forward::wake(ctx, *slot);
+            }
         }
     }
 }
@@ -139,11 +194,13 @@ struct ReadOp {
     peer: u64,
     through: u64,
     pushes: Pushes,
+    forwarded: Vec<u32>,
 }
 
 impl Operation<Ctx> for ReadOp {
-    fn apply(&mut self, _: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+    fn apply(&mut self, ctx: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
         self.pushes = Pushes::default();
+        self.forwarded.clear();
         if self.peer == 0 || self.peer == self.from.account || self.through == 0 {
             return Ok(());
         }
@@ -154,12 +211,15 @@ impl Operation<Ctx> for ReadOp {
             time: unix_now(),
             ..Default::default()
         };
-        receipt(txn, self.peer, r, &mut self.pushes)
+        receipt(ctx, txn, self.peer, r, &mut self.pushes, &mut self.forwarded)
     }
 
     fn finish(self: Box<Self>, ctx: &mut Ctx, outcome: Outcome<'_>) {
         if let Outcome::Durable = outcome {
             self.pushes.release(&*ctx.deliveries);
+            for slot in &self.forwarded {
+                super::forward::wake(ctx, *slot);
+            }
         }
     }
 }

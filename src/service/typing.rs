@@ -14,6 +14,7 @@ use std::time::Instant;
 use pipit_protocol::message::pb;
 
 use crate::model::DeviceAddr;
+use crate::route::cluster::{Cluster, Placement};
 use crate::route::Registry;
 use crate::store::Store;
 
@@ -66,11 +67,23 @@ pub struct Typing {
     registry: Arc<Registry>,
     store: Arc<Store>,
     cfg: TypingConfig,
+    cluster: Option<Cluster>,
 }
 
 impl Typing {
-    pub(crate) fn new(registry: Arc<Registry>, store: Arc<Store>, cfg: TypingConfig) -> Self {
-        Self { registry, store, cfg }
+    pub(crate) fn new(registry: Arc<Registry>, store: Arc<Store>, cfg: TypingConfig, cluster: Option<Cluster>) -> Self {
+        Self { registry, store, cfg, cluster }
+    }
+
+    /// A typing notice from `from`, an account of another node, for `to`,
+    /// an account of this one (a node link's `NodeTyping`): relayed to
+    /// its connected devices, never stored.
+    pub fn from_node(&self, to: u64, from: u64, typing: bool) {
+        let out = pb::Typing { peer: from, group: 0, typing, from: 0 };
+        match self.registry.relay_typing(to, &out) {
+            0 => dropped("offline"),
+            n => metrics::counter!("pipit_typing_relayed_total").increment(n as u64),
+        }
     }
 
     /// A full allowance for a new connection.
@@ -105,6 +118,24 @@ impl Typing {
         if !limiter.allow(&self.cfg, now) {
             dropped("rate");
             return None;
+        }
+        if let Some(c) = &self.cluster {
+            match c.place(t.peer) {
+                Placement::Remote(m) => {
+                    let sent = c.relay().is_some_and(|r| r.typing(&m.id, t.peer, from.account, t.typing));
+                    if sent {
+                        metrics::counter!("pipit_typing_relayed_total").increment(1);
+                    } else {
+                        dropped("link");
+                    }
+                    return None;
+                }
+                Placement::Down(_) => {
+                    dropped("offline");
+                    return None;
+                }
+                _ => {}
+            }
         }
         let out = pb::Typing { peer: from.account, group: 0, typing: t.typing, from: 0 };
         match self.registry.relay_typing(t.peer, &out) {

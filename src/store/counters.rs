@@ -44,6 +44,25 @@ pub enum Counter {
         /// The body's sequence number in the group.
         seq: u64,
     },
+    /// The next id of the outbound queue to the node with this slot
+    /// (`xo` slot): consecutive from 1.
+    OutboundNext(u32),
+    /// The highest outbound entry the node with this slot has
+    /// acknowledged (`xa` slot); everything up to it is deleted.
+    OutboundAcked(u32),
+    /// The highest entry forwarded from the node with this slot that this
+    /// node applied (`xi` slot): entries arrive and apply in order, so
+    /// this one mark dedups them all.
+    InboundMark(u32),
+    /// The next sequence number of one direction of a 1:1 conversation
+    /// whose accounts live on two nodes (`xv` from to): each direction is
+    /// numbered by its sender's node (SPEC.md 5.11).
+    Direction {
+        /// The sending account.
+        from: u64,
+        /// The receiving account.
+        to: u64,
+    },
     /// The highest group seq a member has acknowledged (kind DELIVERED)
     /// or read (kind READ) in a group, so that each member counts once per
     /// message (`m` kind member group).
@@ -101,6 +120,23 @@ impl Counter {
                 k.extend_from_slice(&group.to_be_bytes());
                 k.extend_from_slice(&seq.to_be_bytes());
             }
+            Counter::OutboundNext(slot) => {
+                k.extend_from_slice(b"xo");
+                k.extend_from_slice(&slot.to_be_bytes());
+            }
+            Counter::OutboundAcked(slot) => {
+                k.extend_from_slice(b"xa");
+                k.extend_from_slice(&slot.to_be_bytes());
+            }
+            Counter::InboundMark(slot) => {
+                k.extend_from_slice(b"xi");
+                k.extend_from_slice(&slot.to_be_bytes());
+            }
+            Counter::Direction { from, to } => {
+                k.extend_from_slice(b"xv");
+                k.extend_from_slice(&from.to_be_bytes());
+                k.extend_from_slice(&to.to_be_bytes());
+            }
             Counter::GroupMark { kind, member, group } => {
                 k.push(b'm');
                 k.push(kind);
@@ -118,6 +154,8 @@ impl Counter {
             Counter::ReceiptMark { .. }
             | Counter::BodyRefs { .. }
             | Counter::GroupMark { .. }
+            | Counter::OutboundAcked(_)
+            | Counter::InboundMark(_)
             | Counter::NextDevice(_) => 0,
             _ => 1,
         }

@@ -41,6 +41,7 @@ pub mod groups;
 pub mod inbox;
 pub mod invites;
 pub mod last_seen;
+pub mod outbound;
 mod overlay;
 pub mod privacy;
 pub mod push_tokens;

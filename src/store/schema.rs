@@ -37,11 +37,14 @@ pub enum Table {
     E2eKeys,
     /// Per-device one-time prekeys, by slot.
     OneTimeKeys,
+    /// A cluster node's outbound queues: what waits to be forwarded to
+    /// each other node, until that node acknowledges it.
+    Outbound,
 }
 
 impl Table {
     /// Every family, created at open.
-    pub const ALL: [Table; 16] = [
+    pub const ALL: [Table; 17] = [
         Table::Accounts,
         Table::DeviceKeys,
         Table::Inbox,
@@ -58,6 +61,7 @@ impl Table {
         Table::PushTokens,
         Table::E2eKeys,
         Table::OneTimeKeys,
+        Table::Outbound,
     ];
 
     /// The family's name in RocksDB (never change one: it names data on
@@ -80,6 +84,7 @@ impl Table {
             Table::PushTokens => "push_tokens",
             Table::E2eKeys => "e2e_keys",
             Table::OneTimeKeys => "one_time_keys",
+            Table::Outbound => "outbound",
         }
     }
 

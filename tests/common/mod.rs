@@ -2,6 +2,9 @@
 //! 127.0.0.1 with RocksDB in a temporary directory, and real clients.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
+pub mod etcd;
+
 use std::time::Duration;
 
 use bytes::Bytes;

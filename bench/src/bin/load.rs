@@ -34,6 +34,14 @@ struct Args {
     /// Server public key (hex); XX when absent.
     #[arg(long)]
     server_key: Option<PublicKey>,
+    /// Another node of the same cluster: receivers register there, so
+    /// every message crosses a node link (store and forward). Default:
+    /// receivers on `addr` too.
+    #[arg(long)]
+    peer_addr: Option<SocketAddr>,
+    /// That node's public key (hex); XX when absent.
+    #[arg(long)]
+    peer_key: Option<PublicKey>,
     /// Sender/receiver pairs.
     #[arg(long, default_value_t = 8)]
     pairs: usize,
@@ -90,15 +98,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..args.pairs {
         let mut conns = Vec::new();
         for j in 0..2 {
+            // The receiver (j = 1) on the peer node when there is one.
+            let (addr, server_key) = match (j, args.peer_addr) {
+                (1, Some(peer)) => (peer, args.peer_key),
+                _ => (args.addr, args.server_key),
+            };
             let opts = ConnectOptions {
-                server_key: args.server_key,
+                server_key,
                 local_ip: Some(source(2 * i + j, args.sources)),
                 ..ConnectOptions::default()
             };
-            let c =
-                Connection::connect(args.addr, &StaticKeypair::generate(), pipit_client::register("", "load"), &opts)
-                    .await
-                    .context("registering a device")?;
+            let c = Connection::connect(addr, &StaticKeypair::generate(), pipit_client::register("", "load"), &opts)
+                .await
+                .context("registering a device")?;
             conns.push(c);
         }
         let b = conns.pop().expect("two");

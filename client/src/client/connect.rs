@@ -34,7 +34,7 @@ impl Task {
 
     pub(super) fn connect_options(&self) -> ConnectOptions {
         ConnectOptions {
-            server_key: self.state.server_key,
+            server_key: self.state.home.as_ref().map(|h| h.server_key).or(self.state.server_key),
             accept_new_server_key: self.config.accept_server_key_change,
             timeout: self.config.connect_timeout,
             local_ip: None,
@@ -45,14 +45,21 @@ impl Task {
     pub(super) fn connected(&mut self, conn: Connection) -> Result<Connection, ClientError> {
         let login = conn.login().clone();
         let mut changed = false;
+        // The key this connection authenticated belongs to the home node
+        // when there is one, else to the configured server.
+        let first_contact = self.state.home.is_none() && self.state.server_key.is_none();
+        let pinned = match &mut self.state.home {
+            Some(home) => &mut home.server_key,
+            None => self.state.server_key.get_or_insert(*conn.server_key()),
+        };
         // Trust on first use: pin what XX authenticated.
-        if self.state.server_key != Some(*conn.server_key()) {
-            self.state.server_key = Some(*conn.server_key());
+        if first_contact || *pinned != *conn.server_key() {
+            *pinned = *conn.server_key();
             changed = true;
         }
         // A rotated key arrives inside the session made with the old one.
         if let Some(k) = PublicKey::from_slice(&login.new_server_key) {
-            self.state.server_key = Some(k);
+            *pinned = k;
             changed = true;
         }
         if self.state.account == 0 {

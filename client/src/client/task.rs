@@ -69,6 +69,10 @@ pub(super) struct Deferred {
 /// the server asks: a bound on how long a busy server can park a message.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
+/// Redirects followed in a row before the client pauses as after any
+/// failed connect.
+const MAX_REDIRECTS: u32 = 3;
+
 /// The pause before the `refusals`-th attempt of a send the server refused
 /// for now: at least what it asked (at least a second), doubling with each
 /// refusal in a row, capped, plus up to a quarter of jitter so refused
@@ -92,11 +96,15 @@ impl Task {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let mut attempt: u32 = 0;
         let mut logins: u64 = 0;
+        // Redirects followed in a row: bounded, so two nodes that disagree
+        // about the owner (a ring change in flight) cannot keep the client
+        // bouncing without a pause.
+        let mut redirects: u32 = 0;
         loop {
             // Dial without borrowing the task, so the app's sends keep
             // landing in the outbox while a slow connect is under way.
-            let dial =
-                dial(self.config.server.clone(), self.state.identity.clone(), self.hello(), self.connect_options());
+            let server = self.state.home.as_ref().map_or_else(|| self.config.server.clone(), |h| h.server.clone());
+            let dial = dial(server, self.state.identity.clone(), self.hello(), self.connect_options());
             let connected = tokio::select! {
                 c = dial => c.and_then(|conn| self.connected(conn)),
                 end = self.offline_commands() => {
@@ -107,6 +115,7 @@ impl Task {
             match connected {
                 Ok(conn) => {
                     attempt = 0;
+                    redirects = 0;
                     logins += 1;
                     if logins > 1 {
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -129,7 +138,25 @@ impl Task {
                     let _ = emit(&self.events, Event::Stopped { reason: e.to_string() }).await;
                     return;
                 }
+                Err(ClientError::Redirected { server, server_key }) if redirects < MAX_REDIRECTS => {
+                    // The owner node, authenticated by the node that named
+                    // it: go there now, and from now on.
+                    redirects += 1;
+                    self.state.home = Some(crate::store::Home { server, server_key });
+                    if let Err(e) = self.store.save_state(&self.state) {
+                        let _ = emit(&self.events, Event::Stopped { reason: ClientError::from(e).to_string() }).await;
+                        return;
+                    }
+                    continue;
+                }
                 Err(e) => {
+                    redirects = 0;
+                    if self.state.home.is_some() && matches!(e, ClientError::Io(_) | ClientError::Timeout) {
+                        // The home node does not answer: ask the configured
+                        // server next time, which redirects to the owner
+                        // (perhaps a new one) or says to retry later.
+                        self.state.home = None;
+                    }
                     if !emit(&self.events, Event::Disconnected { reason: e.to_string() }).await {
                         return;
                     }
