@@ -19,7 +19,7 @@
 #![deny(missing_docs)]
 
 // Modules in layers; each imports only those listed before it:
-// error, limits, role -> frame -> message -> noise -> keys -> session ->
+// error, limits, role -> frame -> message -> resolver -> noise -> keys -> session ->
 // handshake. keepalive stands alone; e2e (the end-to-end layer's formats
 // inside payloads) uses only limits and message.
 pub mod e2e;
@@ -33,6 +33,7 @@ pub mod keys;
 pub mod limits;
 pub mod message;
 pub mod noise;
+pub mod resolver;
 pub mod role;
 pub mod session;
 
