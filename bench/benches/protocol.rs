@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use pipit_protocol::frame::{self, FrameDecoder};
 use pipit_protocol::handshake::{Hello, IkStep, ServerHandshake, ServerKeys, ServerStep, XxStep};
 use pipit_protocol::message::{decode_packet, encode_packet, pb};
+use pipit_protocol::resolver::Resolver;
 use pipit_protocol::{ClientHandshake, Message, Session, StaticKeypair};
 
 fn send_100() -> Message {
@@ -193,6 +194,36 @@ fn handshakes(c: &mut Criterion) {
     g.finish();
 }
 
+/// X25519 per operation through snow's `Dh` trait: snow's built-in
+/// backend (curve25519-dalek) beside the one this build's handshakes use
+/// (`Resolver::x25519_backend`), in one run.
+fn x25519(c: &mut Criterion) {
+    use snow::params::DHChoice;
+    use snow::resolvers::{CryptoResolver, DefaultResolver};
+    let mut g = c.benchmark_group("x25519");
+    g.throughput(Throughput::Elements(1));
+    let backends: [(&str, Box<dyn CryptoResolver>); 2] =
+        [("curve25519-dalek", Box::new(DefaultResolver)), (Resolver::x25519_backend(), Box::new(Resolver))];
+    for (name, resolver) in backends {
+        let mut local = resolver.resolve_dh(&DHChoice::Curve25519).unwrap();
+        let mut peer = resolver.resolve_dh(&DHChoice::Curve25519).unwrap();
+        let mut rng = resolver.resolve_rng().unwrap();
+        local.generate(&mut *rng).unwrap();
+        peer.generate(&mut *rng).unwrap();
+        let peer_public = peer.pubkey().to_vec();
+        let mut out = [0u8; 32];
+        g.bench_function(format!("dh/{name}"), |b| {
+            b.iter(|| local.dh(black_box(&peer_public), &mut out).unwrap());
+        });
+        // A key pair: what the responder's ephemeral key and snow's
+        // loading of a static key each cost.
+        g.bench_function(format!("keypair/{name}"), |b| {
+            b.iter(|| local.generate(&mut *rng).unwrap());
+        });
+    }
+    g.finish();
+}
+
 fn protobuf(c: &mut Criterion) {
     let mut g = c.benchmark_group("packet");
     g.throughput(Throughput::Elements(1));
@@ -215,5 +246,5 @@ fn protobuf(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, framing, transport, handshakes, protobuf);
+criterion_group!(benches, framing, transport, x25519, handshakes, protobuf);
 criterion_main!(benches);

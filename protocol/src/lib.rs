@@ -19,9 +19,9 @@
 #![deny(missing_docs)]
 
 // Modules in layers; each imports only those listed before it:
-// error, limits, role -> frame -> message -> noise -> keys -> session ->
-// handshake. node (node links) uses frame, keys, limits and noise.
-// keepalive stands alone; e2e (the end-to-end layer's formats
+// error, limits, role -> frame -> message -> resolver -> noise -> keys ->
+// session -> handshake. node (node links) uses frame, keys, limits and
+// noise. keepalive stands alone; e2e (the end-to-end layer's formats
 // inside payloads) uses only limits and message.
 pub mod e2e;
 pub mod error;
@@ -35,6 +35,7 @@ pub mod limits;
 pub mod message;
 pub mod node;
 pub mod noise;
+pub mod resolver;
 pub mod role;
 pub mod session;
 

@@ -6,6 +6,7 @@ use snow::params::NoiseParams;
 
 use crate::error::HandshakeError;
 use crate::limits::KEY_LEN;
+use crate::resolver::Resolver;
 
 /// The Noise handshake pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,14 +46,16 @@ pub(crate) fn params(p: Pattern) -> NoiseParams {
 
 /// A builder for `pattern` with `private` as the local static key.
 pub(crate) fn builder(p: Pattern, private: &[u8; KEY_LEN]) -> Result<snow::Builder<'_>, HandshakeError> {
-    snow::Builder::new(params(p)).local_private_key(private).map_err(HandshakeError::Config)
+    with_resolver(p).local_private_key(private).map_err(HandshakeError::Config)
+}
+
+fn with_resolver(p: Pattern) -> snow::Builder<'static> {
+    snow::Builder::with_resolver(params(p), Box::new(Resolver))
 }
 
 /// A fresh X25519 key pair from the operating system's RNG: (private, public).
 pub(crate) fn generate_keypair() -> ([u8; KEY_LEN], [u8; KEY_LEN]) {
-    let kp = snow::Builder::new(params(Pattern::XX))
-        .generate_keypair()
-        .expect("the built-in resolver has an RNG and X25519");
+    let kp = with_resolver(Pattern::XX).generate_keypair().expect("the built-in resolver has an RNG and X25519");
     let private = kp.private.as_slice().try_into().expect("snow returns 32-byte keys");
     let public = kp.public.as_slice().try_into().expect("snow returns 32-byte keys");
     (private, public)
@@ -61,9 +64,8 @@ pub(crate) fn generate_keypair() -> ([u8; KEY_LEN], [u8; KEY_LEN]) {
 /// The X25519 public key of `private`, computed by the same DH the
 /// handshakes use, so this crate carries no second curve implementation.
 pub(crate) fn x25519_base(private: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
-    use snow::resolvers::{CryptoResolver, DefaultResolver};
-    let mut dh =
-        DefaultResolver.resolve_dh(&snow::params::DHChoice::Curve25519).expect("the default resolver has X25519");
+    use snow::resolvers::CryptoResolver;
+    let mut dh = Resolver.resolve_dh(&snow::params::DHChoice::Curve25519).expect("the resolver has X25519");
     dh.set(private);
     let mut out = [0u8; KEY_LEN];
     out.copy_from_slice(dh.pubkey());
