@@ -349,23 +349,9 @@ async fn a_message_to_an_account_on_another_node_is_sent_delivered_read_and_answ
     ca.send(&[text(1, b.account, "hello from n1")]).await.unwrap();
     assert_eq!(expect_sent(&mut ca, 1).await, sent);
     // b's ack comes back to a as "delivered", its read receipt as "read".
-    let receipt = |kind: pb::ReceiptKind| {
-        move |m: Message| match m {
-            Message::Receipt(r) if r.kind == kind as i32 => Some(r),
-            _ => None,
-        }
-    };
     let delivered = expect(&mut ca, receipt(pb::ReceiptKind::Delivered)).await;
     assert_eq!((delivered.peer, delivered.through), (b.account, sent.seq));
-    cb.send(&[pb::Receipt {
-        kind: pb::ReceiptKind::Read as i32,
-        peer: a.account,
-        through: sent.seq,
-        ..Default::default()
-    }
-    .into()])
-        .await
-        .unwrap();
+    mark_read(&mut cb, a.account, sent.seq).await;
     let read = expect(&mut ca, receipt(pb::ReceiptKind::Read)).await;
     assert_eq!((read.peer, read.through), (b.account, sent.seq));
 

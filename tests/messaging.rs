@@ -12,13 +12,6 @@ use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::Message;
 use pipit_client::{ClientError, ConnectOptions, Connection};
 
-fn receipt(kind: pb::ReceiptKind) -> impl FnMut(Message) -> Option<pb::Receipt> {
-    move |m| match m {
-        Message::Receipt(r) if r.kind == kind as i32 => Some(r),
-        _ => None,
-    }
-}
-
 #[tokio::test]
 async fn two_devices_exchange_and_the_sender_sees_sent_delivered_read() {
     let s = TestServer::start(|_| {});
@@ -37,15 +30,7 @@ async fn two_devices_exchange_and_the_sender_sees_sent_delivered_read() {
 
     let delivered = expect(&mut ca, receipt(pb::ReceiptKind::Delivered)).await;
     assert_eq!((delivered.peer, delivered.through), (b.account, sent.seq));
-    cb.send(&[pb::Receipt {
-        kind: pb::ReceiptKind::Read as i32,
-        peer: a.account,
-        through: d.seq,
-        ..Default::default()
-    }
-    .into()])
-        .await
-        .unwrap();
+    mark_read(&mut cb, a.account, d.seq).await;
     let read = expect(&mut ca, receipt(pb::ReceiptKind::Read)).await;
     assert_eq!((read.peer, read.through), (b.account, sent.seq));
     ack(&mut ca, read.inbox).await;

@@ -180,6 +180,20 @@ pub async fn until_pong(c: &mut Connection, id: u64) -> Vec<Message> {
     }
 }
 
+/// Picks a receipt of `kind` (for [`expect`]).
+pub fn receipt(kind: pb::ReceiptKind) -> impl FnMut(Message) -> Option<pb::Receipt> {
+    move |m| match m {
+        Message::Receipt(r) if r.kind == kind as i32 => Some(r),
+        _ => None,
+    }
+}
+
+/// Sends a read receipt: `peer`'s messages read through `through`.
+pub async fn mark_read(c: &mut Connection, peer: u64, through: u64) {
+    let r = pb::Receipt { kind: pb::ReceiptKind::Read as i32, peer, through, ..Default::default() };
+    c.send(&[r.into()]).await.unwrap();
+}
+
 pub async fn ack(c: &mut Connection, through: u64) {
     c.send(&[pb::Ack { through, ids: vec![] }.into()]).await.unwrap();
 }
