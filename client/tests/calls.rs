@@ -15,7 +15,7 @@ use pipit_client::pipit_protocol::handshake::ServerKeys;
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::session::Incoming;
 use pipit_client::pipit_protocol::{Message, Session, StaticKeypair};
-use pipit_client::{Backoff, Client, ClientError, Config, MemoryStore, State, Store as _};
+use pipit_client::{Backoff, Client, ClientError, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -106,11 +106,7 @@ async fn busy_is_retried_final_is_returned_and_the_subscription_follows_reconnec
         accounts
     });
 
-    let mut store = MemoryStore::new();
-    let mut state = State::new(StaticKeypair::generate());
-    state.account = 7;
-    state.server_key = Some(*server_kp.public());
-    store.save_state(&state).unwrap();
+    let store = common::known_to(&server_kp);
     let mut config = Config::new(addr.to_string());
     config.backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(100) };
     let (client, mut events) = Client::start(config, store).unwrap();

@@ -14,7 +14,7 @@ use pipit_client::pipit_protocol::handshake::ServerKeys;
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::session::Incoming;
 use pipit_client::pipit_protocol::{Message, StaticKeypair};
-use pipit_client::{Client, Config, Encryption, Event, MemoryStore, State, Store as _};
+use pipit_client::{Client, Config, Encryption, Event};
 use tokio::io::AsyncReadExt;
 
 fn deliver(inbox: u64, seq: u64) -> Message {
@@ -49,11 +49,7 @@ async fn a_redelivered_message_reaches_the_app_once() {
         acked
     });
 
-    let mut store = MemoryStore::new();
-    let mut state = State::new(StaticKeypair::generate());
-    state.account = 7;
-    state.server_key = Some(*server_kp.public());
-    store.save_state(&state).unwrap();
+    let store = common::known_to(&server_kp);
     // A scripted server without the key directory: payloads go as they are.
     let mut config = Config::new(addr.to_string());
     config.encryption = Encryption::Off;

@@ -16,7 +16,7 @@ use pipit_client::pipit_protocol::handshake::ServerKeys;
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::session::Incoming;
 use pipit_client::pipit_protocol::{Message, StaticKeypair};
-use pipit_client::{Client, Config, Encryption, Event, MemoryStore, State, Store as _};
+use pipit_client::{Client, Config, Encryption, Event};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(20);
@@ -84,11 +84,7 @@ async fn overload_is_retried_on_the_same_connection_and_not_supported_is_final()
         seen
     });
 
-    let mut store = MemoryStore::new();
-    let mut state = State::new(StaticKeypair::generate());
-    state.account = 7;
-    state.server_key = Some(*server_kp.public());
-    store.save_state(&state).unwrap();
+    let store = common::known_to(&server_kp);
     // A scripted server without the key directory: payloads go as they are.
     let mut config = Config::new(addr.to_string());
     config.encryption = Encryption::Off;

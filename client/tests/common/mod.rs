@@ -8,9 +8,21 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use pipit_client::pipit_protocol::handshake::{ServerHandshake, ServerKeys, ServerStep};
 use pipit_client::pipit_protocol::message::pb;
-use pipit_client::pipit_protocol::{Message, Session};
+use pipit_client::pipit_protocol::{Message, Session, StaticKeypair};
+use pipit_client::{MemoryStore, State, Store as _};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// A client store that already knows the scripted server (its key pinned)
+/// and its account (7), as after an earlier registration.
+pub(crate) fn known_to(server: &StaticKeypair) -> MemoryStore {
+    let mut store = MemoryStore::new();
+    let mut state = State::new(StaticKeypair::generate());
+    state.account = 7;
+    state.server_key = Some(*server.public());
+    store.save_state(&state).unwrap();
+    store
+}
 
 /// Accepts one connection, completes its handshake, answers the login as
 /// account 7 followed by `then`, and returns the socket, the session and
