@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pipit_client::pipit_protocol::message::pb;
+use pipit_client::pipit_protocol::Message;
 use pipit_client::ClientError;
 
 fn scrape(port: u16) -> String {
@@ -41,9 +42,16 @@ async fn metrics_count_handshakes_messages_and_group_commits() {
         let d = expect_deliver(&mut cb).await;
         ack(&mut cb, d.inbox).await;
     }
+    // A retry, and an id reused for other content: neither is stored.
+    ca.send(&[text(5, b.account, "x")]).await.unwrap();
+    expect_sent(&mut ca, 5).await;
+    ca.send(&[text(5, b.account, "other")]).await.unwrap();
+    expect(&mut ca, |m| matches!(m, Message::Error(e) if e.code == pb::ErrorCode::IdReused as i32).then_some(())).await;
     let m = tokio::task::spawn_blocking(move || scrape(port)).await.unwrap();
-    assert_eq!(value(&m, "pipit_messages_sent_total"), 5.0, "{m}");
+    assert_eq!(value(&m, "pipit_messages_sent_total"), 6.0, "five and the retry's answer: {m}");
     assert_eq!(value(&m, "pipit_messages_stored_total"), 5.0);
+    assert_eq!(value(&m, "pipit_messages_deduplicated_total"), 1.0, "{m}");
+    assert_eq!(value(&m, "pipit_messages_id_reused_total"), 1.0);
     assert_eq!(value(&m, "pipit_messages_delivered_total"), 5.0);
     assert!(m.contains("pipit_handshakes_total{pattern=\"xx\",result=\"ok\"} 2"), "{m}");
     assert!(value(&m, "pipit_group_commit_ops_count") >= 1.0);

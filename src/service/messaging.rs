@@ -125,10 +125,21 @@ impl Operation<Ctx> for SendOp {
                     metrics::histogram!("pipit_send_durable_seconds").record(self.received.elapsed().as_secs_f64());
                 }
                 self.pushes.release(&*ctx.deliveries);
-                if self.stored {
-                    // Counted here, after the sync: a round that failed
-                    // and ran again must not count twice.
-                    metrics::counter!("pipit_messages_stored_total").increment(1);
+                // Counted here, after the sync: a round that failed and ran
+                // again must not count twice.
+                match &r {
+                    _ if self.stored => metrics::counter!("pipit_messages_stored_total").increment(1),
+                    // Answered from its dedup record (a new group send
+                    // made a fan-out job instead).
+                    Ok(_) if !self.fanout => metrics::counter!("pipit_messages_deduplicated_total").increment(1),
+                    Err(SendFailure::Code(pb::ErrorCode::IdReused)) => {
+                        metrics::counter!("pipit_messages_id_reused_total").increment(1)
+                    }
+                    // Only a full outbound queue refuses for now here.
+                    Err(SendFailure::Unavailable { .. }) => {
+                        metrics::counter!("pipit_forward_queue_full_total").increment(1)
+                    }
+                    _ => {}
                 }
                 if self.fanout {
                     metrics::counter!("pipit_group_sends_total").increment(1);
@@ -199,10 +210,8 @@ fn precheck(txn: &mut Txn<'_>, from: DeviceAddr, send: &pb::Send, digest: Digest
     if let Some(r) = dedup {
         // Records written before digests were kept match any content.
         if r.digest.is_some_and(|d| d != digest) {
-            metrics::counter!("pipit_messages_id_reused_total").increment(1);
             return fail(pb::ErrorCode::IdReused);
         }
-        metrics::counter!("pipit_messages_deduplicated_total").increment(1);
         return Some(Ok(Ok(pb::Sent { id: send.id, seq: r.seq, time: r.time })));
     }
     if send.id == 0 || (send.to == 0) == (send.group == 0) {
@@ -314,7 +323,6 @@ fn store_remote(
     // the client retries) rather than grow the queue without end.
     let queued = txn.counter(Counter::OutboundNext(slot))?.saturating_sub(1);
     if queued.saturating_sub(txn.counter(Counter::OutboundAcked(slot))?) >= max {
-        metrics::counter!("pipit_forward_queue_full_total").increment(1);
         return Ok(Err(SendFailure::Unavailable { retry_after_secs }));
     }
     if !send.per_device.is_empty() {
