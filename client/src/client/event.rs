@@ -13,7 +13,9 @@ use crate::e2e::{DeviceIdentity, Undecryptable};
 pub enum Event {
     /// Logged in. With end-to-end encryption, a device's first login is
     /// reported once its keys are on the server (one more round trip), so
-    /// that a peer told of the new device can already reach it.
+    /// that a peer told of the new device can already reach it; or, if
+    /// something else arrives first, just before that: it always comes
+    /// before any event of its connection.
     Connected {
         /// Account id.
         account: u64,

@@ -192,6 +192,16 @@ impl Task {
             }
             other => vec![Event::Other(other)],
         };
+        // The app hears of the login before anything that came over it
+        // (a held `Connected` waits for the key upload only while nothing
+        // else is to be told).
+        if !events.is_empty() {
+            if let Some(ev) = self.held_connected.take() {
+                if !emit(&self.events, ev).await {
+                    return Err(End::Closed(None));
+                }
+            }
+        }
         // Hand it over before acking: an ack means "processed".
         for event in events {
             if !emit(&self.events, event).await {
