@@ -479,9 +479,7 @@ mod tests {
         s.rt.block_on(rx).unwrap().unwrap();
         assert_eq!(s.store.inbox_after(b2, 0, 10).unwrap().len(), 2);
 
-        let (tx, rx) = oneshot::channel();
-        s.rt.block_on(s.services().writer.submit(Box::new(expiry::ExpireOp::new(unix_now(), tx)))).unwrap();
-        assert_eq!(rx.blocking_recv().unwrap().expired, 2, "only the unlinked device's two");
+        assert_eq!(s.expire(unix_now()).expired, 2, "only the unlinked device's two");
         assert!(s.store.inbox_after(b2, 0, 10).unwrap().is_empty());
         for d in [a, b] {
             let ids: Vec<u64> = s.store.inbox_after(d, 0, 10).unwrap().iter().map(|(id, _)| *id).collect();

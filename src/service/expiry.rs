@@ -339,9 +339,7 @@ mod tests {
         let a = s.register(1, "").unwrap();
         let b = s.register(2, "").unwrap();
         let sent = s.send(a, 1, b.account).unwrap();
-        let (tx, rx) = oneshot::channel();
-        s.rt.block_on(s.services().writer.submit(Box::new(ExpireOp::new(unix_now() + 101, tx)))).unwrap();
-        assert_eq!(rx.blocking_recv().unwrap(), ExpiryRound { expired: 1, finished: true });
+        assert_eq!(s.expire(unix_now() + 101), ExpiryRound { expired: 1, finished: true });
         assert!(s.store.inbox_after(b, 0, 10).unwrap().is_empty());
         let notices = s.store.inbox_after(a, 0, 10).unwrap();
         let Message::Expired(e) = &notices[0].1 else { panic!("{notices:?}") };

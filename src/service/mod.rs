@@ -331,6 +331,13 @@ pub(crate) mod testing {
             self.rt.block_on(self.services().messaging.send(from, send).unwrap())
         }
 
+        /// Runs one expiry round as if the clock read `now`.
+        pub(crate) fn expire(&self, now: u64) -> expiry::ExpiryRound {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.rt.block_on(self.services().writer.submit(Box::new(expiry::ExpireOp::new(now, tx)))).unwrap();
+            rx.blocking_recv().unwrap()
+        }
+
         pub(crate) fn barrier(&self) {
             self.rt.block_on(self.services().writer.barrier()).unwrap();
         }

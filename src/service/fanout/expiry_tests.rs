@@ -2,11 +2,9 @@
 
 use pipit_protocol::message::pb;
 use pipit_protocol::Message;
-use tokio::sync::oneshot;
 
 use crate::config::Registration;
 use crate::model::unix_now;
-use crate::service::expiry::ExpireOp;
 use crate::service::testing::setup;
 
 #[test]
@@ -19,9 +17,7 @@ fn an_expired_group_entry_releases_its_body_and_tells_the_sender_once() {
     let g = s.create_group(a, &[b.account, c.account]).unwrap().group;
     let sent = s.group_send(a, 1, g).unwrap();
     s.fan_out(128);
-    let (tx, rx) = oneshot::channel();
-    s.rt.block_on(s.services().writer.submit(Box::new(ExpireOp::new(unix_now() + 101, tx)))).unwrap();
-    let round = rx.blocking_recv().unwrap();
+    let round = s.expire(unix_now() + 101);
     assert!(round.finished && round.expired > 0, "{round:?}");
     for d in [b, b2, c] {
         assert!(s.store.inbox_after(d, 0, 10).unwrap().is_empty());
