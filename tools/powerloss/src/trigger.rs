@@ -84,9 +84,9 @@ pub enum When {
 pub struct Trigger {
     /// The operation.
     pub op: Op,
-    /// The file's name ends with this (`""`: any file); for a rename, the
+    /// The file's name contains this (`""`: any file); for a rename, the
     /// old or the new name.
-    pub suffix: String,
+    pub name: String,
     /// Let this many matching operations pass first.
     pub skip: u64,
     /// Before or after the operation.
@@ -96,14 +96,14 @@ pub struct Trigger {
 }
 
 impl Trigger {
-    /// Cut before the first `op` on a file whose name ends with `suffix`.
-    pub fn before(op: Op, suffix: &str) -> Self {
-        Self { op, suffix: suffix.to_string(), skip: 0, when: When::Before, during: None }
+    /// Cut before the first `op` on a file whose name contains `name`.
+    pub fn before(op: Op, name: &str) -> Self {
+        Self { op, name: name.to_string(), skip: 0, when: When::Before, during: None }
     }
 
-    /// Cut right after the first `op` on a file whose name ends with `suffix`.
-    pub fn after(op: Op, suffix: &str) -> Self {
-        Self { when: When::After, ..Self::before(op, suffix) }
+    /// Cut right after the first `op` on a file whose name contains `name`.
+    pub fn after(op: Op, name: &str) -> Self {
+        Self { when: When::After, ..Self::before(op, name) }
     }
 
     /// Let `n` matches pass first.
@@ -119,7 +119,7 @@ impl Trigger {
     }
 
     pub(crate) fn matches(&self, op: Op, names: &[&str]) -> bool {
-        op == self.op && names.iter().any(|n| n.ends_with(self.suffix.as_str()))
+        op == self.op && names.iter().any(|n| n.contains(self.name.as_str()))
     }
 }
 
