@@ -7,39 +7,39 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use bytes::Bytes;
 
 /// A conversation as a recipient sees it: (group, 0) or (0, peer account).
-pub type Conv = (u64, u64);
+pub(crate) type Conv = (u64, u64);
 
 /// A message the server answered "sent".
 #[derive(Debug, Clone)]
-pub struct SentMsg {
-    pub seq: u64,
-    pub payload: Bytes,
+pub(crate) struct SentMsg {
+    pub(crate) seq: u64,
+    pub(crate) payload: Bytes,
     /// The server lifetime (0 = first start) in which "sent" arrived.
-    pub lifetime: usize,
+    pub(crate) lifetime: usize,
     /// Who must get it: (recipient account, the conversation it sees).
-    pub to: Vec<(u64, Conv)>,
+    pub(crate) to: Vec<(u64, Conv)>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Delivery {
-    pub seq: u64,
-    pub payload: Bytes,
-    pub lifetime: usize,
+pub(crate) struct Delivery {
+    pub(crate) seq: u64,
+    pub(crate) payload: Bytes,
+    pub(crate) lifetime: usize,
 }
 
 #[derive(Default)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     /// (sender account, client id) -> the message.
-    pub sent: BTreeMap<(u64, u64), SentMsg>,
+    pub(crate) sent: BTreeMap<(u64, u64), SentMsg>,
     /// (recipient account, conversation) -> deliveries in arrival order.
-    pub delivered: HashMap<(u64, Conv), Vec<Delivery>>,
+    pub(crate) delivered: HashMap<(u64, Conv), Vec<Delivery>>,
     /// A retry answered with another seq than the first "sent": the first
     /// answer promised a message the server then lost.
-    pub reanswered: Vec<String>,
+    pub(crate) reanswered: Vec<String>,
 }
 
 impl Ledger {
-    pub fn record_sent(&mut self, sender: u64, id: u64, msg: SentMsg) {
+    pub(crate) fn record_sent(&mut self, sender: u64, id: u64, msg: SentMsg) {
         match self.sent.get(&(sender, id)) {
             Some(first) if first.seq != msg.seq => self.reanswered.push(format!(
                 "account {sender} id {id}: \"sent\" seq {} in lifetime {}, its retry got seq {} in lifetime {}",
@@ -52,12 +52,12 @@ impl Ledger {
         }
     }
 
-    pub fn record_delivery(&mut self, to: u64, conv: Conv, d: Delivery) {
+    pub(crate) fn record_delivery(&mut self, to: u64, conv: Conv, d: Delivery) {
         self.delivered.entry((to, conv)).or_default().push(d);
     }
 
     /// Whether `to` has every message it should have.
-    pub fn complete_for(&self, to: u64) -> bool {
+    pub(crate) fn complete_for(&self, to: u64) -> bool {
         self.sent.values().all(|m| {
             m.to.iter()
                 .filter(|(a, _)| *a == to)
@@ -65,7 +65,7 @@ impl Ledger {
         })
     }
 
-    pub fn verify(&self) -> Verdict {
+    pub(crate) fn verify(&self) -> Verdict {
         let mut v = Verdict { reanswered: self.reanswered.clone(), ..Verdict::default() };
         // Order and duplicates, per recipient and conversation.
         for ((to, conv), ds) in &self.delivered {
@@ -134,26 +134,26 @@ impl Ledger {
 }
 
 #[derive(Debug, Default)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     /// (message, recipient) pairs found delivered.
-    pub checked: usize,
+    pub(crate) checked: usize,
     /// Deliveries seen in all (with redeliveries).
-    pub deliveries: usize,
+    pub(crate) deliveries: usize,
     /// Deliveries repeated in a later lifetime (allowed: the ack may have
     /// been lost with the power).
-    pub redelivered_after_cut: usize,
-    pub lost: Vec<String>,
+    pub(crate) redelivered_after_cut: usize,
+    pub(crate) lost: Vec<String>,
     /// Lifetimes in which lost messages were answered "sent".
-    pub lost_in: BTreeSet<usize>,
-    pub duplicated: Vec<String>,
-    pub out_of_order: Vec<String>,
-    pub corrupt: Vec<String>,
-    pub phantom: Vec<String>,
-    pub reanswered: Vec<String>,
+    pub(crate) lost_in: BTreeSet<usize>,
+    pub(crate) duplicated: Vec<String>,
+    pub(crate) out_of_order: Vec<String>,
+    pub(crate) corrupt: Vec<String>,
+    pub(crate) phantom: Vec<String>,
+    pub(crate) reanswered: Vec<String>,
 }
 
 impl Verdict {
-    pub fn clean(&self) -> bool {
+    pub(crate) fn clean(&self) -> bool {
         self.lost.is_empty()
             && self.duplicated.is_empty()
             && self.out_of_order.is_empty()
@@ -163,7 +163,7 @@ impl Verdict {
     }
 
     /// The problems, at most `n` lines of each kind.
-    pub fn describe(&self, n: usize) -> String {
+    pub(crate) fn describe(&self, n: usize) -> String {
         let mut out = String::new();
         for (what, list) in [
             ("lost", &self.lost),

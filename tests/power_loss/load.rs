@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::check::{Conv, Delivery, Ledger, SentMsg};
 use crate::common::{group_text, text, Device};
 
-pub type Shared = Arc<Mutex<Ledger>>;
+pub(crate) type Shared = Arc<Mutex<Ledger>>;
 
-pub async fn try_login(addr: SocketAddr, key: PublicKey, d: &Device) -> Result<Connection, ClientError> {
+pub(crate) async fn try_login(addr: SocketAddr, key: PublicKey, d: &Device) -> Result<Connection, ClientError> {
     let opts = ConnectOptions { server_key: Some(key), ..ConnectOptions::default() };
     let login = Connection::connect(addr, &d.key, pipit_client::login(d.account, d.device, 0), &opts);
     tokio::time::timeout(Duration::from_secs(10), login).await.map_err(|_| ClientError::Timeout)?
@@ -40,19 +40,19 @@ async fn ack(c: &mut Connection, through: u64) -> Result<(), ClientError> {
 
 /// Where a sender's messages go.
 #[derive(Clone)]
-pub enum Target {
+pub(crate) enum Target {
     Account(u64),
     Group(u64),
 }
 
 /// One sending device and its outbox, carried from lifetime to lifetime.
-pub struct Sender {
-    pub dev: Device,
-    pub label: String,
-    pub target: Target,
+pub(crate) struct Sender {
+    pub(crate) dev: Device,
+    pub(crate) label: String,
+    pub(crate) target: Target,
     /// Who must get each message, and the conversation they see.
-    pub recipients: Vec<(u64, Conv)>,
-    pub window: usize,
+    pub(crate) recipients: Vec<(u64, Conv)>,
+    pub(crate) window: usize,
     /// New messages per lifetime (the load is bounded in count and time).
     per_lifetime: u64,
     next_id: u64,
@@ -61,7 +61,7 @@ pub struct Sender {
 }
 
 impl Sender {
-    pub fn new(
+    pub(crate) fn new(
         dev: Device,
         label: &str,
         target: Target,
@@ -73,11 +73,11 @@ impl Sender {
         Self { dev, label, target, recipients, window, per_lifetime, next_id: 1, pending: BTreeMap::new() }
     }
 
-    pub fn unconfirmed(&self) -> usize {
+    pub(crate) fn unconfirmed(&self) -> usize {
         self.pending.len()
     }
 
-    pub fn created(&self) -> u64 {
+    pub(crate) fn created(&self) -> u64 {
         self.next_id - 1
     }
 
@@ -96,7 +96,7 @@ impl Sender {
     /// Sends the outbox again, then (if `more`) new messages up to the
     /// budget, until done, `stop`, or the connection fails. Returns the
     /// sender with what is still unconfirmed.
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         addr: SocketAddr,
         key: PublicKey,
@@ -167,7 +167,7 @@ impl Sender {
 /// `drain`) until everything due has come and a second passed without a
 /// delivery, or eight seconds passed without one (what never comes is
 /// lost); records and acks everything.
-pub async fn receive(
+pub(crate) async fn receive(
     addr: SocketAddr,
     key: PublicKey,
     dev: Device,

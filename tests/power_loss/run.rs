@@ -14,12 +14,12 @@ use rand::{Rng as _, SeedableRng as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::check::{Ledger, Verdict};
-use crate::common::{call, register};
+use crate::common::{expect, register};
 use crate::load::{receive, try_login, Sender, Shared, Target};
 
 /// Where the power goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CutKind {
+pub(crate) enum CutKind {
     /// At a random moment of the load.
     Timed,
     /// Group commit: a batch is in the WAL, its fsync has not happened.
@@ -41,7 +41,7 @@ pub enum CutKind {
 }
 
 impl CutKind {
-    pub const ALL: [CutKind; 9] = [
+    pub(crate) const ALL: [CutKind; 9] = [
         CutKind::WalBeforeSync,
         CutKind::WalAfterSync,
         CutKind::FanOut,
@@ -86,29 +86,29 @@ impl CutKind {
     }
 }
 
-pub struct Plan {
-    pub seed: u64,
-    pub cuts: usize,
-    pub model: Model,
-    pub sync_writes: bool,
-    pub load_ms: u64,
-    pub kinds: Vec<CutKind>,
+pub(crate) struct Plan {
+    pub(crate) seed: u64,
+    pub(crate) cuts: usize,
+    pub(crate) model: Model,
+    pub(crate) sync_writes: bool,
+    pub(crate) load_ms: u64,
+    pub(crate) kinds: Vec<CutKind>,
 }
 
-pub fn clock_seed() -> u64 {
+pub(crate) fn clock_seed() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
 }
 
-pub struct Outcome {
-    pub cuts: usize,
-    pub verdict: Verdict,
-    pub key_violations: Vec<String>,
+pub(crate) struct Outcome {
+    pub(crate) cuts: usize,
+    pub(crate) verdict: Verdict,
+    pub(crate) key_violations: Vec<String>,
     /// The report of the cut that ended each lifetime.
-    pub reports: Vec<CutReport>,
+    pub(crate) reports: Vec<CutReport>,
 }
 
 impl Outcome {
-    pub fn describe_failure(&self) -> String {
+    pub(crate) fn describe_failure(&self) -> String {
         let mut s = self.verdict.describe(20);
         for l in &self.verdict.lost_in {
             if let Some(r) = self.reports.get(*l) {
@@ -156,7 +156,13 @@ impl Server {
         Ok(Self { addr: words[3].parse().unwrap(), key: words[6].parse().unwrap(), child })
     }
 
-    fn kill(mut self) {
+    fn kill(self) {}
+}
+
+impl Drop for Server {
+    /// SIGKILL: the power is already off when this runs (and a test that
+    /// panics must not leave a server behind on a mount that is gone).
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -231,7 +237,7 @@ async fn cut_within(control: &Control, d: Duration, why: &str) -> (CutReport, bo
     }
 }
 
-pub async fn run(plan: Plan) -> Outcome {
+pub(crate) async fn run(plan: Plan) -> Outcome {
     println!(
         "power-loss run: seed {} ({} cuts, model {}, sync_writes {}); PIPIT_POWERLOSS_SEED={} repeats the choices",
         plan.seed,
@@ -257,25 +263,42 @@ pub async fn run(plan: Plan) -> Outcome {
     let mnt = root.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let mut fs = Fs { backing: root.path().join("backing"), mnt: mnt.clone(), model: plan.model, mounted: None };
+    // The server makes its data directory itself, inside the file system,
+    // so that creating it is tested too.
+    let data = mnt.join("data");
     let mut control = fs.mount();
     let ledger: Shared = Arc::new(Mutex::new(Ledger::default()));
 
     // Lifetime 0 begins with the accounts and the group.
-    let mut server = Server::start(&mnt, &config).expect("the first start");
+    let first = Server::start(&data, &config).expect("the first start");
     let mut devs = Vec::new();
     for _ in 0..11 {
-        devs.push(register(server.addr).await.0);
+        devs.push(register(first.addr).await.0);
     }
     let (senders_1to1, rest) = devs.split_at(4);
     let (group_sender, receivers) = (rest[0].clone(), rest[1..].to_vec());
-    let mut gc = try_login(server.addr, server.key, &group_sender).await.unwrap();
+    let mut gc = try_login(first.addr, first.key, &group_sender).await.unwrap();
     let members: Vec<u64> = receivers.iter().map(|d| d.account).collect();
-    let group = match call(&mut gc, pb::GroupCreate { req: 1, name: Bytes::from_static(b"club"), members }.into()).await
-    {
-        Message::GroupInfo(g) => g.group,
-        other => panic!("group create: {other:?}"),
-    };
+    gc.send(&[pb::GroupCreate { req: 1, name: Bytes::from_static(b"club"), members }.into()]).await.unwrap();
+    let group = expect(&mut gc, |m| match m {
+        Message::GroupInfo(g) if g.req == 1 => Some(g.group),
+        Message::Error(e) if e.req == 1 => panic!("group create: {e:?}"),
+        _ => None,
+    })
+    .await;
     drop(gc);
+    let first = if plan.sync_writes {
+        first
+    } else {
+        // Without synced writes even the accounts would not survive a
+        // cut; a graceful stop (SIGTERM) makes them durable first.
+        let status = std::process::Command::new("kill").args(["-TERM", &first.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()));
+        let mut first = first;
+        let _ = first.child.wait();
+        drop(first);
+        Server::start(&data, &config).expect("the start after the graceful stop")
+    };
     let mut senders: Vec<Sender> = senders_1to1
         .iter()
         .enumerate()
@@ -293,14 +316,17 @@ pub async fn run(plan: Plan) -> Outcome {
     let mut expect_key: Option<PublicKey> = None;
     let mut fired = 0;
     let mut failed_starts = 0;
+    let mut first = Some(first);
     for lifetime in 0..=plan.cuts {
         let kind = plan.kinds[rng.random_range(0..plan.kinds.len())];
-        if lifetime > 0 {
+        let server = if let Some(s) = first.take() {
+            s
+        } else {
             control = fs.mount();
-            if let Some(t) = kind.at_start(&mut rng) {
+            if let Some(t) = kind.at_start(&mut rng).filter(|_| lifetime < plan.cuts) {
                 control.arm(t);
             }
-            server = match Server::start(&mnt, &config) {
+            let server = match Server::start(&data, &config) {
                 Ok(s) => s,
                 Err(e) => {
                     // Only a cut during the start may stop it.
@@ -321,7 +347,8 @@ pub async fn run(plan: Plan) -> Outcome {
                     ));
                 }
             }
-        }
+            server
+        };
         let last = lifetime == plan.cuts;
         let stop = CancellationToken::new();
         if last {
@@ -367,7 +394,7 @@ pub async fn run(plan: Plan) -> Outcome {
                     control.arm(t);
                 }
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..plan.load_ms / 2))).await;
-                let dir = mnt.clone();
+                let dir = data.clone();
                 let rotated = tokio::task::spawn_blocking(move || rotate(&dir)).await.unwrap();
                 let out = cut_within(&control, load / 2, "after the rotation").await;
                 // Only a rotation that reported success before the cut

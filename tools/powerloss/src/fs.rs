@@ -412,7 +412,7 @@ impl PowerFs {
         })?;
         let r = (|| {
             let (_, f) = self.file(fh)?;
-            Ok(rustix::fs::fallocate(f, flags, offset, len)?)
+            rustix::fs::fallocate(f, flags, offset, len)
         })();
         self.finish(cut, r)
     }
@@ -583,7 +583,7 @@ impl PowerFs {
 
     /// Free space, as the backing file system has it.
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
-        Ok(rustix::fs::statvfs(self.tree.path(ROOT).expect("the root"))?)
+        rustix::fs::statvfs(self.tree.path(ROOT).expect("the root"))
     }
 
     /// What a cut now would discard.
