@@ -143,11 +143,14 @@ pub(crate) struct MarkerState {
     pub(crate) marker: Marker,
     pub(crate) begun: u64,
     pub(crate) ended: u64,
+    /// The last bytes written (shorter than either text), so a text that a
+    /// buffered logger splits across two writes is still found.
+    tail: Vec<u8>,
 }
 
 impl MarkerState {
     pub(crate) fn new(marker: Marker) -> Self {
-        Self { marker, begun: 0, ended: 0 }
+        Self { marker, begun: 0, ended: 0, tail: Vec::new() }
     }
 
     /// Counts the phase boundaries in bytes written to `name`.
@@ -155,8 +158,12 @@ impl MarkerState {
         if !name.ends_with(self.marker.file_suffix.as_str()) {
             return;
         }
-        self.begun += count(data, self.marker.begin.as_bytes());
-        self.ended += count(data, self.marker.end.as_bytes());
+        let mut window = std::mem::take(&mut self.tail);
+        window.extend_from_slice(data);
+        self.begun += count(&window, self.marker.begin.as_bytes());
+        self.ended += count(&window, self.marker.end.as_bytes());
+        let keep = self.marker.begin.len().max(self.marker.end.len()).saturating_sub(1);
+        self.tail = window[window.len().saturating_sub(keep)..].to_vec();
     }
 
     pub(crate) fn open(&self) -> bool {
@@ -302,8 +309,10 @@ mod tests {
         assert!(m.open());
         m.observe("000004.log", b"compaction_finished");
         assert!(m.open(), "another file does not count");
-        m.observe("LOG", b"{\"event\": \"compaction_finished\"}\n");
-        assert!(!m.open());
+        m.observe("LOG", b"{\"event\": \"compaction_fin");
+        assert!(m.open());
+        m.observe("LOG", b"ished\"}\n");
+        assert!(!m.open(), "a text split over two writes counts once");
         assert_eq!((m.begun, m.ended), (1, 1));
     }
 }
