@@ -24,7 +24,7 @@ for model in "${MODELS[@]}"; do
     out="bench/results/powerloss-$model.txt"
     start=$(date +%s)
     PIPIT_POWERLOSS_CUTS=$CUTS PIPIT_POWERLOSS_MODEL=$model ${SEED:+PIPIT_POWERLOSS_SEED=$SEED} \
-        cargo test --locked -q -p pipit --test power_loss acknowledged_messages_survive_power_cuts --exact \
-        -- --nocapture >"$out" 2>&1 || { tail -60 "$out"; echo "FAILED: see $out" >&2; exit 1; }
+        cargo test --locked -q -p pipit --test power_loss acknowledged_messages_survive_power_cuts \
+        -- --exact --nocapture >"$out" 2>&1 || { tail -60 "$out"; echo "FAILED: see $out" >&2; exit 1; }
     echo "$model: $(grep '^power-loss run: seed' "$out" | tail -1) [wall $(( $(date +%s) - start )) s]"
 done

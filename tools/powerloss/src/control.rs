@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::fs::{PowerFs, Stats};
-use crate::{CutReport, Marker, Model, Trigger};
+use crate::fs::PowerFs;
+use crate::{CutReport, Marker, Model, Stats, Trigger};
 
 struct Shared {
     fs: Mutex<PowerFs>,

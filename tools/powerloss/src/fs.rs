@@ -6,8 +6,7 @@
 //! fails with `EIO` until the file system is opened again on the same
 //! backing directory (which then holds exactly the durable state).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt as _, FileExt as _, OpenOptionsExt as _};
 use std::path::Path;
@@ -15,9 +14,10 @@ use std::path::Path;
 pub use rustix::io::Errno;
 
 use crate::file::FileState;
-use crate::report::{CutReport, EntryChange, EntryLoss, FileLoss};
+use crate::handles::{backing_options, read_at, DirEntry, Handles};
+use crate::report::CutReport;
 use crate::tree::{kind_of, Ino, Kind, Tree, ROOT};
-use crate::trigger::{Gate, MarkerState, Switch};
+use crate::trigger::{Gate, MarkerState, Stats, Switch};
 use crate::{Marker, Model, Op, Trigger};
 
 /// Result of an operation: an errno on failure.
@@ -36,37 +36,11 @@ pub struct Attr {
     pub meta: std::fs::Metadata,
 }
 
-/// One directory entry as `readdir` lists it.
-#[derive(Debug, Clone)]
-pub struct DirEntry {
-    /// Its inode.
-    pub ino: u64,
-    /// What it is.
-    pub kind: Kind,
-    /// Its name.
-    pub name: OsString,
-}
-
-enum Handle {
-    File { ino: Ino, file: std::fs::File },
-    Dir { entries: Vec<DirEntry> },
-}
-
-/// Counters for a run's report.
-#[derive(Debug, Clone, Default)]
-pub struct Stats {
-    /// Operations by kind.
-    pub ops: BTreeMap<Op, u64>,
-    /// Each marker's phases begun and ended.
-    pub phases: BTreeMap<String, (u64, u64)>,
-}
-
 /// The power-loss file system over a backing directory.
 pub struct PowerFs {
     tree: Tree,
     model: Model,
-    handles: HashMap<u64, Handle>,
-    next_fh: u64,
+    handles: Handles,
     powered: bool,
     switch: Switch,
     last_cut: Option<CutReport>,
@@ -78,15 +52,7 @@ impl PowerFs {
     /// system's own.
     pub fn open(backing: &Path, model: Model) -> io::Result<Self> {
         let tree = Tree::open(backing)?;
-        Ok(Self {
-            tree,
-            model,
-            handles: HashMap::new(),
-            next_fh: 1,
-            powered: true,
-            switch: Switch::default(),
-            last_cut: None,
-        })
+        Ok(Self { tree, model, handles: Handles::default(), powered: true, switch: Switch::default(), last_cut: None })
     }
 
     /// The crash model.
@@ -116,10 +82,7 @@ impl PowerFs {
 
     /// Counters so far.
     pub fn stats(&self) -> Stats {
-        Stats {
-            ops: self.switch.ops.clone(),
-            phases: self.switch.markers.iter().map(|m| (m.marker.name.clone(), (m.begun, m.ended))).collect(),
-        }
+        self.switch.stats()
     }
 
     /// Passes `op` through the switch: `Err(EIO)` if the power is (now)
@@ -157,40 +120,17 @@ impl PowerFs {
         }
     }
 
-    fn open_inodes(&self) -> HashSet<Ino> {
-        self.handles
-            .values()
-            .filter_map(|h| match h {
-                Handle::File { ino, .. } => Some(*ino),
-                Handle::Dir { .. } => None,
-            })
-            .collect()
-    }
-
     fn collect(&mut self) -> Result<()> {
-        let open = self.open_inodes();
+        let open = self.handles.open_inodes();
         self.tree.collect(&open).map_err(errno)
     }
 
     fn attr(&self, ino: Ino) -> Result<Attr> {
         let meta = match self.tree.path(ino) {
             Some(p) => std::fs::symlink_metadata(p),
-            None => {
-                let f = self.handles.values().find_map(|h| match h {
-                    Handle::File { ino: i, file } if *i == ino => Some(file),
-                    _ => None,
-                });
-                f.ok_or(Errno::NOENT)?.metadata()
-            }
+            None => self.handles.file_of(ino).ok_or(Errno::NOENT)?.metadata(),
         };
         Ok(Attr { ino, meta: meta.map_err(errno)? })
-    }
-
-    fn file(&self, fh: u64) -> Result<(Ino, &std::fs::File)> {
-        match self.handles.get(&fh) {
-            Some(Handle::File { ino, file }) => Ok((*ino, file)),
-            _ => Err(Errno::BADF),
-        }
     }
 
     /// A new name must not exist yet, in a directory that does.
@@ -239,7 +179,7 @@ impl PowerFs {
         let ino = self.tree.alloc(Kind::File, FileState::default());
         self.tree.link(parent, name.to_os_string(), ino);
         self.entries_changed(&[parent]);
-        let fh = self.add_handle(Handle::File { ino, file });
+        let fh = self.handles.add_file(ino, file);
         Ok((self.attr(ino)?, fh))
     }
 
@@ -290,7 +230,7 @@ impl PowerFs {
             return Err(Errno::INVAL);
         }
         let file = backing_options().open(&path).map_err(errno)?;
-        let fh = self.add_handle(Handle::File { ino, file });
+        let fh = self.handles.add_file(ino, file);
         if flags & rustix::fs::OFlags::TRUNC.bits() as i32 != 0 {
             self.truncate(ino, Some(fh), 0)?;
         }
@@ -312,30 +252,20 @@ impl PowerFs {
             let kind = self.tree.node(child).map(|n| n.kind).unwrap_or(Kind::Other);
             entries.push(DirEntry { ino: child, kind, name: name.clone() });
         }
-        Ok(self.add_handle(Handle::Dir { entries }))
+        Ok(self.handles.add_dir(entries))
     }
 
     /// The listing of an open directory from `offset` on.
     pub fn readdir(&self, fh: u64, offset: usize) -> Result<&[DirEntry]> {
-        match self.handles.get(&fh) {
-            Some(Handle::Dir { entries }) => Ok(entries.get(offset..).unwrap_or(&[])),
-            _ => Err(Errno::BADF),
-        }
+        self.handles.listing(fh, offset)
     }
 
     /// Closes a handle (file or directory).
     pub fn release(&mut self, fh: u64) -> Result<()> {
-        if self.handles.remove(&fh).is_some() && self.powered {
+        if self.handles.remove(fh) && self.powered {
             self.collect()?;
         }
         Ok(())
-    }
-
-    fn add_handle(&mut self, h: Handle) -> u64 {
-        let fh = self.next_fh;
-        self.next_fh += 1;
-        self.handles.insert(fh, h);
-        fh
     }
 
     /// Reads from an open file.
@@ -343,19 +273,8 @@ impl PowerFs {
         if !self.powered {
             return Err(Errno::IO);
         }
-        let (_, f) = self.file(fh)?;
-        let mut buf = vec![0; size as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match f.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(errno(e)),
-            }
-        }
-        buf.truncate(got);
-        Ok(buf)
+        let (_, f) = self.handles.file(fh)?;
+        read_at(f, offset, size as usize).map_err(errno)
     }
 
     /// Writes to an open file; the durable bytes it overwrites are saved first.
@@ -363,15 +282,15 @@ impl PowerFs {
         if !self.powered {
             return Err(Errno::IO);
         }
-        let (ino, _) = self.file(fh)?;
+        let (ino, _) = self.handles.file(fh)?;
         let name = self.tree.file_name(ino);
         let cut = self.gate(Op::Write, &[&name], |t| format!("write {} {}+{}", t.display(ino), offset, data.len()))?;
         self.switch.observe(&name, data);
         let r = (|| {
-            let (_, f) = self.file(fh)?;
+            let (_, f) = self.handles.file(fh)?;
             let f = f.try_clone().map_err(errno)?;
             let end = offset + data.len() as u64;
-            self.tree.node_mut(ino).file.before_change(offset, end, |o, n| read_exact_at(&f, o, n)).map_err(errno)?;
+            self.tree.node_mut(ino).file.before_change(offset, end, |o, n| read_at(&f, o, n)).map_err(errno)?;
             f.write_all_at(data, offset).map_err(errno)?;
             Ok(data.len() as u32)
         })();
@@ -387,10 +306,10 @@ impl PowerFs {
                 return Err(Errno::INVAL);
             }
             let f = match fh {
-                Some(fh) => self.file(fh)?.1.try_clone().map_err(errno)?,
+                Some(fh) => self.handles.file(fh)?.1.try_clone().map_err(errno)?,
                 None => backing_options().open(self.tree.path(ino).ok_or(Errno::NOENT)?).map_err(errno)?,
             };
-            self.tree.node_mut(ino).file.before_change(len, u64::MAX, |o, n| read_exact_at(&f, o, n)).map_err(errno)?;
+            self.tree.node_mut(ino).file.before_change(len, u64::MAX, |o, n| read_at(&f, o, n)).map_err(errno)?;
             f.set_len(len).map_err(errno)
         })();
         self.finish(cut, r)
@@ -406,12 +325,12 @@ impl PowerFs {
         if !(flags.is_empty() || flags == rustix::fs::FallocateFlags::KEEP_SIZE) {
             return Err(Errno::OPNOTSUPP);
         }
-        let (ino, _) = self.file(fh)?;
+        let (ino, _) = self.handles.file(fh)?;
         let cut = self.gate(Op::Truncate, &[&self.tree.file_name(ino)], |t| {
             format!("fallocate {} {offset}+{len}", t.display(ino))
         })?;
         let r = (|| {
-            let (_, f) = self.file(fh)?;
+            let (_, f) = self.handles.file(fh)?;
             rustix::fs::fallocate(f, flags, offset, len)
         })();
         self.finish(cut, r)
@@ -588,43 +507,12 @@ impl PowerFs {
 
     /// What a cut now would discard.
     pub fn pending(&self, reason: &str) -> CutReport {
-        let mut files: Vec<FileLoss> = self
-            .tree
-            .files()
-            .filter_map(|(ino, n)| {
-                let live_len = self.attr(ino).map(|a| a.meta.len()).unwrap_or(0);
-                n.file.is_dirty(live_len).then(|| FileLoss {
-                    path: self.tree.display(ino),
-                    live_len,
-                    durable_len: n.file.durable_len,
-                    rewritten: n.file.saved_bytes(),
-                })
-            })
-            .collect();
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        let entries = self
-            .tree
-            .entry_changes()
-            .into_iter()
-            .map(|(dir, name, live, durable)| EntryLoss {
-                dir: self.tree.display(dir),
-                name: name.to_string_lossy().into_owned(),
-                change: match (live, durable) {
-                    (Some(_), None) => EntryChange::Vanishes,
-                    (None, _) => EntryChange::ComesBack,
-                    (Some(_), Some(_)) => EntryChange::Replaced,
-                },
-            })
-            .collect();
-        CutReport {
-            reason: reason.to_string(),
-            model: self.model,
-            files,
-            entries,
-            recent: self.switch.recent.iter().cloned().collect(),
-            ops: self.switch.ops.clone(),
-            open_phases: self.switch.open_phases(),
-        }
+        let live_len = |ino| self.attr(ino).map(|a| a.meta.len()).unwrap_or(0);
+        let mut r = CutReport::of(&self.tree, live_len, reason, self.model);
+        r.recent = self.switch.recent.iter().cloned().collect();
+        r.ops = self.switch.ops.clone();
+        r.open_phases = self.switch.open_phases();
+        r
     }
 
     /// Cuts the power: every handle is closed, the backing directory is put
@@ -647,28 +535,4 @@ impl PowerFs {
     pub fn last_cut(&self) -> Option<&CutReport> {
         self.last_cut.as_ref()
     }
-}
-
-/// Backing files are always opened for reading and writing: the kernel
-/// has already checked the application's access mode, and a write must be
-/// able to read the bytes it is about to overwrite.
-fn backing_options() -> std::fs::OpenOptions {
-    let mut o = std::fs::OpenOptions::new();
-    o.read(true).write(true);
-    o
-}
-
-fn read_exact_at(f: &std::fs::File, at: u64, n: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0; n];
-    let mut got = 0;
-    while got < n {
-        match f.read_at(&mut buf[got..], at + got as u64) {
-            Ok(0) => break,
-            Ok(k) => got += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(got);
-    Ok(buf)
 }

@@ -24,17 +24,19 @@ mod control;
 mod file;
 mod fs;
 mod fuse;
+mod handles;
 mod model;
 mod report;
 mod tree;
 mod trigger;
 
 pub use control::{mount, Control, MountError, Mounted};
-pub use fs::{Attr, DirEntry, Errno, PowerFs, Result, Stats};
+pub use fs::{Attr, Errno, PowerFs, Result};
+pub use handles::DirEntry;
 pub use model::Model;
 pub use report::{CutReport, EntryChange, EntryLoss, FileLoss};
 pub use tree::Kind;
-pub use trigger::{Marker, Op, Trigger, When};
+pub use trigger::{Marker, Op, Stats, Trigger, When};
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::tree::{Ino, Tree};
 use crate::{Model, Op};
 
 /// One file whose data a cut sets back.
@@ -61,6 +62,37 @@ pub struct CutReport {
 }
 
 impl CutReport {
+    /// What a cut of `tree` now would discard (without the operation log).
+    pub(crate) fn of(tree: &Tree, live_len: impl Fn(Ino) -> u64, reason: &str, model: Model) -> Self {
+        let mut files: Vec<FileLoss> = tree
+            .files()
+            .filter_map(|(ino, n)| {
+                let live_len = live_len(ino);
+                n.file.is_dirty(live_len).then(|| FileLoss {
+                    path: tree.display(ino),
+                    live_len,
+                    durable_len: n.file.durable_len,
+                    rewritten: n.file.saved_bytes(),
+                })
+            })
+            .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let entries = tree
+            .entry_changes()
+            .into_iter()
+            .map(|(dir, name, live, durable)| EntryLoss {
+                dir: tree.display(dir),
+                name: name.to_string_lossy().into_owned(),
+                change: match (live, durable) {
+                    (Some(_), None) => EntryChange::Vanishes,
+                    (None, _) => EntryChange::ComesBack,
+                    (Some(_), Some(_)) => EntryChange::Replaced,
+                },
+            })
+            .collect();
+        Self { reason: reason.to_string(), model, files, entries, ..Self::default() }
+    }
+
     /// Bytes of unsynced data dropped (appends and overwrites).
     pub fn bytes_dropped(&self) -> u64 {
         self.files.iter().map(|f| f.live_len.saturating_sub(f.durable_len) + f.rewritten).sum()

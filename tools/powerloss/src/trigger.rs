@@ -182,6 +182,15 @@ pub(crate) enum Gate {
     CutAfter(String),
 }
 
+/// Counters for a run's report.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Operations by kind.
+    pub ops: BTreeMap<Op, u64>,
+    /// Each marker's phases begun and ended.
+    pub phases: BTreeMap<String, (u64, u64)>,
+}
+
 /// Operations kept for the report of a cut.
 const RECENT: usize = 24;
 
@@ -239,6 +248,13 @@ impl Switch {
         match t.when {
             When::Before => Gate::CutBefore(reason),
             When::After => Gate::CutAfter(reason),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        Stats {
+            ops: self.ops.clone(),
+            phases: self.markers.iter().map(|m| (m.marker.name.clone(), (m.begun, m.ended))).collect(),
         }
     }
 
