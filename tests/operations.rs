@@ -107,7 +107,7 @@ fn the_admin_socket_keeps_serving_after_running_out_of_file_descriptors() {
     let data = dir.path().join("data");
     // Half-open connections are held, not timed out, during the test.
     let config = dir.path().join("pipit.toml");
-    std::fs::write(&config, "handshake_timeout_secs = 300\n").unwrap();
+    std::fs::write(&config, "[net]\nhandshake_timeout_secs = 300\n").unwrap();
     let server = BinaryServer::spawn_with_fd_limit(&data, 64, &["--config", config.to_str().unwrap()]);
     assert_eq!(pipit::admin::request(&data, "stats").unwrap().split_whitespace().next(), Some("online_devices"));
     // Exhaust the server's descriptors with connections it accepts and
