@@ -6,13 +6,18 @@
 //! `[storage]`, `[accounts]`, `[messages]`, `[groups]`, `[presence]`,
 //! `[typing]`, `[push]`, `[keys]` and `[cluster]`. Each table's type lives
 //! in the layer that uses it, which checks its own ranges; this module
-//! only gathers them.
+//! only gathers them. The flat keys of the previous release are still
+//! read for one release (`flat`), each with a warning naming its new
+//! place.
+
+mod flat;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use self::flat::Deprecated;
 pub use crate::commit::settings::StorageSettings;
 pub use crate::net::settings::NetSettings;
 pub use crate::route::cluster::ClusterConfig;
@@ -98,23 +103,51 @@ pub enum ConfigError {
         /// What is wrong.
         error: toml::de::Error,
     },
+    /// A setting is given both as an old flat key and in its table.
+    #[error("config: `{old}` and `{new}` are the same setting; give it once, as `{new}`")]
+    BothWays {
+        /// The flat key.
+        old: &'static str,
+        /// Its table and name now (`[net] delivery_window`).
+        new: String,
+    },
     /// A value is out of range.
     #[error("{0}")]
     Invalid(String),
 }
 
+/// A file read: the configuration, and the flat keys it still used.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The configuration, checked.
+    pub config: Config,
+    /// Flat keys moved to their tables, for the operator to be told.
+    pub deprecated: Vec<Deprecated>,
+}
+
 impl Config {
-    /// Reads a TOML file; missing keys take their defaults.
+    /// Reads a TOML file (missing keys take their defaults) and logs a
+    /// warning for each flat key it still uses.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
-        Self::parse(&text, path)
+        let parsed = Self::parse(&text, path)?;
+        for d in &parsed.deprecated {
+            tracing::warn!("{d}");
+        }
+        Ok(parsed.config)
     }
 
     /// Reads the text of a TOML file; `path` names it in errors.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse { path: path.into(), error })?;
+    pub fn parse(text: &str, path: &Path) -> Result<Parsed, ConfigError> {
+        let parse_error = |error| ConfigError::Parse { path: path.into(), error };
+        let mut doc: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        let deprecated = flat::lift(&mut doc)?;
+        // From the text when nothing moved, so that an error points at
+        // its line.
+        let config: Config =
+            if deprecated.is_empty() { toml::from_str(text) } else { doc.try_into() }.map_err(parse_error)?;
         config.validate()?;
-        Ok(config)
+        Ok(Parsed { config, deprecated })
     }
 
     /// Checks ranges that serde cannot, table by table.
