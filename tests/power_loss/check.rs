@@ -36,6 +36,11 @@ pub(crate) struct Ledger {
     /// A retry answered with another seq than the first "sent": the first
     /// answer promised a message the server then lost.
     pub(crate) reanswered: Vec<String>,
+    /// Accounts whose last drain stalled with messages missing and logged
+    /// in again.
+    pub(crate) relogins: Vec<u64>,
+    /// (account, conversation, seq) first delivered after such a login.
+    pub(crate) after_relogin: usize,
 }
 
 impl Ledger {
@@ -53,7 +58,11 @@ impl Ledger {
     }
 
     pub(crate) fn record_delivery(&mut self, to: u64, conv: Conv, d: Delivery) {
-        self.delivered.entry((to, conv)).or_default().push(d);
+        let ds = self.delivered.entry((to, conv)).or_default();
+        if self.relogins.contains(&to) && !ds.iter().any(|x| x.seq == d.seq) {
+            self.after_relogin += 1;
+        }
+        ds.push(d);
     }
 
     /// Whether `to` has every message it should have.

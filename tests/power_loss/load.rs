@@ -178,6 +178,7 @@ pub(crate) async fn receive(
 ) -> bool {
     let Ok(mut c) = try_login(addr, key, &dev).await else { return false };
     let mut last = Instant::now();
+    let mut relogged = false;
     loop {
         let m = tokio::select! {
             _ = stop.cancelled() => return true,
@@ -202,9 +203,22 @@ pub(crate) async fn receive(
             }
             Err(ClientError::Timeout) if drain => {
                 let quiet = last.elapsed();
-                if quiet >= Duration::from_secs(8)
-                    || (quiet >= Duration::from_secs(1) && ledger.lock().unwrap().complete_for(dev.account))
-                {
+                let complete = ledger.lock().unwrap().complete_for(dev.account);
+                if complete && quiet >= Duration::from_secs(1) {
+                    return true;
+                }
+                // Nothing for a while and something missing: log in again
+                // once. What comes then was in the inbox all along and the
+                // connection was not told (a stall, not a loss).
+                if !relogged && quiet >= Duration::from_secs(4) {
+                    relogged = true;
+                    let Ok(again) = try_login(addr, key, &dev).await else { return false };
+                    c = again;
+                    last = Instant::now();
+                    ledger.lock().unwrap().relogins.push(dev.account);
+                    continue;
+                }
+                if quiet >= Duration::from_secs(8) {
                     return true;
                 }
             }

@@ -450,6 +450,16 @@ pub(crate) async fn run(plan: Plan) -> Outcome {
     }
 
     let verdict = ledger.lock().unwrap().verify();
+    let (relogins, after_relogin) = {
+        let l = ledger.lock().unwrap();
+        (l.relogins.clone(), l.after_relogin)
+    };
+    if !relogins.is_empty() {
+        println!(
+            "the last drain stalled for accounts {relogins:?} with messages missing; after logging in again they \
+             got {after_relogin} more (a delivery stall, not a loss)"
+        );
+    }
     let confirmed: u64 = senders.iter().map(Sender::created).sum();
     let during: Vec<String> = reports.iter().flat_map(|r| r.open_phases.clone()).collect();
     println!(
