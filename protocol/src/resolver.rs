@@ -1,5 +1,6 @@
-//! The cryptography snow runs on: its own ChaChaPoly, BLAKE2s and RNG,
-//! and X25519 from AWS-LC when the `aws-lc` feature is on.
+//! The cryptography snow runs on: its own BLAKE2s and RNG, and X25519 and
+//! ChaChaPoly from AWS-LC when the `aws-lc` feature is on (snow's own
+//! ChaChaPoly otherwise).
 //!
 //! X25519 is nearly all of a handshake's cost (the IK responder does
 //! four Diffie-Hellman operations and two base-point multiplications), and
@@ -8,7 +9,8 @@
 //! the feature on; the client library and the mobile bindings leave it off
 //! by default, where a phone's three or four operations per login are not
 //! the bottleneck and AWS-LC would add its C build and about a megabyte to
-//! the app. Either backend computes the same bytes: the test vectors pass
+//! the app. AWS-LC's ChaCha20-Poly1305 (assembly) also serves every frame a
+//! session seals or opens. Either backend computes the same bytes: the test vectors pass
 //! unchanged under both.
 //!
 //! A server loads the same static key for every handshake. snow's builder
@@ -58,6 +60,10 @@ impl CryptoResolver for Resolver {
     }
 
     fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        #[cfg(feature = "aws-lc")]
+        if let CipherChoice::ChaChaPoly = choice {
+            return Some(Box::<aws_lc::ChaChaPoly>::default());
+        }
         DefaultResolver.resolve_cipher(choice)
     }
 }
@@ -199,11 +205,64 @@ impl Dh for ReadyOr {
 
 #[cfg(feature = "aws-lc")]
 mod aws_lc {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
     use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey};
-    use snow::types::{Dh, Random};
+    use snow::types::{Cipher, Dh, Random};
     use snow::Error;
 
     const LEN: usize = 32;
+    const TAG: usize = 16;
+
+    /// ChaCha20-Poly1305 on AWS-LC, with Noise's nonce: 32 zero bits, then
+    /// the 64-bit counter little-endian.
+    #[derive(Default)]
+    pub(super) struct ChaChaPoly {
+        key: Option<LessSafeKey>,
+    }
+
+    impl ChaChaPoly {
+        fn key(&self) -> &LessSafeKey {
+            self.key.as_ref().expect("snow sets a cipher's key before using it")
+        }
+    }
+
+    fn nonce(n: u64) -> Nonce {
+        let mut b = [0u8; 12];
+        b[4..].copy_from_slice(&n.to_le_bytes());
+        Nonce::assume_unique_for_key(b)
+    }
+
+    impl Cipher for ChaChaPoly {
+        fn name(&self) -> &'static str {
+            "ChaChaPoly"
+        }
+
+        fn set(&mut self, key: &[u8; LEN]) {
+            let key = UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte ChaCha20-Poly1305 key");
+            self.key = Some(LessSafeKey::new(key));
+        }
+
+        fn encrypt(&self, n: u64, authtext: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
+            let len = plaintext.len();
+            out[..len].copy_from_slice(plaintext);
+            let tag = self
+                .key()
+                .seal_in_place_separate_tag(nonce(n), Aad::from(authtext), &mut out[..len])
+                .expect("sealing a Noise message cannot fail");
+            out[len..len + TAG].copy_from_slice(tag.as_ref());
+            len + TAG
+        }
+
+        fn decrypt(&self, n: u64, authtext: &[u8], ciphertext: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+            let len = ciphertext.len().checked_sub(TAG).ok_or(Error::Decrypt)?;
+            let plain = out.get_mut(..len).ok_or(Error::Decrypt)?;
+            plain.copy_from_slice(&ciphertext[..len]);
+            self.key()
+                .open_in_place_separate_tag(nonce(n), Aad::from(authtext), &ciphertext[len..], plain)
+                .map_err(|_| Error::Decrypt)?;
+            Ok(len)
+        }
+    }
 
     /// X25519 on AWS-LC. Keeps the raw private bytes beside AWS-LC's key
     /// because snow reads them back (`privkey`) when it generates a key
@@ -322,6 +381,37 @@ mod tests {
         let private: [u8; 32] = ours.privkey().try_into().unwrap();
         assert_ne!(private, [0u8; 32]);
         assert_eq!(ours.pubkey(), dh(&DefaultResolver, &private).pubkey());
+    }
+
+    #[test]
+    fn this_builds_cipher_agrees_with_snows_byte_for_byte_and_refuses_what_it_refuses() {
+        let choice = CipherChoice::ChaChaPoly;
+        let mut ours = Resolver.resolve_cipher(&choice).unwrap();
+        let mut snows = DefaultResolver.resolve_cipher(&choice).unwrap();
+        let key = [0x42u8; 32];
+        ours.set(&key);
+        snows.set(&key);
+        let plain: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        for (n, len, aad) in [(0u64, 0usize, &b""[..]), (1, 1, b"h"), (7, 48, &[9u8; 32]), (u64::MAX - 1, 300, b"")] {
+            let (mut a, mut b) = (vec![0u8; len + 16], vec![0u8; len + 16]);
+            assert_eq!(ours.encrypt(n, aad, &plain[..len], &mut a), len + 16);
+            snows.encrypt(n, aad, &plain[..len], &mut b);
+            assert_eq!(a, b, "nonce {n}, {len} bytes");
+            let mut back = vec![0u8; len];
+            assert_eq!(ours.decrypt(n, aad, &a, &mut back).unwrap(), len);
+            assert_eq!(back, &plain[..len]);
+            let mut bad = a.clone();
+            bad[len / 2] ^= 1;
+            assert!(ours.decrypt(n, aad, &bad, &mut back).is_err());
+            assert!(ours.decrypt(n + 1, aad, &a, &mut back).is_err());
+        }
+        assert!(ours.decrypt(0, b"", &[0u8; 15], &mut [0u8; 16]).is_err(), "shorter than a tag");
+        ours.rekey();
+        snows.rekey();
+        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+        ours.encrypt(3, b"", &[1, 2, 3, 4], &mut a);
+        snows.encrypt(3, b"", &[1, 2, 3, 4], &mut b);
+        assert_eq!(a, b, "after a rekey");
     }
 
     #[test]
