@@ -37,6 +37,7 @@
 
 mod engine;
 mod op;
+pub mod settings;
 #[cfg(test)]
 mod tests;
 
