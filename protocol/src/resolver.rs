@@ -405,6 +405,9 @@ mod tests {
             assert!(ours.decrypt(n, aad, &bad, &mut back).is_err());
             assert!(ours.decrypt(n + 1, aad, &a, &mut back).is_err());
         }
+        // snow never hands a cipher less than a tag (its own would panic);
+        // ours refuses it all the same.
+        #[cfg(feature = "aws-lc")]
         assert!(ours.decrypt(0, b"", &[0u8; 15], &mut [0u8; 16]).is_err(), "shorter than a tag");
         ours.rekey();
         snows.rekey();
