@@ -25,115 +25,31 @@
 //! a storage-full error that callers turn into "retry later"). Nothing
 //! acknowledged is lost either way: an operation is answered only after
 //! its round is durable or definitely not written.
+//!
+//! The engine is pipelined: while one round is being written and synced
+//! (on a second thread, `pipit-sync`), the next is applied over what that
+//! round wrote, so a sender whose next message arrives during a sync does
+//! not wait for a whole extra one. The rule stays: an operation's effects
+//! are released only once its own round is synced, and in round order. If
+//! a write fails, the round applied over it is dropped and applied again
+//! after the failed one has been retried or answered, so no answer ever
+//! rests on a write that did not happen.
 
+mod engine;
+mod op;
 pub mod settings;
+#[cfg(test)]
+mod tests;
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-use crate::model::LogGate;
-use crate::store::{StorageError, Store, Txn, TxnState};
-
-/// Whether an operation's writes are durable.
-#[derive(Debug)]
-pub enum Outcome<'a> {
-    /// Committed (and synced, when the writer syncs).
-    Durable,
-    /// Not written: the operation failed, or the round's commit did.
-    Failed(&'a StorageError),
-}
-
-/// A unit of work for the writer.
-pub trait Operation<C>: Send + 'static {
-    /// Stages the operation's writes in `txn`. An error drops every write
-    /// it staged, and only those.
-    fn apply(&mut self, ctx: &mut C, txn: &mut Txn<'_>) -> Result<(), StorageError>;
-
-    /// Called once the round is over, with whether this operation's writes
-    /// are durable: answer callers and push to connections here, never in
-    /// `apply`.
-    ///
-    /// `apply` may run more than once before `finish`: a round whose commit
-    /// failed for want of space is applied again once there is room. Each
-    /// run starts from the state the previous one left untouched.
-    fn finish(self: Box<Self>, ctx: &mut C, outcome: Outcome<'_>);
-}
-
-/// Whether storage takes new work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StorageState {
-    /// Writing normally.
-    Ok,
-    /// Free space is below the reserve: refuse new work that grows the
-    /// database (sends, registrations); acks and receipts still go on.
-    Low,
-    /// A commit failed because the disk is full: nothing is written until
-    /// RocksDB resumes.
-    Full,
-}
-
-const STATE_OK: u8 = 0;
-const STATE_LOW: u8 = 1;
-const STATE_FULL: u8 = 2;
-
-/// The engine's view of its storage, shared with every [`Writer`] handle.
-#[derive(Debug, Default)]
-struct Health {
-    state: AtomicU8,
-    free: AtomicU64,
-}
-
-impl Health {
-    fn get(&self) -> StorageState {
-        match self.state.load(Ordering::Acquire) {
-            STATE_OK => StorageState::Ok,
-            STATE_LOW => StorageState::Low,
-            _ => StorageState::Full,
-        }
-    }
-
-    fn set(&self, s: u8) {
-        let before = self.state.swap(s, Ordering::AcqRel);
-        if before == s {
-            return;
-        }
-        metrics::gauge!("pipit_storage_full").set(f64::from(u8::from(s == STATE_FULL)));
-        metrics::gauge!("pipit_storage_low").set(f64::from(u8::from(s == STATE_LOW)));
-        let free = self.free.load(Ordering::Relaxed);
-        match s {
-            STATE_OK => tracing::info!(free_bytes = free, "storage has room again: taking new sends"),
-            STATE_LOW => {
-                tracing::warn!(free_bytes = free, "storage low: free space is below the reserve; refusing new sends")
-            }
-            _ => tracing::error!(free_bytes = free, "storage full: commits wait until RocksDB resumes writes"),
-        }
-    }
-}
-
-/// Engine settings.
-#[derive(Debug, Clone, Copy)]
-pub struct EngineConfig {
-    /// Most operations in one round.
-    pub max_batch: usize,
-    /// Most operations waiting in the queue.
-    pub capacity: usize,
-    /// Sync the WAL on every commit.
-    pub sync: bool,
-    /// Free bytes below which storage reports [`StorageState::Low`].
-    pub reserve_bytes: u64,
-    /// Longest a round waits for a full disk to have room again before its
-    /// operations are failed.
-    pub full_wait: Duration,
-}
-
-/// How often the engine looks at the free space, busy or idle.
-const SPACE_CHECK: Duration = Duration::from_millis(250);
-/// How often a round that failed for want of space is tried again.
-const FULL_RETRY: Duration = Duration::from_secs(1);
+use crate::store::{StorageError, Store, Txn};
+use op::{BoxedOp, Health};
+pub use op::{EngineConfig, Operation, Outcome, StorageState};
 
 /// Why an operation was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -150,8 +66,6 @@ pub enum SubmitError {
     #[error("storage has no room for new work")]
     NoRoom,
 }
-
-type BoxedOp<C> = Box<dyn Operation<C>>;
 
 /// An operation [`Writer::try_submit`] did not queue, given back.
 pub struct Refused<C> {
@@ -189,16 +103,7 @@ impl<C: Send + 'static> Writer<C> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let room = Arc::new(Semaphore::new(cfg.capacity));
         let health = Arc::new(Health::default());
-        let engine = Engine {
-            store,
-            ctx,
-            cfg,
-            state: TxnState::default(),
-            room: room.clone(),
-            health: health.clone(),
-            space_checked: None,
-        };
-        let handle = std::thread::Builder::new().name("pipit-storage".into()).spawn(move || engine.run(rx))?;
+        let handle = engine::start(store, ctx, cfg, rx, room.clone(), health.clone())?;
         Ok((Self { tx, room, health }, handle))
     }
 
@@ -306,128 +211,5 @@ impl<C> Operation<C> for Barrier {
         if let Some(f) = self.0.take() {
             f();
         }
-    }
-}
-
-struct Engine<C> {
-    store: Arc<Store>,
-    ctx: C,
-    cfg: EngineConfig,
-    state: TxnState,
-    room: Arc<Semaphore>,
-    health: Arc<Health>,
-    space_checked: Option<Instant>,
-}
-
-/// Storage errors a peer or a failing disk can cause every round: one line
-/// per 10 s, with the count of those not written.
-static STORAGE_LOG: LogGate = LogGate::new(10_000);
-
-impl<C: 'static> Engine<C> {
-    fn run(mut self, rx: crossbeam_channel::Receiver<BoxedOp<C>>) {
-        let mut ops = Vec::with_capacity(self.cfg.max_batch);
-        loop {
-            self.check_space();
-            // Idle or not, the free space is looked at every SPACE_CHECK:
-            // a server that refuses sends while low must notice when room
-            // comes back even though nothing arrives.
-            let first = match rx.recv_timeout(SPACE_CHECK) {
-                Ok(op) => op,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-            };
-            ops.push(first);
-            while ops.len() < self.cfg.max_batch {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
-            self.room.add_permits(ops.len());
-            self.round(&mut ops);
-        }
-        tracing::debug!("storage writer stopped");
-    }
-
-    /// Measures the free space (at most every [`SPACE_CHECK`]) and moves
-    /// between Ok and Low; Full is left only by a commit that succeeds.
-    fn check_space(&mut self) {
-        if self.space_checked.is_some_and(|t| t.elapsed() < SPACE_CHECK) {
-            return;
-        }
-        self.space_checked = Some(Instant::now());
-        let Ok(free) = self.store.free_bytes() else {
-            return;
-        };
-        self.health.free.store(free, Ordering::Relaxed);
-        metrics::gauge!("pipit_storage_free_bytes").set(free as f64);
-        if self.health.get() != StorageState::Full {
-            self.health.set(if free < self.cfg.reserve_bytes { STATE_LOW } else { STATE_OK });
-        }
-    }
-
-    fn round(&mut self, ops: &mut Vec<BoxedOp<C>>) {
-        let n = ops.len();
-        let waiting_since = Instant::now();
-        let (failed, result) = loop {
-            let (failed, result) = self.attempt(ops);
-            match &result {
-                Err(e) if e.is_full() && waiting_since.elapsed() < self.cfg.full_wait => {
-                    // Keep the round: RocksDB resumes by itself once there
-                    // is room, and the same operations commit then.
-                    self.health.set(STATE_FULL);
-                    std::thread::sleep(FULL_RETRY);
-                    self.space_checked = None;
-                    self.check_space();
-                }
-                _ => break (failed, result),
-            }
-        };
-        metrics::histogram!("pipit_group_commit_ops").record(n as f64);
-        if result.is_ok() && self.health.get() == StorageState::Full {
-            self.space_checked = None;
-            self.health.set(STATE_OK);
-            self.check_space();
-        }
-        for (op, own) in ops.drain(..).zip(failed) {
-            let outcome = match (&own, &result) {
-                (Some(e), _) | (None, Err(e)) => Outcome::Failed(e),
-                (None, Ok(_)) => Outcome::Durable,
-            };
-            op.finish(&mut self.ctx, outcome);
-        }
-    }
-
-    /// Applies every operation of the round to a fresh transaction and
-    /// commits it: each operation's own error, and the commit's result.
-    fn attempt(&mut self, ops: &mut [BoxedOp<C>]) -> (Vec<Option<StorageError>>, Result<usize, StorageError>) {
-        let mut failed: Vec<Option<StorageError>> = Vec::with_capacity(ops.len());
-        let mut txn = Txn::begin(&self.store, &mut self.state);
-        for op in ops.iter_mut() {
-            match op.apply(&mut self.ctx, &mut txn) {
-                Ok(()) => {
-                    txn.op_commit();
-                    failed.push(None);
-                }
-                Err(e) => {
-                    txn.op_rollback();
-                    metrics::counter!("pipit_storage_errors_total").increment(1);
-                    if let Some(suppressed) = STORAGE_LOG.open() {
-                        tracing::error!(error = %e, suppressed, "an operation failed and was dropped from its round");
-                    }
-                    failed.push(Some(e));
-                }
-            }
-        }
-        let started = Instant::now();
-        let result = txn.commit(self.cfg.sync);
-        metrics::histogram!("pipit_group_commit_seconds").record(started.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            metrics::counter!("pipit_storage_errors_total").increment(1);
-            if let Some(suppressed) = STORAGE_LOG.open() {
-                tracing::error!(error = %e, suppressed, "group commit failed");
-            }
-        }
-        (failed, result)
     }
 }

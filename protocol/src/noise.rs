@@ -6,7 +6,7 @@ use snow::params::NoiseParams;
 
 use crate::error::HandshakeError;
 use crate::limits::KEY_LEN;
-use crate::resolver::Resolver;
+use crate::resolver::{ReadyKey, Resolver};
 
 /// The Noise handshake pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,6 +47,14 @@ pub(crate) fn params(p: Pattern) -> NoiseParams {
 /// A builder for `pattern` with `private` as the local static key.
 pub(crate) fn builder(p: Pattern, private: &[u8; KEY_LEN]) -> Result<snow::Builder<'_>, HandshakeError> {
     with_resolver(p).local_private_key(private).map_err(HandshakeError::Config)
+}
+
+/// [`builder`] for a static key loaded once ([`ReadyKey`]): the
+/// server's, which every handshake uses.
+pub(crate) fn builder_ready(p: Pattern, key: &ReadyKey) -> Result<snow::Builder<'_>, HandshakeError> {
+    snow::Builder::with_resolver(params(p), Box::new(Resolver::with_ready(key.clone())))
+        .local_private_key(key.private())
+        .map_err(HandshakeError::Config)
 }
 
 fn with_resolver(p: Pattern) -> snow::Builder<'static> {

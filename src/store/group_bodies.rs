@@ -98,8 +98,9 @@ impl Txn<'_> {
 
     /// Takes the ciphertext waiting for `addr`, if any. Only the fan-out
     /// of `seq` reads these, one step at a time, so the committed state is
-    /// current.
+    /// current once the round in flight is written.
     pub fn take_group_extra(&mut self, group: u64, seq: u64, addr: DeviceAddr) -> Result<Option<Bytes>, StorageError> {
+        self.settle_now();
         let key = extra_key(group, seq, addr);
         let Some(v) = self.store.get(Table::GroupBodies, &key)? else {
             return Ok(None);
@@ -112,6 +113,7 @@ impl Txn<'_> {
     /// Deletes every ciphertext still waiting for the fan-out of `seq`
     /// (devices that left before it reached them).
     pub fn delete_group_extras(&mut self, group: u64, seq: u64) -> Result<(), StorageError> {
+        self.settle_now();
         let prefix = body_key(group, seq);
         let mut doomed = Vec::new();
         for item in self.store.scan_from(Table::GroupBodies, &prefix) {

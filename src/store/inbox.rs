@@ -220,7 +220,9 @@ impl Txn<'_> {
         self.put_with(Table::Inbox, &key(addr, id), m.encoded_len(), |buf| encode_packet(std::slice::from_ref(m), buf));
     }
 
-    /// Deletes entry `id` of `addr`'s inbox.
+    /// Deletes entry `id` of `addr`'s inbox. Never a group reference:
+    /// those go through [`Txn::take_inbox_ref`], whose record of what it
+    /// took is what the next round reads while this one is being written.
     pub fn delete_inbox(&mut self, addr: DeviceAddr, id: u64) {
         self.delete(Table::Inbox, &key(addr, id));
     }

@@ -54,7 +54,7 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
 pub use schema::Table;
-pub use txn::{Txn, TxnState};
+pub use txn::{Settle, Staged, Txn, TxnState};
 
 /// Storage failed; the operation had no effect.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +110,9 @@ pub struct Store {
     db: DB,
     /// Where the database lives, for its free space.
     dir: std::path::PathBuf,
+    /// Runs before each batch write: tests hold or fail a chosen write.
+    #[cfg(test)]
+    write_hook: std::sync::Mutex<Option<testing::WriteHook>>,
 }
 
 impl Store {
@@ -137,7 +140,12 @@ impl Store {
             ColumnFamilyDescriptor::new(t.name(), o)
         });
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        Ok(Arc::new(Self { db, dir: dir.to_path_buf() }))
+        Ok(Arc::new(Self {
+            db,
+            dir: dir.to_path_buf(),
+            #[cfg(test)]
+            write_hook: std::sync::Mutex::new(None),
+        }))
     }
 
     /// Bytes an unprivileged writer may still use on the database's file
@@ -236,10 +244,26 @@ pub(crate) mod testing {
     //! failing disk would leave behind.
     use super::*;
 
+    /// Called before each batch write; an error fails that write (nothing
+    /// of it is written), as a failing disk would.
+    pub(crate) type WriteHook = Box<dyn FnMut() -> Result<(), StorageError> + Send>;
+
     impl Store {
         /// Writes raw bytes under `key` in `t`, bypassing the writer.
         pub(crate) fn put_raw(&self, t: Table, key: &[u8], value: &[u8]) {
             self.db.put_cf(self.cf(t), key, value).unwrap();
+        }
+
+        /// Runs `hook` before every batch write from now on.
+        pub(crate) fn set_write_hook(&self, hook: WriteHook) {
+            *self.write_hook.lock().unwrap() = Some(hook);
+        }
+
+        pub(super) fn write_hook(&self) -> Result<(), StorageError> {
+            match self.write_hook.lock().unwrap().as_mut() {
+                Some(h) => h(),
+                None => Ok(()),
+            }
         }
     }
 }

@@ -38,6 +38,11 @@ pub struct TxnState {
     /// Staged writes of this round: `[table][kind][key len u32][key]
     /// [value len u32][value]` records. Reused across rounds.
     arena: Vec<u8>,
+    /// The other arena: the one a sealed round's write gives back.
+    spare: Vec<u8>,
+    /// A sealed round is being written: its values are the overlays'
+    /// `pending` layer until [`TxnState::settle`].
+    in_flight: bool,
     /// Where the current operation's records begin.
     op_start: usize,
     writes: usize,
@@ -61,6 +66,8 @@ impl Default for TxnState {
     fn default() -> Self {
         Self {
             arena: Vec::new(),
+            spare: Vec::new(),
+            in_flight: false,
             op_start: 0,
             writes: 0,
             op_writes: 0,
@@ -108,18 +115,93 @@ impl TxnState {
         self.one_time_keys.op_rollback();
     }
 
-    fn overlays_round_done(&mut self, ok: bool) {
-        self.counters.round_done(ok);
-        self.accounts.round_done(ok);
-        self.device_keys.round_done(ok);
-        self.dedup.round_done(ok);
-        self.invites.round_done(ok);
-        self.groups.round_done(ok);
-        self.group_counts.round_done(ok);
-        self.inbox_refs.round_done(ok);
-        self.push_tokens.round_done(ok);
-        self.e2e_keys.round_done(ok);
-        self.one_time_keys.round_done(ok);
+    fn overlays_seal(&mut self) {
+        self.counters.seal();
+        self.accounts.seal();
+        self.device_keys.seal();
+        self.dedup.seal();
+        self.invites.seal();
+        self.groups.seal();
+        self.group_counts.seal();
+        self.inbox_refs.seal();
+        self.push_tokens.seal();
+        self.e2e_keys.seal();
+        self.one_time_keys.seal();
+    }
+
+    fn overlays_pending_done(&mut self, ok: bool) {
+        self.counters.pending_done(ok);
+        self.accounts.pending_done(ok);
+        self.device_keys.pending_done(ok);
+        self.dedup.pending_done(ok);
+        self.invites.pending_done(ok);
+        self.groups.pending_done(ok);
+        self.group_counts.pending_done(ok);
+        self.inbox_refs.pending_done(ok);
+        self.push_tokens.pending_done(ok);
+        self.e2e_keys.pending_done(ok);
+        self.one_time_keys.pending_done(ok);
+    }
+
+    fn overlays_abandon(&mut self) {
+        self.counters.abandon();
+        self.accounts.abandon();
+        self.device_keys.abandon();
+        self.dedup.abandon();
+        self.invites.abandon();
+        self.groups.abandon();
+        self.group_counts.abandon();
+        self.inbox_refs.abandon();
+        self.push_tokens.abandon();
+        self.e2e_keys.abandon();
+        self.one_time_keys.abandon();
+    }
+
+    /// The sealed round's write is over: durable (`ok`), or not written.
+    /// After a failure, the round applied meanwhile must be abandoned
+    /// ([`Txn::abandon`]) and applied again: it read values that were
+    /// never written. Does nothing when no round is in flight.
+    pub fn settle(&mut self, ok: bool) {
+        if std::mem::take(&mut self.in_flight) {
+            self.overlays_pending_done(ok);
+        }
+    }
+
+    /// Whether a sealed round's write has not been settled yet.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    /// Takes back the arena of a written round, for reuse.
+    pub fn recycle(&mut self, mut staged: Staged) {
+        staged.arena.clear();
+        if staged.arena.capacity() > self.spare.capacity() {
+            self.spare = staged.arena;
+        }
+    }
+}
+
+/// Waits for the write of the round in flight: what a round does before a
+/// read its overlays cannot answer.
+pub trait Settle {
+    /// Blocks until the round in flight, if any, is written; `Some(ok)`
+    /// the first time (whether it was), `None` if there is nothing to wait
+    /// for.
+    fn settle(&self) -> Option<bool>;
+}
+
+/// A sealed round: its writes, ready for [`Store::write_staged`] on any
+/// thread.
+#[derive(Debug)]
+pub struct Staged {
+    arena: Vec<u8>,
+    writes: usize,
+}
+
+impl Staged {
+    /// Writes in the round.
+    pub fn writes(&self) -> usize {
+        self.writes
     }
 }
 
@@ -133,21 +215,52 @@ const DELETE_RANGE: u8 = 3;
 pub struct Txn<'a> {
     pub(super) store: &'a Store,
     pub(super) state: &'a mut TxnState,
+    /// Waits for the round in flight (none: nothing is ever in flight).
+    settle: Option<&'a dyn Settle>,
 }
 
 impl<'a> Txn<'a> {
-    /// Starts a round over `state` (left empty by the previous round).
+    /// Starts a round over `state` (left empty by the previous round),
+    /// with no round in flight.
     pub fn begin(store: &'a Store, state: &'a mut TxnState) -> Self {
+        debug_assert!(!state.in_flight, "a round in flight needs begin_over");
+        Self::open(store, state, None)
+    }
+
+    /// Starts a round while the sealed one may still be in flight:
+    /// `settle` waits for its write.
+    pub fn begin_over(store: &'a Store, state: &'a mut TxnState, settle: &'a dyn Settle) -> Self {
+        Self::open(store, state, Some(settle))
+    }
+
+    fn open(store: &'a Store, state: &'a mut TxnState, settle: Option<&'a dyn Settle>) -> Self {
         debug_assert!(state.arena.is_empty());
         state.op_start = 0;
         state.writes = 0;
         state.op_writes = 0;
-        Self { store, state }
+        Self { store, state, settle }
     }
 
-    /// The store, for reads the overlays do not cover (scans).
-    pub fn store(&self) -> &Store {
+    /// The store, for reads the overlays do not cover (scans, tables
+    /// without an overlay): waits first until the round in flight is
+    /// written, so what it wrote is there.
+    pub fn store(&mut self) -> &'a Store {
+        self.settle_now();
         self.store
+    }
+
+    /// Waits until the round in flight, if any, is written (see
+    /// [`TxnState::settle`] for what a failed write means).
+    pub fn settle_now(&mut self) {
+        if let Some(ok) = self.settle.and_then(|s| s.settle()) {
+            self.state.settle(ok);
+        }
+    }
+
+    /// The round in flight was written (`ok`) or not, learned by the
+    /// caller rather than through [`Settle`].
+    pub fn pending_written(&mut self, ok: bool) {
+        self.state.settle(ok);
     }
 
     pub(super) fn put(&mut self, t: Table, key: &[u8], value: &[u8]) {
@@ -211,40 +324,77 @@ impl<'a> Txn<'a> {
         self.state.writes == 0
     }
 
-    /// Writes everything kept as one batch; with `sync`, returns only once
-    /// the WAL is on disk. Consumes the round.
-    pub fn commit(self, sync: bool) -> Result<usize, StorageError> {
-        debug_assert_eq!(self.state.op_writes, 0, "an operation was neither kept nor dropped");
-        let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
-        let result = self.write(&opts);
-        self.state.arena.clear();
-        self.state.op_start = 0;
-        self.state.overlays_round_done(result.is_ok());
-        result
+    /// Ends the round: its writes leave as a [`Staged`] batch for
+    /// [`Store::write_staged`], and its values stay readable until
+    /// [`TxnState::settle`] says how the write went. The round in flight
+    /// before it must be settled first.
+    pub fn seal(mut self) -> Staged {
+        self.seal_inner()
     }
 
-    fn write(&self, opts: &WriteOptions) -> Result<usize, StorageError> {
-        let n = self.state.writes;
+    fn seal_inner(&mut self) -> Staged {
+        debug_assert_eq!(self.state.op_writes, 0, "an operation was neither kept nor dropped");
+        assert!(!self.state.in_flight, "the round in flight is settled before the next is sealed");
+        let spare = std::mem::take(&mut self.state.spare);
+        let arena = std::mem::replace(&mut self.state.arena, spare);
+        let staged = Staged { arena, writes: self.state.writes };
+        self.state.op_start = 0;
+        self.state.writes = 0;
+        self.state.overlays_seal();
+        self.state.in_flight = true;
+        staged
+    }
+
+    /// Drops everything this round staged, as if none of its operations
+    /// had run: for a round applied over one whose write then failed.
+    pub fn abandon(self) {
+        self.state.arena.clear();
+        self.state.op_start = 0;
+        self.state.writes = 0;
+        self.state.op_writes = 0;
+        self.state.overlays_abandon();
+    }
+
+    /// Seals the round and writes it here and now: with `sync`, returns
+    /// only once the WAL is on disk.
+    pub fn commit(mut self, sync: bool) -> Result<usize, StorageError> {
+        let staged = self.seal_inner();
+        let result = self.store.write_staged(&staged, sync);
+        self.state.recycle(staged);
+        self.state.settle(result.is_ok());
+        result
+    }
+}
+
+impl Store {
+    /// Writes a sealed round as one batch; with `sync`, returns only once
+    /// the WAL is on disk. RocksDB makes the batch readable only after
+    /// that, so no other reader sees a write before it is durable.
+    pub fn write_staged(&self, staged: &Staged, sync: bool) -> Result<usize, StorageError> {
+        #[cfg(test)]
+        self.write_hook()?;
+        let n = staged.writes;
         if n == 0 {
             return Ok(0);
         }
-        let mut batch = WriteBatch::with_capacity_bytes(self.state.arena.len() + 16 * n);
-        let mut rest = &self.state.arena[..];
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        let mut batch = WriteBatch::with_capacity_bytes(staged.arena.len() + 16 * n);
+        let mut rest = &staged.arena[..];
         while !rest.is_empty() {
             let table = Table::from_u8(rest[0]).expect("staged by this module");
             let kind = rest[1];
             let (key, r) = take(&rest[2..]);
             let (value, r) = take(r);
             rest = r;
-            let cf = self.store.cf(table);
+            let cf = self.cf(table);
             match kind {
                 PUT => batch.put_cf(cf, key, value),
                 DELETE_RANGE => batch.delete_range_cf(cf, key, value),
                 _ => batch.delete_cf(cf, key),
             }
         }
-        self.store.db.write_opt(batch, opts)?;
+        self.db.write_opt(batch, &opts)?;
         Ok(n)
     }
 }

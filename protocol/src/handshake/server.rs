@@ -2,25 +2,31 @@
 //! `Retry`, and the accepted handshake that seals the first reply.
 
 use super::*;
+use crate::noise::builder_ready;
+use crate::resolver::ReadyKey;
 
 /// The server's static keys: the current one and any retired ones that
-/// returning devices may still have cached.
+/// returning devices may still have cached. Each is loaded into X25519
+/// once, here, not by every handshake.
 #[derive(Debug, Clone)]
 pub struct ServerKeys {
     current: StaticKeypair,
-    retired: Vec<StaticKeypair>,
+    /// The current key, then the retired ones, loaded.
+    ready: Vec<ReadyKey>,
 }
 
 impl ServerKeys {
     /// Keys with no retired ones.
     pub fn new(current: StaticKeypair) -> Self {
-        Self { current, retired: Vec::new() }
+        let ready = vec![ReadyKey::new(current.private_bytes())];
+        Self { current, ready }
     }
 
     /// Adds keys that IK may still be attempted with. A device using one
     /// is logged in and told the current key inside the session.
     pub fn with_retired(mut self, retired: Vec<StaticKeypair>) -> Self {
-        self.retired = retired;
+        self.ready.truncate(1);
+        self.ready.extend(retired.iter().map(|k| ReadyKey::new(k.private_bytes())));
         self
     }
 
@@ -138,7 +144,7 @@ impl ServerHandshake {
                         },
                         HandshakeKind::XxInit => {
                             let p = prologue();
-                            let mut b = builder(Pattern::XX, self.keys.current.private_bytes())?
+                            let mut b = builder_ready(Pattern::XX, &self.keys.ready[0])?
                                 .prologue(&p)
                                 .map_err(HandshakeError::Config)?;
                             let fixed = self.fixed_ephemeral();
@@ -185,10 +191,9 @@ impl ServerHandshake {
     /// decrypts, and a retry is allowed.
     fn read_ik(&mut self, body: &[u8]) -> Result<Option<Accepted>, HandshakeError> {
         let p = prologue();
-        let keys = std::iter::once(&self.keys.current).chain(self.keys.retired.iter());
         let mut last = None;
-        for (i, key) in keys.enumerate() {
-            let mut b = builder(Pattern::IK, key.private_bytes())?.prologue(&p).map_err(HandshakeError::Config)?;
+        for (i, key) in self.keys.ready.iter().enumerate() {
+            let mut b = builder_ready(Pattern::IK, key)?.prologue(&p).map_err(HandshakeError::Config)?;
             let fixed = self.fixed_ephemeral();
             if let Some(e) = &fixed {
                 b = b.fixed_ephemeral_key_for_testing_only(e);
