@@ -32,7 +32,8 @@
 //! ```
 //!
 //! `config` and `keys` (the server's key files and their rotation) sit
-//! apart: any layer may use them, and they import nothing of the server.
+//! apart: any layer may use them, and they import nothing of the server;
+//! so does `telemetry`, the list of every metric the server exports.
 
 pub mod admin;
 pub mod commit;
@@ -44,6 +45,7 @@ pub mod route;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 
 pub use config::Config;
 pub use server::{start, Running};
