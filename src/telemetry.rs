@@ -152,7 +152,17 @@ const KNOWN_LABELS: &[(&str, &[&[(&str, &str)]])] = &[
     ("pipit_typing_dropped_total", &[&[("reason", "rate")], &[("reason", "offline")], &[("reason", "invalid")]]),
     ("pipit_push_failed_total", &[&[("reason", "refused")], &[("reason", "token_gone")], &[("reason", "gave_up")]]),
     ("pipit_push_dropped_total", &[&[("reason", "queue_full")]]),
+    (
+        "pipit_push_retries_total",
+        &[&[("reason", "timeout")], &[("reason", "connection")], &[("reason", "busy")], &[("reason", "server_error")]],
+    ),
+    ("pipit_push_skipped_total", &[&[("reason", "online")]]),
 ];
+
+/// Gauges set only when their state changes: 0 until then, or a healthy
+/// server would not export them at all (and "low == 0" would match
+/// nothing).
+const ZERO_GAUGES: &[&str] = &["pipit_storage_low", "pipit_storage_full"];
 
 /// Latency buckets (seconds): sub-millisecond syncs up to a fan-out that
 /// takes minutes.
@@ -197,7 +207,12 @@ fn declare(clustered: bool) {
                     }
                 }
             }
-            Gauge => metrics::describe_gauge!(name, help),
+            Gauge => {
+                metrics::describe_gauge!(name, help);
+                if ZERO_GAUGES.contains(&name) {
+                    metrics::gauge!(name).set(0.0);
+                }
+            }
             Histogram => metrics::describe_histogram!(name, help),
         }
     }
@@ -251,6 +266,9 @@ mod tests {
     fn known_labels_belong_to_labeled_counters() {
         for (name, _) in KNOWN_LABELS {
             assert!(METRICS.iter().any(|&(n, k, _, _)| n == *name && k == LabeledCounter), "{name}");
+        }
+        for name in ZERO_GAUGES {
+            assert!(METRICS.iter().any(|&(n, k, _, _)| n == *name && k == Gauge), "{name}");
         }
     }
 

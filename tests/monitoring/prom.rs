@@ -200,7 +200,10 @@ impl Prometheus {
     pub(crate) async fn until(&self, q: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
         while self.query(q).await.is_empty() {
-            assert!(Instant::now() < deadline, "`{q}` still empty after {limit:?}");
+            if Instant::now() > deadline {
+                let (up, stored) = (self.show("up").await, self.show("pipit_messages_stored_total").await);
+                panic!("`{q}` still empty after {limit:?}; up:\n  {up}\nstored:\n  {stored}");
+            }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
