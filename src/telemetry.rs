@@ -123,10 +123,13 @@ const METRICS: &[(&str, Kind, &str, bool)] = &[
     ("pipit_forward_queue_full_total", Counter, "Sends refused because outbound_max messages already wait for their node.", true),
 ];
 
+/// One series' labels.
+type LabelSet = &'static [(&'static str, &'static str)];
+
 /// Label values known in advance, exported at 0 from the start like the
 /// counters without labels: the refusal and failure reasons that alerts
 /// and the dashboard's "by reason" panels sum over.
-const KNOWN_LABELS: &[(&str, &[&[(&str, &str)]])] = &[
+const KNOWN_LABELS: &[(&str, &[LabelSet])] = &[
     (
         "pipit_connections_refused_total",
         &[&[("reason", "max_connections")], &[("reason", "busy")], &[("reason", "throttled")]],
