@@ -37,6 +37,7 @@ listen = "127.0.0.1:541$i"
 data_dir = "$work/n$i"
 shards = 1
 metrics_listen = "127.0.0.1:942$i"
+[net]
 handshake_rate_per_source = 0
 [cluster]
 node_id = "n$i"

@@ -26,6 +26,8 @@
 //! acknowledged is lost either way: an operation is answered only after
 //! its round is durable or definitely not written.
 
+pub mod settings;
+
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -27,13 +27,15 @@
 //!                  (never committed)
 //! service/         the product's rules: a file per concern, its operations
 //! net/             listeners, the connection driver, dispatch
-//! config, admin    settings; the admin socket
+//! admin            the admin socket
+//! config           the file: gathers the settings table of each layer
+//!                  (`net::settings`, `commit::settings`, ...)
 //! server           wiring: start and stop
 //! ```
 //!
-//! `config` and `keys` (the server's key files and their rotation) sit
-//! apart: any layer may use them, and they import nothing of the server;
-//! so does `telemetry`, the list of every metric the server exports.
+//! `keys` (the server's key files and their rotation) sits apart: any
+//! layer may use it, and it imports nothing of the server; so does
+//! `telemetry`, the list of every metric the server exports.
 
 pub mod admin;
 pub mod commit;

@@ -142,7 +142,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 cfg.metrics_listen = Some(v);
             }
             if invite_only {
-                cfg.registration = Registration::Invite;
+                cfg.accounts.registration = Registration::Invite;
             }
             serve(cfg)
         }
@@ -224,7 +224,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         pipit::telemetry::serve(addr, cfg.cluster.is_some())
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
     }
-    let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+    let grace = cfg.net.shutdown_grace();
     // Take over SIGTERM and SIGINT before anyone can learn we are up: a
     // signal that arrived between "ready" and installing the handlers
     // would kill the process without draining.

@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::commit::EngineConfig;
 use crate::config::Config;
-use crate::net::{listener, AdmissionConfig, ConnCtx, NetConfig};
+use crate::net::{listener, ConnCtx};
 use crate::route::{Budget, Registry};
-use crate::service::{self, KeyRules, Live, PresenceConfig, PushConfig, Rules, Services, TypingConfig};
+use crate::service::{self, Live, Rules, Services};
 use crate::store::Store;
 
 /// A running server.
@@ -128,53 +127,40 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
     let registry = Arc::new(Registry::default());
-    let budget = Budget::new(config.memory_budget_bytes());
-    let key_rules = KeyRules {
-        low_water: config.one_time_keys_low,
-        fetch_burst: config.keys_fetch_burst,
-        fetch_per_minute: config.keys_fetch_per_minute,
-    };
+    let budget = Budget::new(config.net.memory_budget_bytes());
     let rules = Rules {
-        ttl_secs: config.message_ttl_secs,
-        registration: config.registration,
-        max_group_members: config.max_group_members,
-        keys: key_rules,
+        ttl_secs: config.messages.ttl_secs,
+        registration: config.accounts.registration,
+        max_group_members: config.groups.max_members,
+        keys: (&config.keys).into(),
         cluster: cluster.clone(),
     };
     let cluster_handle = cluster;
-    let engine = EngineConfig {
-        max_batch: config.max_batch,
-        capacity: config.storage_queue,
-        sync: config.sync_writes,
-        reserve_bytes: config.storage_reserve_mb.saturating_mul(1 << 20),
-        full_wait: Duration::from_secs(config.storage_full_wait_secs),
+    let live = Live {
+        registry: registry.clone(),
+        presence: (&config.presence).into(),
+        typing: (&config.typing).into(),
+        push: (&config.push).into(),
+        shutdown: shutdown.clone(),
     };
-    let live = live_config(&config, registry.clone(), shutdown.clone());
     let (services, writer_thread) =
-        service::start(store.clone(), rules, registry.clone(), engine, live).context("starting the services")?;
-    service::expiry::spawn_sweeper(
-        services.writer.clone(),
-        Duration::from_secs(config.expiry_sweep_secs),
-        shutdown.clone(),
-    )
-    .context("starting the expiry sweeper")?;
-    services.fanout.set_step_delay(Duration::from_millis(config.fanout_step_delay_ms));
-    let fanout = service::fanout::FanoutConfig { batch: config.fanout_batch, concurrency: config.fanout_concurrency };
+        service::start(store.clone(), rules, registry.clone(), config.storage.engine(), live)
+            .context("starting the services")?;
+    service::expiry::spawn_sweeper(services.writer.clone(), config.messages.expiry_sweep(), shutdown.clone())
+        .context("starting the expiry sweeper")?;
+    services.fanout.set_step_delay(config.groups.fanout_step_delay());
+    let fanout = (&config.groups).into();
     service::fanout::spawn_driver(services.writer.clone(), store.clone(), &services.fanout, fanout, shutdown.clone())
         .context("starting the group fan-out")?;
-    service::group_receipts::spawn_flusher(
-        services.writer.clone(),
-        Duration::from_millis(config.group_receipt_flush_ms),
-        shutdown.clone(),
-    )
-    .context("starting the group receipt flusher")?;
+    service::group_receipts::spawn_flusher(services.writer.clone(), config.groups.receipt_flush(), shutdown.clone())
+        .context("starting the group receipt flusher")?;
 
     // A cluster node's links, made before the connections that ask them
     // (whose device is this key?) and the thread that runs them.
     let links = cluster_handle.as_ref().map(|_| Arc::new(crate::net::nodes::Links::default()));
     let ctx = Arc::new(
         ConnCtx::new(
-            net_config(&config),
+            config.net.config(n),
             keys,
             services.clone(),
             registry.clone(),
@@ -263,57 +249,6 @@ fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     f.rewind()?;
     writeln!(f, "{}", std::process::id())?;
     Ok(f)
-}
-
-fn live_config(c: &Config, registry: Arc<Registry>, shutdown: CancellationToken) -> Live {
-    Live {
-        registry,
-        presence: PresenceConfig {
-            grace: c.presence_grace(),
-            granularity: Duration::from_secs(c.last_seen_granularity_secs),
-            max_subscriptions: c.presence_max_subscriptions,
-        },
-        typing: TypingConfig { per_minute: c.typing_per_minute, burst: c.typing_burst },
-        push: PushConfig {
-            gateway_url: c.push_gateway_url.clone(),
-            apns_app_id: c.push_apns_app_id.clone(),
-            fcm_app_id: c.push_fcm_app_id.clone(),
-            unifiedpush: c.push_unifiedpush,
-            allow_private_endpoints: c.push_allow_private_endpoints,
-            interval: Duration::from_secs(c.push_interval_secs),
-            timeout: Duration::from_secs(c.push_timeout_secs),
-            retries: c.push_retries,
-            retry_base: Duration::from_millis(c.push_retry_base_ms),
-            retry_max: Duration::from_secs(c.push_retry_max_secs),
-            queue: c.push_queue,
-            concurrency: c.push_concurrency,
-        },
-        shutdown,
-    }
-}
-
-fn net_config(c: &Config) -> NetConfig {
-    NetConfig {
-        max_connections: c.max_connections,
-        handshake_timeout: c.handshake_timeout(),
-        keepalive_min_secs: c.keepalive_min_secs,
-        keepalive_max_secs: c.keepalive_max_secs,
-        keepalive_default_secs: c.keepalive_default_secs,
-        delivery_window: c.delivery_window as usize,
-        max_pending_sends: c.max_pending_sends,
-        write_timeout: Duration::from_secs(c.write_timeout_secs),
-        tcp_user_timeout: Duration::from_secs(c.tcp_user_timeout_secs),
-        shutdown_grace: Duration::from_secs(c.shutdown_grace_secs),
-        max_pending_send_bytes: c.max_pending_send_bytes,
-        max_queued_send_bytes: c.max_queued_send_bytes,
-        partial_frame_timeout: c.partial_frame_timeout(),
-        admission: AdmissionConfig {
-            max_handshakes: c.max_handshakes,
-            rate_per_source: f64::from(c.handshake_rate_per_source),
-            burst_per_source: f64::from(c.handshake_burst_per_source),
-            threads: if c.handshake_threads > 0 { c.handshake_threads } else { c.shard_count() },
-        },
-    }
 }
 
 /// Refreshes gauges that are cheaper to sample than to keep exact.

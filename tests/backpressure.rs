@@ -46,7 +46,7 @@ impl Operation<Ctx> for Noop {
 
 #[tokio::test]
 async fn acks_and_read_receipts_wait_for_a_full_storage_queue_instead_of_being_dropped() {
-    let s = TestServer::start(|c| c.storage_queue = 4);
+    let s = TestServer::start(|c| c.storage.queue = 4);
     let (a, mut ca) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;
     ca.send(&[text(1, b.account, "hi")]).await.unwrap();
@@ -98,7 +98,7 @@ async fn acks_and_read_receipts_wait_for_a_full_storage_queue_instead_of_being_d
 
 #[tokio::test]
 async fn a_peer_that_stops_reading_is_dropped_after_the_write_timeout() {
-    let s = TestServer::start(|c| c.write_timeout_secs = 1);
+    let s = TestServer::start(|c| c.net.write_timeout_secs = 1);
     let (a, first) = register(s.addr).await;
     drop(first);
     // A socket with a tiny receive window, so the server's writes block

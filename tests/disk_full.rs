@@ -122,8 +122,8 @@ async fn a_full_disk_loses_nothing_answers_retry_later_and_recovers_without_a_re
     let s = TestServer::start(|c| {
         c.data_dir = fs.path().join("data");
         // No reserve: let the database itself meet the full disk.
-        c.storage_reserve_mb = 0;
-        c.storage_full_wait_secs = 120;
+        c.storage.reserve_mb = 0;
+        c.storage.full_wait_secs = 120;
     });
     let (a, mut ca) = register(s.addr).await;
     let (b, cb) = register(s.addr).await;
@@ -212,7 +212,7 @@ async fn new_sends_stop_at_the_reserve_so_a_restart_always_has_room() {
     let fs = Tmpfs::mount(256);
     let mut s = TestServer::start(|c| {
         c.data_dir = fs.path().join("data");
-        c.storage_reserve_mb = 64;
+        c.storage.reserve_mb = 64;
     });
     let (a, mut ca) = register(s.addr).await;
     let (b, cb) = register(s.addr).await;

@@ -38,7 +38,11 @@ async fn a_fan_out_killed_half_way_resumes_and_every_member_device_gets_the_mess
     let slow = dir.path().join("slow.toml");
     // A thousand logins from one address: the per-source admission limit
     // (for hostile sources) is off, as for a bulk loader.
-    std::fs::write(&slow, "fanout_batch = 8\nfanout_step_delay_ms = 20\nhandshake_rate_per_source = 0\n").unwrap();
+    std::fs::write(
+        &slow,
+        "[net]\nhandshake_rate_per_source = 0\n[groups]\nfanout_batch = 8\nfanout_step_delay_ms = 20\n",
+    )
+    .unwrap();
     let server = BinaryServer::spawn(&data, &["--config", slow.to_str().unwrap()], &[]);
     let (devices, mut conns) = register_many(server.addr, MEMBERS, 32, 4).await;
     // Three members have a second device.
@@ -80,7 +84,7 @@ async fn a_fan_out_killed_half_way_resumes_and_every_member_device_gets_the_mess
 
     // Restarted at full speed: the job resumes from its durable cursor.
     let unlimited = dir.path().join("unlimited.toml");
-    std::fs::write(&unlimited, "handshake_rate_per_source = 0\n").unwrap();
+    std::fs::write(&unlimited, "[net]\nhandshake_rate_per_source = 0\n").unwrap();
     let server = BinaryServer::spawn(&data, &["--config", unlimited.to_str().unwrap()], &[]);
     let after = backlog(&data, g);
     assert!(after.0 == 0 || after.1 <= at_kill.1, "resumed from the last commit, not from the start: {after:?}");

@@ -65,9 +65,9 @@ async fn wait_backlog_empty(s: &TestServer, group: u64) {
 async fn a_1024_member_group_reaches_everyone_once_after_sent_with_one_stored_copy() {
     let s = TestServer::start(|c| {
         // A thousand registrations from one address: no per-source limit.
-        c.handshake_rate_per_source = 0;
-        c.fanout_batch = 256;
-        c.group_receipt_flush_ms = FLUSH_MS;
+        c.net.handshake_rate_per_source = 0;
+        c.groups.fanout_batch = 256;
+        c.groups.receipt_flush_ms = FLUSH_MS;
     });
     let services = s.running.as_ref().unwrap().services().clone();
     let t0 = Instant::now();

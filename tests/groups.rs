@@ -57,7 +57,7 @@ async fn error_for(c: &mut Connection, m: Message, req: u64, id: u64) -> pb::Err
 
 #[tokio::test]
 async fn group_requests_and_bad_input_over_tcp() {
-    let s = TestServer::start(|c| c.max_group_members = 4);
+    let s = TestServer::start(|c| c.groups.max_members = 4);
     let (a, mut ca) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;
     let (c, mut cc) = register(s.addr).await;
@@ -213,7 +213,7 @@ async fn send_and_read(
 async fn concurrent_senders_in_one_group_are_seen_in_one_order_by_every_member() {
     const SENDERS: usize = 5;
     const EACH: u64 = 20;
-    let s = TestServer::start(|c| c.fanout_batch = 2);
+    let s = TestServer::start(|c| c.groups.fanout_batch = 2);
     let (devices, mut conns) = register_many(s.addr, SENDERS, SENDERS, SENDERS).await;
     let others: Vec<u64> = devices[1..].iter().map(|d| d.account).collect();
     // A second device of the first member sees everything, its own
@@ -256,7 +256,7 @@ async fn concurrent_senders_in_one_group_are_seen_in_one_order_by_every_member()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removals_and_additions_racing_with_sends_follow_the_group_sequence() {
     const EACH: u64 = 30;
-    let s = TestServer::start(|c| c.fanout_batch = 1);
+    let s = TestServer::start(|c| c.groups.fanout_batch = 1);
     let (devices, mut conns) = register_many(s.addr, 5, 5, 5).await;
     let [_, s1, s2, x, y] = [0, 1, 2, 3, 4].map(|i| devices[i].account);
     let mut cy = conns.pop().unwrap();
@@ -354,7 +354,7 @@ async fn next_event(events: &mut pipit_client::Events) -> pipit_client::Event {
 #[tokio::test]
 async fn the_client_library_does_groups_end_to_end() {
     use pipit_client::{Client, ClientError, Config, Event, MemoryStore};
-    let s = TestServer::start(|c| c.group_receipt_flush_ms = 50);
+    let s = TestServer::start(|c| c.groups.receipt_flush_ms = 50);
     let start = |name: &str| {
         let mut cfg = Config::new(s.addr.to_string());
         cfg.device_name = name.into();

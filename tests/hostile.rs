@@ -48,7 +48,7 @@ async fn raw(s: &TestServer, bytes: &[u8]) -> TcpStream {
 
 #[tokio::test]
 async fn hostile_peers_are_closed_while_a_pair_keeps_exchanging() {
-    let s = TestServer::start(|c| c.handshake_timeout_secs = 1);
+    let s = TestServer::start(|c| c.net.handshake_timeout_secs = 1);
     let (a, mut ca) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;
     let mut id = 0;
@@ -308,7 +308,7 @@ async fn raw_session(s: &TestServer, d: &Device) -> (TcpStream, pipit_client::pi
 /// connection, and a pair beside it is unaffected.
 #[tokio::test]
 async fn a_frame_that_stays_incomplete_closes_its_connection() {
-    let s = TestServer::start(|c| c.partial_frame_timeout_secs = 2);
+    let s = TestServer::start(|c| c.net.partial_frame_timeout_secs = 2);
     let (a, mut ca) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;
     let (m, cm) = register(s.addr).await;
@@ -333,11 +333,11 @@ async fn flooders_are_held_to_the_memory_budget_while_a_light_pair_keeps_exchang
     const FLOODERS: usize = 6;
     const SENDS: u64 = 80;
     let s = TestServer::start(|c| {
-        c.memory_budget_mb = 1;
+        c.net.memory_budget_mb = 1;
         // Only the server-wide budget holds them back (not the limit per
         // connection), and storage is slow: one synced commit per send.
-        c.max_pending_send_bytes = 16 << 20;
-        c.max_batch = 1;
+        c.net.max_pending_send_bytes = 16 << 20;
+        c.storage.max_batch = 1;
     });
     let budget = s.running.as_ref().unwrap().budget().clone();
     let limit = budget.limit();
@@ -414,9 +414,9 @@ async fn flooders_are_held_to_the_memory_budget_while_a_light_pair_keeps_exchang
 #[tokio::test]
 async fn handshake_floods_are_refused_per_source_and_in_progress_is_bounded() {
     let s = TestServer::start(|c| {
-        c.handshake_rate_per_source = 5;
-        c.handshake_burst_per_source = 10;
-        c.handshake_timeout_secs = 2;
+        c.net.handshake_rate_per_source = 5;
+        c.net.handshake_burst_per_source = 10;
+        c.net.handshake_timeout_secs = 2;
     });
     let (a, _) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;
@@ -450,8 +450,8 @@ async fn handshake_floods_are_refused_per_source_and_in_progress_is_bounded() {
     // In progress: connections that say nothing hold their slots until
     // the handshake timeout; past the limit, new ones are refused at once.
     let s = TestServer::start(|c| {
-        c.max_handshakes = 4;
-        c.handshake_timeout_secs = 3;
+        c.net.max_handshakes = 4;
+        c.net.handshake_timeout_secs = 3;
     });
     let mut idle = Vec::new();
     for _ in 0..4 {

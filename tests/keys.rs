@@ -138,8 +138,8 @@ async fn a_handed_out_one_time_prekey_stays_gone_after_sigkill() {
 #[tokio::test]
 async fn bad_uploads_unknown_accounts_and_fetch_floods_are_refused() {
     let s = TestServer::start(|c| {
-        c.keys_fetch_burst = 5;
-        c.keys_fetch_per_minute = 1;
+        c.keys.fetch_burst = 5;
+        c.keys.fetch_per_minute = 1;
     });
     let (_, mut c) = register(s.addr).await;
     let (other, _co) = register(s.addr).await;

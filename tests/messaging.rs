@@ -108,7 +108,7 @@ async fn a_retried_send_gets_the_original_answer_and_is_delivered_once() {
 #[tokio::test]
 async fn a_recipient_that_never_reads_holds_only_a_window_and_then_gets_everything() {
     const N: u64 = 3_000;
-    let s = TestServer::start(|c| c.delivery_window = 16);
+    let s = TestServer::start(|c| c.net.delivery_window = 16);
     let (_a, mut ca) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;
     let payload = Bytes::from(vec![0x42u8; 100]);
@@ -165,8 +165,8 @@ async fn a_second_login_of_a_device_replaces_the_first() {
 #[tokio::test]
 async fn undelivered_messages_expire_and_the_sender_is_told() {
     let s = TestServer::start(|c| {
-        c.message_ttl_secs = 1;
-        c.expiry_sweep_secs = 1;
+        c.messages.ttl_secs = 1;
+        c.messages.expiry_sweep_secs = 1;
     });
     let (_a, mut ca) = register(s.addr).await;
     let (b, cb) = register(s.addr).await;
@@ -185,7 +185,7 @@ async fn undelivered_messages_expire_and_the_sender_is_told() {
 
 #[tokio::test]
 async fn invite_only_registration_uses_codes_from_the_admin_socket() {
-    let s = TestServer::start(|c| c.registration = pipit::config::Registration::Invite);
+    let s = TestServer::start(|c| c.accounts.registration = pipit::config::Registration::Invite);
     let key = pipit_client::pipit_protocol::StaticKeypair::generate();
     let opts = s.opts();
     let err = Connection::connect(s.addr, &key, pipit_client::register("", "phone"), &opts).await.unwrap_err();

@@ -50,11 +50,12 @@ fn promtool_checks_and_unit_tests_the_rules() {
 /// the local gateway at `gateway`.
 fn config(dir: &Path, id: &str, port: u16, metrics: u16, etcd: &str, gateway: u16) -> String {
     let top = format!(
-        "metrics_listen = \"127.0.0.1:{metrics}\"\n\
-         push_gateway_url = \"http://127.0.0.1:{gateway}/_matrix/push/v1/notify\"\n\
-         push_fcm_app_id = \"org.example.pipit\"\n\
-         push_allow_private_endpoints = true\n\
-         push_interval_secs = 1"
+        "metrics_listen = \"127.0.0.1:{metrics}\"\n\n\
+         [push]\n\
+         gateway_url = \"http://127.0.0.1:{gateway}/_matrix/push/v1/notify\"\n\
+         fcm_app_id = \"org.example.pipit\"\n\
+         allow_private_endpoints = true\n\
+         interval_secs = 1"
     );
     common::cluster::node_config(dir, id, port, etcd, &top)
 }

@@ -107,7 +107,7 @@ fn the_admin_socket_keeps_serving_after_running_out_of_file_descriptors() {
     let data = dir.path().join("data");
     // Half-open connections are held, not timed out, during the test.
     let config = dir.path().join("pipit.toml");
-    std::fs::write(&config, "handshake_timeout_secs = 300\n").unwrap();
+    std::fs::write(&config, "[net]\nhandshake_timeout_secs = 300\n").unwrap();
     let server = BinaryServer::spawn_with_fd_limit(&data, 64, &["--config", config.to_str().unwrap()]);
     assert_eq!(pipit::admin::request(&data, "stats").unwrap().split_whitespace().next(), Some("online_devices"));
     // Exhaust the server's descriptors with connections it accepts and
@@ -168,4 +168,49 @@ async fn metrics_count_group_sends_fan_out_entries_backlog_and_lag() {
     assert_eq!(value(&m, "pipit_fanout_jobs_total"), 3.0);
     assert_eq!(value(&m, "pipit_fanout_lag_seconds_count"), 3.0);
     assert!(m.contains("pipit_fanout_backlog_jobs") && m.contains("pipit_fanout_backlog_members"), "{m}");
+}
+
+/// An operator's configuration file of the previous release (flat keys)
+/// still starts the server with its settings, and stderr names each key's
+/// new place once; a setting given both ways stops the start, naming both.
+#[tokio::test]
+async fn a_flat_config_file_still_works_and_the_log_names_each_keys_new_place() {
+    use std::io::BufRead as _;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pipit.toml");
+    std::fs::write(&config, "registration = \"invite\"\n\n[net]\nhandshake_timeout_secs = 30\n").unwrap();
+    let serve = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipit"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--shards", "1", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .env("PIPIT_LOG", "warn");
+        cmd
+    };
+    let mut child = serve().stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words.get(..3), Some(&["pipit", "listening", "on"][..]), "{line:?}");
+    let (addr, server_key): (std::net::SocketAddr, _) = (words[3].parse().unwrap(), words[6].parse().unwrap());
+    // The flat `registration` is in force: no code, no account.
+    let key = pipit_client::pipit_protocol::StaticKeypair::generate();
+    let opts = pipit_client::ConnectOptions { server_key: Some(server_key), ..Default::default() };
+    let err =
+        pipit_client::Connection::connect(addr, &key, pipit_client::register("", "phone"), &opts).await.unwrap_err();
+    assert!(matches!(err, ClientError::Refused(pb::ErrorCode::RegistrationClosed)), "{err}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert_eq!(log.matches("config: `registration` is deprecated; use `[accounts] registration`").count(), 1, "{log}");
+    assert!(!log.contains("handshake_timeout_secs"), "{log}");
+
+    std::fs::write(&config, "registration = \"invite\"\n\n[accounts]\nregistration = \"open\"\n").unwrap();
+    let out = serve().output().unwrap();
+    assert!(!out.status.success(), "started with a setting given both ways");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`registration` and `[accounts] registration` are the same setting"), "{err}");
 }

@@ -18,8 +18,8 @@ use pipit_client::Connection;
 const GRACE_MS: u64 = 1_000;
 
 fn tweak(c: &mut Config) {
-    c.presence_grace_ms = GRACE_MS;
-    c.presence_max_subscriptions = 8;
+    c.presence.grace_ms = GRACE_MS;
+    c.presence.max_subscriptions = 8;
 }
 
 fn subscribe(req: u64, accounts: &[u64]) -> Message {
@@ -214,8 +214,8 @@ async fn subscriptions_die_with_the_connection() {
 async fn typing_reaches_an_online_peer_and_never_a_later_login() {
     let s = TestServer::start(|c| {
         tweak(c);
-        c.typing_burst = 5;
-        c.typing_per_minute = 60;
+        c.typing.burst = 5;
+        c.typing.per_minute = 60;
     });
     let (a, mut ca) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;

@@ -143,12 +143,12 @@ const APP: &str = "org.pipit.test";
 fn matrix(gw: &Gateway) -> impl FnOnce(&mut Config) {
     let url = gw.url();
     move |c: &mut Config| {
-        c.push_gateway_url = url;
-        c.push_fcm_app_id = APP.into();
-        c.push_apns_app_id = "org.pipit.test.ios".into();
-        c.push_interval_secs = 60;
-        c.push_retry_base_ms = 50;
-        c.push_timeout_secs = 2;
+        c.push.gateway_url = url;
+        c.push.fcm_app_id = APP.into();
+        c.push.apns_app_id = "org.pipit.test.ios".into();
+        c.push.interval_secs = 60;
+        c.push.retry_base_ms = 50;
+        c.push.timeout_secs = 2;
     }
 }
 
@@ -280,7 +280,7 @@ async fn a_410_removes_the_token_and_a_404_does_not() {
     gw.script(&[Reply::Status(410, "")]);
     let s = TestServer::start(|c| {
         matrix(&gw)(c);
-        c.push_interval_secs = 1;
+        c.push.interval_secs = 1;
     });
     let (_a, mut ca) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;
@@ -315,8 +315,8 @@ async fn a_gateway_that_never_answers_delays_nobody() {
     let gw = Gateway::start(Reply::Hang).await;
     let s = TestServer::start(|c| {
         matrix(&gw)(c);
-        c.push_timeout_secs = 30;
-        c.push_concurrency = 2;
+        c.push.timeout_secs = 30;
+        c.push.concurrency = 2;
     });
     let (_a, mut ca) = register(s.addr).await;
     let mut asleep = Vec::new();
@@ -351,9 +351,9 @@ async fn unifiedpush_endpoints_are_posted_to_and_forgotten_when_gone() {
     let gw = Gateway::start(Reply::Status(201, "")).await;
     gw.script(&[Reply::Status(201, ""), Reply::Status(404, "")]);
     let s = TestServer::start(|c| {
-        c.push_unifiedpush = true;
-        c.push_allow_private_endpoints = true;
-        c.push_interval_secs = 1;
+        c.push.unifiedpush = true;
+        c.push.allow_private_endpoints = true;
+        c.push.interval_secs = 1;
     });
     let (_a, mut ca) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;
@@ -386,8 +386,8 @@ async fn bad_tokens_get_clear_answers_and_an_empty_one_removes() {
     let gw = Gateway::start(OK).await;
     let s = TestServer::start(|c| {
         matrix(&gw)(c);
-        c.push_unifiedpush = true;
-        c.push_interval_secs = 1;
+        c.push.unifiedpush = true;
+        c.push.interval_secs = 1;
     });
     let (_a, mut ca) = register(s.addr).await;
     let (b, mut cb) = register(s.addr).await;

@@ -171,7 +171,7 @@ async fn answers_keep_the_order_of_their_requests() {
 /// window. It is the depth now.
 #[tokio::test]
 async fn pending_is_the_inbox_depth_not_the_window() {
-    let s = TestServer::start(|c| c.delivery_window = 4);
+    let s = TestServer::start(|c| c.net.delivery_window = 4);
     let (_a, mut ca) = register(s.addr).await;
     let (b, cb) = register(s.addr).await;
     drop(cb);

@@ -12,9 +12,9 @@ use tokio::sync::oneshot;
 
 use super::{expiry, Ctx, Writer};
 use crate::commit::{Operation, Outcome, SubmitError};
-use crate::config::Registration;
 use crate::model::{unix_now, DeviceAddr};
 use crate::route::cluster::Cluster;
+use crate::service::settings::Registration;
 use crate::store::counters::Counter;
 use crate::store::{StorageError, Store, Txn};
 

@@ -330,7 +330,7 @@ pub fn spawn_sweeper(writer: Writer, every: Duration, stop: CancellationToken) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Registration;
+    use crate::service::settings::Registration;
     use crate::service::testing::setup;
 
     #[test]

@@ -263,7 +263,7 @@ impl Operation<Ctx> for Apply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Registration;
+    use crate::service::settings::Registration;
     use crate::service::testing::setup;
 
     fn fwd(entry: u64, to: u64, seq: u64) -> node_pb::Forward {

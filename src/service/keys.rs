@@ -393,7 +393,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::Registration;
+    use crate::service::settings::Registration;
     use crate::service::testing::setup;
 
     #[test]

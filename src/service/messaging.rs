@@ -370,7 +370,7 @@ fn store_remote(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Registration;
+    use crate::service::settings::Registration;
     use crate::service::testing::setup;
     use crate::store::Table;
 

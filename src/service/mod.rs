@@ -24,6 +24,7 @@
 //!   each one-time prekey once, low-stock notices, the fetch rate limit.
 
 pub mod accounts;
+mod configure;
 pub mod expiry;
 pub mod fanout;
 pub mod features;
@@ -37,6 +38,7 @@ pub mod messaging;
 pub mod presence;
 pub mod push;
 pub mod receipts;
+pub mod settings;
 pub mod typing;
 
 use std::sync::Arc;
@@ -44,9 +46,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::{self, EngineConfig, SubmitError};
-use crate::config::Registration;
 use crate::route::cluster::Cluster;
 use crate::route::{Deliveries, Registry};
+use crate::service::settings::Registration;
 use crate::store::Store;
 
 pub use accounts::Accounts;

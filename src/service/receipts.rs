@@ -227,7 +227,7 @@ impl Operation<Ctx> for ReadOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Registration;
+    use crate::service::settings::Registration;
     use crate::service::testing::setup;
 
     #[test]

@@ -19,9 +19,12 @@ fn the_server_passes_every_conformance_check() {
         shards: 2,
         // Short enough that the timeout checks take seconds, long enough
         // for a loaded machine to finish a handshake.
-        handshake_timeout_secs: 3,
-        keepalive_min_secs: 1,
-        delivery_window: 8,
+        net: pipit::config::NetSettings {
+            handshake_timeout_secs: 3,
+            keepalive_min_secs: 1,
+            delivery_window: 8,
+            ..pipit::config::NetSettings::default()
+        },
         ..pipit::Config::default()
     })
     .unwrap();

@@ -38,7 +38,7 @@ impl Server {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_path_buf(),
             shards: 2,
-            presence_grace_ms: 500,
+            presence: pipit::config::PresenceSettings { grace_ms: 500, ..Default::default() },
             ..pipit::Config::default()
         };
         tweak(&mut cfg);
@@ -193,8 +193,8 @@ fn the_chat_shows_online_typing_and_last_seen() {
 #[test]
 fn the_cli_registers_and_removes_a_push_token() {
     let s = Server::start_with(|c| {
-        c.push_unifiedpush = true;
-        c.push_allow_private_endpoints = true;
+        c.push.unifiedpush = true;
+        c.push.allow_private_endpoints = true;
     });
     let p = tempfile::tempdir().unwrap();
     register(&s, p.path());

@@ -262,7 +262,7 @@ async fn keepalives_flow_at_the_negotiated_interval_and_a_stalled_link_is_replac
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
         shards: 1,
-        keepalive_min_secs: 1,
+        net: pipit::config::NetSettings { keepalive_min_secs: 1, ..Default::default() },
         ..pipit::Config::default()
     })
     .unwrap();

@@ -28,8 +28,7 @@ use pipit_protocol::PublicKey;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, Member, View, MAX_NODES};
-use crate::config::ClusterConfig;
+use super::{Cluster, ClusterConfig, Member, View, MAX_NODES};
 
 /// Attempts at the compare-and-swap that enters this node in the list
 /// before giving up (each loses only to another node's change).

@@ -11,6 +11,7 @@
 
 pub mod membership;
 pub mod ring;
+mod settings;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,7 @@ use pipit_protocol::PublicKey;
 
 pub use membership::{join, JoinError};
 pub use ring::{owned_id, Ring, MAX_NODES};
+pub use settings::ClusterConfig;
 
 /// One node of the list, as it registered itself in etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,8 @@
 use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
-use crate::config::Registration;
 use crate::model::unix_now;
+use crate::service::settings::Registration;
 use crate::service::testing::setup;
 
 #[test]

@@ -5,9 +5,9 @@ use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
 use super::*;
-use crate::config::Registration;
 use crate::service::groups::Change;
 use crate::service::messaging::SendFailure;
+use crate::service::settings::Registration;
 use crate::service::testing::{setup, Setup};
 
 /// The group entries (seq, kind) in a device's inbox, in inbox order.
