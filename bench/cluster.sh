@@ -56,8 +56,8 @@ for _ in $(seq 100); do
 done
 "$bin/pipit" admin --data-dir "$work/n1" cluster
 
-link_bytes() { # NODE DIRECTION(out|in) PEER
-    curl -s "127.0.0.1:942$1/metrics" | awk -v m="pipit_node_link_bytes_$2_total{peer=\"$3\"}" '$1 == m {print $2}' | head -1
+link_bytes() { # NODE DIRECTION(transmitted|received) PEER
+    curl -s "127.0.0.1:942$1/metrics" | awk -v m="pipit_node_link_$2_bytes_total{peer=\"$3\"}" '$1 == m {print $2}' | head -1
 }
 
 echo "== same node: senders and receivers on n1"
@@ -65,12 +65,12 @@ echo "== same node: senders and receivers on n1"
     --pairs "$pairs" --messages "$messages" --rate "${RATE:-0}" --window 256 --seconds 60
 
 echo "== cross node: senders on n1, receivers on n2"
-out0=$(link_bytes 1 out n2); in0=$(link_bytes 1 in n2)
+out0=$(link_bytes 1 transmitted n2); in0=$(link_bytes 1 received n2)
 "$bin/pipit-load" --addr 127.0.0.1:5411 --server-key "${key[1]}" \
     --peer-addr 127.0.0.1:5412 --peer-key "${key[2]}" \
     --pairs "$pairs" --messages "$messages" --rate "${RATE:-0}" --window 256 --seconds 60
 sleep 1
-out1=$(link_bytes 1 out n2); in1=$(link_bytes 1 in n2)
+out1=$(link_bytes 1 transmitted n2); in1=$(link_bytes 1 received n2)
 total=$((pairs * messages))
 python3 - "$out0" "$out1" "$in0" "$in1" "$total" <<'PY'
 import sys

@@ -34,7 +34,8 @@
 //! ```
 //!
 //! `keys` (the server's key files and their rotation) sits apart: any
-//! layer may use it, and it imports nothing of the server.
+//! layer may use it, and it imports nothing of the server; so does
+//! `telemetry`, the list of every metric the server exports.
 
 pub mod admin;
 pub mod commit;
@@ -46,6 +47,7 @@ pub mod route;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 
 pub use config::Config;
 pub use server::{start, Running};

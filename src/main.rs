@@ -221,9 +221,7 @@ fn reload(data_dir: &Path) {
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(addr) = cfg.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
+        pipit::telemetry::serve(addr, cfg.cluster.is_some())
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
     }
     let grace = cfg.net.shutdown_grace();

@@ -57,7 +57,7 @@ async fn metrics_count_handshakes_messages_and_group_commits() {
     assert!(value(&m, "pipit_group_commit_ops_count") >= 1.0);
     assert!(m.contains("pipit_group_commit_seconds"));
     assert_eq!(value(&m, "pipit_connections"), 2.0);
-    assert!(value(&m, "pipit_bytes_in_total") > 0.0 && value(&m, "pipit_frames_out_total") > 0.0);
+    assert!(value(&m, "pipit_received_bytes_total") > 0.0 && value(&m, "pipit_frames_out_total") > 0.0);
     assert!(m.contains("pipit_inbox_entries"), "{m}");
 }
 

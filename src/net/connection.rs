@@ -96,7 +96,7 @@ pub(super) async fn write_out(stream: &mut TcpStream, out: &mut BytesMut, timeou
         }
     }
     if written > 0 {
-        metrics::counter!("pipit_bytes_out_total").increment(written as u64);
+        metrics::counter!("pipit_transmitted_bytes_total").increment(written as u64);
         out.clear();
     }
     Ok(())
@@ -303,7 +303,7 @@ impl Conn {
                     match stream.try_read_buf(&mut room) {
                         Ok(0) => return Err(ConnError::Closed),
                         Ok(n) => {
-                            metrics::counter!("pipit_bytes_in_total").increment(n as u64);
+                            metrics::counter!("pipit_received_bytes_total").increment(n as u64);
                             ka.on_receive(Instant::now());
                             if self.process_input(&mut session, &mut inbuf, &mut out)? > 0 {
                                 // A new frame, if any, starts its own clock.

@@ -52,6 +52,16 @@ pub(super) fn unavailable(req: u64, reason: SubmitError) -> Message {
     .into()
 }
 
+/// The `reason` label of `pipit_sends_refused_total` for a send the
+/// writer did not take.
+fn refusal_reason(reason: SubmitError) -> &'static str {
+    match reason {
+        SubmitError::Full => "storage_queue",
+        SubmitError::NoRoom => "storage_low",
+        SubmitError::Stopped => "stopping",
+    }
+}
+
 /// Seconds a client waits before repeating what an overloaded server
 /// refused. Short: the storage queue drains in milliseconds; the client
 /// backs off further on repeated refusals.
@@ -139,6 +149,7 @@ impl Conn {
                 // Storage is saturated, without room, or stopping: nothing
                 // was stored; the client keeps the message in its outbox
                 // and retries after the time it is told.
+                metrics::counter!("pipit_sends_refused_total", "reason" => refusal_reason(reason)).increment(1);
                 self.answer_now(
                     pb::Error {
                         code: pb::ErrorCode::Unavailable as i32,

@@ -40,7 +40,7 @@ async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Con
     match stream.read_buf(buf).await? {
         0 => Err(ConnError::Closed),
         n => {
-            metrics::counter!("pipit_bytes_in_total").increment(n as u64);
+            metrics::counter!("pipit_received_bytes_total").increment(n as u64);
             Ok(())
         }
     }

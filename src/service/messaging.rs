@@ -151,6 +151,7 @@ impl Operation<Ctx> for SendOp {
                 r
             }
             Outcome::Failed(e) if e.is_full() => {
+                metrics::counter!("pipit_sends_refused_total", "reason" => "storage_full").increment(1);
                 Err(SendFailure::Unavailable { retry_after_secs: super::STORAGE_RETRY_SECS })
             }
             Outcome::Failed(_) => Err(SendFailure::Code(pb::ErrorCode::Internal)),

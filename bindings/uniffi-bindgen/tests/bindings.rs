@@ -4,11 +4,14 @@
 //!
 //! - the Python binding drives two devices against the real `pipit`
 //!   server binary (`tests/python/test_chat.py`, under pytest);
+//! - the committed Kotlin binding is compiled with kotlinc and run on a
+//!   JVM, two devices chatting against the same server
+//!   (`tests/kotlin/Chat.kt`);
 //! - the committed Kotlin and Swift sources match what the Rust code
 //!   generates today.
 //!
-//! Nothing here is skipped quietly: a missing Python, pytest or server
-//! binary fails with what to run.
+//! Nothing here is skipped quietly: a missing Python, pytest, JVM,
+//! kotlinc or server binary fails with what to run.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -184,4 +187,100 @@ fn committed_kotlin_and_swift_match_the_rust_code() {
             );
         }
     }
+}
+
+/// What the Kotlin program needs, as `tools/dev deps` installs it: npm's
+/// kotlin-compiler (kotlinc, kotlin-stdlib, kotlinx-coroutines), a JVM
+/// and Debian's JNA.
+struct Kotlin {
+    kotlinc: PathBuf,
+    /// The compile and run classpath besides the program itself.
+    libs: Vec<PathBuf>,
+}
+
+fn kotlin() -> Kotlin {
+    let home = std::env::var_os("PIPIT_KOTLIN_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(&std::env::var_os("HOME").expect("HOME or PIPIT_KOTLIN_HOME must be set")).join(".cache/pipit/kotlin")
+    });
+    let dist = home.join("node_modules/kotlin-compiler");
+    let jna = std::env::var_os("PIPIT_JNA_JAR").map(PathBuf::from).unwrap_or_else(|| "/usr/share/java/jna.jar".into());
+    let kotlin = Kotlin {
+        kotlinc: dist.join("bin/kotlinc"),
+        libs: vec![dist.join("lib/kotlin-stdlib.jar"), dist.join("lib/kotlinx-coroutines-core-jvm.jar"), jna],
+    };
+    for path in std::iter::once(&kotlin.kotlinc).chain(&kotlin.libs) {
+        assert!(
+            path.exists(),
+            "{} is missing: run `tools/dev deps` (npm's kotlin-compiler, Debian's libjna-java)",
+            path.display()
+        );
+    }
+    let java = Command::new("java").arg("-version").stderr(Stdio::null()).status();
+    assert!(matches!(java, Ok(s) if s.success()), "no `java`: run `tools/dev deps` (Debian's openjdk-17-jre-headless)");
+    kotlin
+}
+
+fn classpath(paths: &[PathBuf]) -> std::ffi::OsString {
+    std::env::join_paths(paths).unwrap()
+}
+
+/// The program compiled into a jar, reused while its sources, the
+/// binding and the compiler stay the same (kotlinc takes tens of seconds).
+fn compile_chat(k: &Kotlin) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let sources = [
+        bindings_dir().join("generated/kotlin/uniffi/pipit/pipit.kt"),
+        Path::new(MANIFEST_DIR).join("tests/kotlin/Chat.kt"),
+    ];
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for path in sources.iter().chain([&k.kotlinc]).chain(&k.libs) {
+        path.hash(&mut h);
+        if path.extension().is_some_and(|e| e == "kt") {
+            std::fs::read(path).unwrap().hash(&mut h);
+        } else {
+            // The compiler and the jars: a reinstall changes their times.
+            std::fs::metadata(path).and_then(|m| m.modified()).unwrap().hash(&mut h);
+        }
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kotlin");
+    let jar = dir.join(format!("chat-{:016x}.jar", h.finish()));
+    if jar.exists() {
+        println!("kotlinc: {} is up to date", jar.display());
+        return jar;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let partial = dir.join(format!("partial-{}.jar", std::process::id()));
+    let started = Instant::now();
+    let out = run(
+        Command::new(&k.kotlinc)
+            .args(["-nowarn", "-jvm-target", "17", "-cp"])
+            .arg(classpath(&k.libs))
+            .arg("-d")
+            .arg(&partial)
+            .args(&sources),
+        Duration::from_secs(600),
+    );
+    println!("kotlinc compiled the binding and Chat.kt in {:?}{out}", started.elapsed());
+    std::fs::rename(&partial, &jar).unwrap();
+    jar
+}
+
+#[test]
+fn kotlin_binding_chats_on_a_jvm() {
+    let k = kotlin();
+    let server = server_binary();
+    let jar = compile_chat(&k);
+    let mut cp = vec![jar];
+    cp.extend(k.libs.iter().cloned());
+    let output = run(
+        Command::new("java")
+            .arg(format!("-Duniffi.component.pipit.libraryOverride={}", cdylib().display()))
+            .arg("-cp")
+            .arg(classpath(&cp))
+            .arg("ChatKt")
+            .env("PIPIT_BIN", server),
+        Duration::from_secs(180),
+    );
+    println!("{output}");
+    assert!(output.contains("kotlin chat: PASS"), "{output}");
 }

@@ -168,8 +168,8 @@ async fn serve(
     let storage = |e: crate::store::StorageError| LinkFailure::Storage(e.to_string());
     let name = peer.id.as_str();
     // What the link costs on the wire (after the handshake), both ways.
-    let bytes_out = metrics::counter!("pipit_node_link_bytes_out_total", "peer" => name.to_string());
-    let bytes_in = metrics::counter!("pipit_node_link_bytes_in_total", "peer" => name.to_string());
+    let bytes_out = metrics::counter!("pipit_node_link_transmitted_bytes_total", "peer" => name.to_string());
+    let bytes_in = metrics::counter!("pipit_node_link_received_bytes_total", "peer" => name.to_string());
     let mut out = BytesMut::new();
     let mut tick = tokio::time::interval(PING_EVERY);
     let mut heard = Instant::now();

@@ -1446,7 +1446,7 @@ public interface ClientInterface {
      * Stops the client and closes its connection; later calls fail with
      * `Stopped`. What is in the outbox goes out on the next start.
      */
-    suspend fun `close`()
+    suspend fun `shutdown`()
     
     /**
      * Creates a group of this account (its first admin) and `members`.
@@ -1718,7 +1718,7 @@ open class Client: Disposable, AutoCloseable, ClientInterface
      * `Stopped`. What is in the outbox goes out on the next start.
      */
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
-    override suspend fun `close`() {
+    override suspend fun `shutdown`() {
         return uniffiRustCallAsync(
         callWithHandle { uniffiHandle ->
             UniffiLib.uniffi_pipit_ffi_fn_method_client_close(
