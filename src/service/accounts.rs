@@ -412,12 +412,12 @@ mod tests {
         let a = s.register(1, "").unwrap();
         let accounts = &s.services().accounts;
         assert_eq!(s.rt.block_on(accounts.unlink(a, 0).unwrap()), Err(pb::ErrorCode::Forbidden), "the last device");
-        let second = s.rt.block_on(accounts.link(a.account, PublicKey([2; 32]), "tab".into()).unwrap()).unwrap();
+        let second = s.rt.block_on(accounts.link(a, PublicKey([2; 32]), "tab".into()).unwrap()).unwrap();
         assert_eq!(second, 1);
         assert_eq!(s.rt.block_on(accounts.unlink(a, 7).unwrap()), Err(pb::ErrorCode::NotFound));
         s.rt.block_on(accounts.unlink(a, second).unwrap()).unwrap();
         assert_eq!(s.store.device_by_key(&PublicKey([2; 32])).unwrap(), None);
-        let third = s.rt.block_on(accounts.link(a.account, PublicKey([3; 32]), "tab".into()).unwrap()).unwrap();
+        let third = s.rt.block_on(accounts.link(a, PublicKey([3; 32]), "tab".into()).unwrap()).unwrap();
         assert_eq!(third, 2, "device 1 is not given again");
         let list = s.store.account(a.account).unwrap().unwrap();
         assert_eq!(list.devices.iter().map(|d| d.device).collect::<Vec<_>>(), vec![0, 2]);
