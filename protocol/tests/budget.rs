@@ -93,13 +93,16 @@ fn typical_deliver() -> Message {
     .into()
 }
 
+/// Rows of a size table: what, and its bytes on the wire.
+type Rows = Vec<(&'static str, usize)>;
+
 /// The rows of SPEC.md §11's table, computed: labels exactly as the table
 /// has them, in its order. Then rows the table leaves out, printed only.
-fn sizes() -> (Vec<(&'static str, usize)>, Vec<(&'static str, usize)>) {
+fn sizes() -> (Rows, Rows) {
     let (_, keys) = server_keys();
     let device = StaticKeypair::generate();
-    let mut rows: Vec<(&str, usize)> = Vec::new();
-    let mut extra: Vec<(&str, usize)> = Vec::new();
+    let mut rows: Rows = Vec::new();
+    let mut extra: Rows = Vec::new();
 
     // IK with a typical login, answered by LoginOk and one queued message.
     let mut c2s = BytesMut::new();
@@ -236,7 +239,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
