@@ -2,7 +2,9 @@
 //! RocksDB in a temp dir: message id 0, a reused id with other content,
 //! attributable answers and the connection-level error, "not supported",
 //! the order of answers, `LoginOk.pending`, the ids a login names, and a
-//! registration with a known key.
+//! registration with a known key. Round two (issue 21): a 1:1 send with
+//! both shapes of payload, where a per-device 1:1 ciphertext arrives,
+//! `LinkDevice`'s edge cases, and the features the byte budget counts.
 
 mod common;
 
@@ -211,4 +213,159 @@ async fn registering_a_registered_key_logs_that_device_in() {
     assert_eq!((c.login().account, c.login().device), (a.account, a.device));
     let (next, _) = register(s.addr).await;
     assert_eq!(next.account, a.account + 1, "no account was created for the second Register");
+}
+
+// ---------------------------------------------------------------- round two
+// Issue 21: what a second independent implementation found.
+
+/// Round two, defect 1: a 1:1 `Send` with both `payload` and `per_device`
+/// was answered `Sent`, and `payload` reached nobody (each device gets its
+/// own ciphertext instead). It is refused now: BAD_REQUEST, nothing stored.
+#[tokio::test]
+async fn a_one_to_one_send_with_payload_and_per_device_is_refused() {
+    let s = TestServer::start(|_| {});
+    let (_a, mut ca) = register(s.addr).await;
+    let (b, mut cb) = register(s.addr).await;
+    let both = pb::Send {
+        id: 1,
+        to: b.account,
+        payload: Bytes::from_static(b"for every device"),
+        per_device: vec![pb::DeviceCiphertext {
+            account: b.account,
+            device: b.device,
+            payload: Bytes::from_static(b"for b's device"),
+        }],
+        ..Default::default()
+    };
+    ca.send(&[both.into()]).await.unwrap();
+    let answer = expect(&mut ca, |m| match &m {
+        Message::Sent(x) if x.id == 1 => Some(m),
+        Message::Error(e) if e.id == 1 => Some(m),
+        Message::DeviceMismatch(x) if x.id == 1 => Some(m),
+        _ => None,
+    })
+    .await;
+    assert!(is_error(&answer, pb::ErrorCode::BadRequest, 0, 1), "expected BAD_REQUEST, got {answer:?}");
+    assert!(deliveries(&mut cb, Duration::from_millis(500)).await.is_empty(), "nothing was stored");
+    // The connection stays usable, and the same id may carry the message
+    // in one of the two shapes (nothing was stored under it).
+    ca.send(&[send(1, b.account, "for every device")]).await.unwrap();
+    expect_sent(&mut ca, 1).await;
+    assert_eq!(&expect_deliver(&mut cb).await.payload[..], b"for every device");
+}
+
+/// Round two, defect 2: SPEC.md did not say where a 1:1 per-device
+/// ciphertext arrives; `Deliver.device_payload` was documented for groups
+/// only, and a client looking there lost the message. It arrives in
+/// `Deliver.payload`, each device its own; `device_payload` stays empty.
+#[tokio::test]
+async fn a_per_device_one_to_one_message_arrives_in_deliver_payload() {
+    let s = TestServer::start(|_| {});
+    let (a, mut ca) = register(s.addr).await;
+    let (b, mut cb) = register(s.addr).await;
+    let b2 = link(&s, &mut cb, 1).await;
+    let cipher = |account: u64, device: u32, text: &'static str| pb::DeviceCiphertext {
+        account,
+        device,
+        payload: Bytes::from_static(text.as_bytes()),
+    };
+    let m = pb::Send {
+        id: 1,
+        to: b.account,
+        per_device: vec![cipher(b.account, b.device, "for b0"), cipher(0, b2.device, "for b1")],
+        ..Default::default()
+    };
+    ca.send(&[m.into()]).await.unwrap();
+    let sent = expect_sent(&mut ca, 1).await;
+    let mut cb2 = login(&s, &b2).await;
+    for (c, want) in [(&mut cb, "for b0"), (&mut cb2, "for b1")] {
+        let d = expect_deliver(c).await;
+        assert_eq!((d.from, d.seq, &d.payload[..]), (a.account, sent.seq, want.as_bytes()), "{d:?}");
+        assert!(d.device_payload.is_empty(), "device_payload is for groups only: {d:?}");
+    }
+}
+
+/// The answer to a `LinkDevice` of `key`: the device number or the code.
+async fn link_key(
+    c: &mut Connection,
+    req: u64,
+    key: &pipit_client::pipit_protocol::PublicKey,
+) -> Result<u32, pb::ErrorCode> {
+    let m = pb::LinkDevice { req, key: Bytes::copy_from_slice(key.as_bytes()), name: "tablet".into() };
+    match call(c, m.into()).await {
+        Message::Linked(l) => Ok(l.device),
+        m => Err(code(&m)),
+    }
+}
+
+/// Round two, defect 7: the same key linked twice is idempotent (a retry
+/// after a lost answer): the second answer names the same device and the
+/// account has no extra device, also once it is full.
+#[tokio::test]
+async fn linking_the_same_key_twice_names_the_same_device() {
+    let s = TestServer::start(|_| {});
+    let (a, mut ca) = register(s.addr).await;
+    let key = pipit_client::pipit_protocol::StaticKeypair::generate();
+    let first = link_key(&mut ca, 1, key.public()).await.unwrap();
+    assert_eq!(link_key(&mut ca, 2, key.public()).await, Ok(first));
+    // From the linked device, the first device's key is just as known.
+    let mut c1 = login(&s, &Device { key: key.clone(), account: a.account, device: first }).await;
+    assert_eq!(link_key(&mut c1, 3, a.key.public()).await, Ok(a.device));
+    let list = match call(&mut ca, pb::DeviceListRequest { req: 4, account: 0 }.into()).await {
+        Message::DeviceList(l) => l,
+        m => panic!("expected DeviceList, got {m:?}"),
+    };
+    assert_eq!(list.devices.len(), 2, "{list:?}");
+}
+
+/// Round two, defect 7: a device linking its own key got `Linked{its own
+/// number}`, a success that linked nothing. BAD_REQUEST now; the
+/// connection stays.
+#[tokio::test]
+async fn linking_the_requesting_devices_own_key_is_a_bad_request() {
+    let s = TestServer::start(|_| {});
+    let (a, mut ca) = register(s.addr).await;
+    assert_eq!(link_key(&mut ca, 1, a.key.public()).await, Err(pb::ErrorCode::BadRequest));
+    until_pong(&mut ca, 2).await;
+}
+
+/// Round two, defect 7: another account's device key cannot be taken over.
+#[tokio::test]
+async fn linking_another_accounts_key_is_forbidden() {
+    let s = TestServer::start(|_| {});
+    let (_a, mut ca) = register(s.addr).await;
+    let (b, _cb) = register(s.addr).await;
+    assert_eq!(link_key(&mut ca, 1, b.key.public()).await, Err(pb::ErrorCode::Forbidden));
+    until_pong(&mut ca, 2).await;
+}
+
+/// Round two, defect 7: at most 16 devices; the 17th is TOO_LARGE, while a
+/// key already linked is still answered with its device.
+#[tokio::test]
+async fn a_seventeenth_device_is_too_large() {
+    let s = TestServer::start(|_| {});
+    let (_a, mut ca) = register(s.addr).await;
+    let mut last = None;
+    for req in 1..=15u64 {
+        let key = pipit_client::pipit_protocol::StaticKeypair::generate();
+        let device = link_key(&mut ca, req, key.public()).await.unwrap_or_else(|c| panic!("device {req}: {c:?}"));
+        last = Some((key, device));
+    }
+    let (key, device) = last.unwrap();
+    let extra = pipit_client::pipit_protocol::StaticKeypair::generate();
+    assert_eq!(link_key(&mut ca, 16, extra.public()).await, Err(pb::ErrorCode::TooLarge));
+    assert_eq!(link_key(&mut ca, 17, key.public()).await, Ok(device), "idempotent, also when full");
+}
+
+/// Round two, defect 8: SPEC.md §11 counts the login result with the
+/// features a default server lists (`protocol/tests/budget.rs`,
+/// `REFERENCE_FEATURES`, computes the table's login rows with them). If
+/// this fails, change both and the table follows by that test.
+#[tokio::test]
+async fn login_ok_lists_the_features_the_byte_budget_counts() {
+    let s = TestServer::start(|_| {});
+    let (_a, ca) = register(s.addr).await;
+    use pb::Feature::*;
+    let counted = [Groups, Presence, Typing, KeyDirectory, UnlinkDevice].map(|f| f as i32);
+    assert_eq!(ca.login().features, counted);
 }

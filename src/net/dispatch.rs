@@ -194,7 +194,7 @@ impl Conn {
             self.answer_now(req_error(pb::ErrorCode::TooLarge, r));
             return;
         }
-        match self.ctx.services.accounts.link(self.addr.account, key, req.name) {
+        match self.ctx.services.accounts.link(self.addr, key, req.name) {
             Err(reason) => self.answer_now(unavailable(r, reason)),
             Ok(linked) => self.answer_later(async move {
                 match linked.await {

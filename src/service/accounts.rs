@@ -59,16 +59,18 @@ impl Accounts {
         rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable))
     }
 
-    /// Adds `key` as a new device of `account`; the future answers its
-    /// device number.
+    /// Adds `key` as a new device of `by`'s account; the future answers
+    /// its device number (SPEC.md 5.5: a key the account already has
+    /// answers that device's number; `by`'s own key is `BAD_REQUEST`,
+    /// another account's `FORBIDDEN`, a 17th device `TOO_LARGE`).
     pub fn link(
         &self,
-        account: u64,
+        by: DeviceAddr,
         key: PublicKey,
         name: String,
     ) -> Result<impl Future<Output = Result<u32, pb::ErrorCode>> + Send + 'static, SubmitError> {
         let (tx, rx) = oneshot::channel();
-        let op = Link { account, key, name, result: None, reply: Some(tx) };
+        let op = Link { by, key, name, result: None, reply: Some(tx) };
         self.writer.try_submit_new(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) })
     }
@@ -213,7 +215,8 @@ impl Register {
 }
 
 struct Link {
-    account: u64,
+    /// The device that asked.
+    by: DeviceAddr,
     key: PublicKey,
     name: String,
     result: Option<Result<u32, pb::ErrorCode>>,
@@ -234,11 +237,19 @@ impl Operation<Ctx> for Link {
 impl Link {
     fn link(&self, txn: &mut Txn<'_>) -> Result<Result<u32, pb::ErrorCode>, StorageError> {
         if let Some(addr) = txn.device_by_key(&self.key)? {
-            // Linking the same key twice is idempotent; another account's
-            // key cannot be taken over.
-            return Ok(if addr.account == self.account { Ok(addr.device) } else { Err(pb::ErrorCode::Forbidden) });
+            // Linking the same key twice is idempotent (a retry after a
+            // lost answer); the asking device's own key would be a
+            // `Linked` that linked nothing; another account's key cannot
+            // be taken over.
+            return Ok(if addr == self.by {
+                Err(pb::ErrorCode::BadRequest)
+            } else if addr.account == self.by.account {
+                Ok(addr.device)
+            } else {
+                Err(pb::ErrorCode::Forbidden)
+            });
         }
-        let Some(list) = txn.account(self.account)? else {
+        let Some(list) = txn.account(self.by.account)? else {
             return Ok(Err(pb::ErrorCode::NotFound));
         };
         if list.devices.len() >= pipit_protocol::limits::MAX_DEVICES_PER_ACCOUNT {
@@ -401,12 +412,12 @@ mod tests {
         let a = s.register(1, "").unwrap();
         let accounts = &s.services().accounts;
         assert_eq!(s.rt.block_on(accounts.unlink(a, 0).unwrap()), Err(pb::ErrorCode::Forbidden), "the last device");
-        let second = s.rt.block_on(accounts.link(a.account, PublicKey([2; 32]), "tab".into()).unwrap()).unwrap();
+        let second = s.rt.block_on(accounts.link(a, PublicKey([2; 32]), "tab".into()).unwrap()).unwrap();
         assert_eq!(second, 1);
         assert_eq!(s.rt.block_on(accounts.unlink(a, 7).unwrap()), Err(pb::ErrorCode::NotFound));
         s.rt.block_on(accounts.unlink(a, second).unwrap()).unwrap();
         assert_eq!(s.store.device_by_key(&PublicKey([2; 32])).unwrap(), None);
-        let third = s.rt.block_on(accounts.link(a.account, PublicKey([3; 32]), "tab".into()).unwrap()).unwrap();
+        let third = s.rt.block_on(accounts.link(a, PublicKey([3; 32]), "tab".into()).unwrap()).unwrap();
         assert_eq!(third, 2, "device 1 is not given again");
         let list = s.store.account(a.account).unwrap().unwrap();
         assert_eq!(list.devices.iter().map(|d| d.device).collect::<Vec<_>>(), vec![0, 2]);

@@ -219,6 +219,12 @@ fn precheck(txn: &mut Txn<'_>, from: DeviceAddr, send: &pb::Send, digest: Digest
         // The connection refuses these before a send gets here.
         return fail(pb::ErrorCode::BadRequest);
     }
+    if send.to != 0 && !send.payload.is_empty() && !send.per_device.is_empty() {
+        // A 1:1 send is one payload for every device or one ciphertext per
+        // device, never both: each device gets one of them, so the other
+        // would reach nobody (SPEC.md 5.1).
+        return fail(pb::ErrorCode::BadRequest);
+    }
     // What the recipient gets must fit a packet; a payload that would not
     // is refused now rather than stored to block the recipient's inbox.
     if pipit_protocol::message::check_send(send).is_err() {
@@ -433,7 +439,7 @@ mod tests {
         let s = setup(Registration::Open);
         let a = s.register(1, "").unwrap();
         let b = s.register(2, "").unwrap();
-        let link = s.services().accounts.link(b.account, pipit_protocol::PublicKey([3; 32]), "tablet".into());
+        let link = s.services().accounts.link(b, pipit_protocol::PublicKey([3; 32]), "tablet".into());
         let b2 = DeviceAddr::new(b.account, s.rt.block_on(link.unwrap()).unwrap());
         // Plant a corrupt counter for b's second device: reading it fails
         // after the first device's entry was already staged.

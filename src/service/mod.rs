@@ -345,7 +345,7 @@ pub(crate) mod testing {
         }
 
         pub(crate) fn link(&self, account: u64, key: u8) -> DeviceAddr {
-            let link = self.services().accounts.link(account, PublicKey([key; 32]), "t".into());
+            let link = self.services().accounts.link(DeviceAddr::new(account, 0), PublicKey([key; 32]), "t".into());
             DeviceAddr::new(account, self.rt.block_on(link.unwrap()).unwrap())
         }
 

@@ -55,6 +55,8 @@ checks! {
     "3.4" "xx-init-payload" "an XxInit with a payload closes, unanswered" => xx_init_payload;
     "3.5" "retry-stale-key" "IK with a stale key gets Retry with the current key, then IK works" => retry_stale;
     "3.5" "retry-at-most-once" "a second undecryptable IkInit closes without another Retry" => retry_once;
+    "3.5" "retry-same-key" "a damaged IkInit made with the right key gets Retry with that key, then IK works" => retry_same_key;
+    "3.5" "retry-then-xx" "after a Retry an XxInit is answered XxReply with the current key" => retry_then_xx;
     "3.6" "retired-key-login" "IK with a retired key logs in at once and LoginOk names the current key" => retired_key;
     "3.7" "handshake-timeout-silent" "a connection that sends nothing is closed by the handshake timeout" => timeout_silent;
     "3.7" "handshake-timeout-partial" "a handshake frame cut short is closed by the handshake timeout" => timeout_partial;
@@ -97,6 +99,8 @@ checks! {
     "5.1" "send-two-recipients" "a Send with both to and group is answered BAD_REQUEST" => send_two_recipients;
     "5.1" "send-unknown-account" "a Send to an account that does not exist is answered NOT_FOUND" => send_unknown;
     "5.1" "send-to-self" "a Send to one's own account reaches the account's other devices" => send_to_self;
+    "5.1" "send-payload-and-per-device" "a 1:1 Send with both payload and per_device is BAD_REQUEST, nothing stored" => send_payload_and_per_device;
+    "5.1" "send-per-device-in-payload" "a 1:1 per-device ciphertext arrives as Deliver.payload, device_payload empty" => send_per_device_in_payload;
     "5.2" "deliver-window" "at most window entries unacked; pending is the inbox depth; order kept" => deliver_window;
     "5.3" "receipts" "the sender gets DELIVERED after the ack and READ after the reader's receipt" => receipts;
     "5.5" "login-unknown-key" "IK with an unregistered key is answered UNKNOWN_DEVICE" => login_unknown_key;
@@ -105,6 +109,11 @@ checks! {
     "5.5" "register-existing-key" "Register with a registered key logs that device in" => register_existing;
     "5.5" "login-replaces" "a second login gets the first connection REPLACED and closed" => login_replaces;
     "5.5" "link-device" "LinkDevice is answered Linked and the new device logs in" => link_device;
+    "5.5" "link-same-key-twice" "linking a key the account has answers that device; nothing is added" => link_same_key;
+    "5.5" "link-own-key" "linking the requesting device's own key is BAD_REQUEST" => link_own_key;
+    "5.5" "link-other-accounts-key" "linking another account's device key is FORBIDDEN" => link_other_accounts_key;
+    "5.5" "link-seventeenth-device" "a 17th device is TOO_LARGE" => link_seventeenth;
+    "5.6" "group-notice-to-maker" "the device that makes a group change gets its notice as an inbox entry" => group_notice_to_maker;
     "5.8" "presence-states-before-done" "PresenceSubscribe: each account's state, then Done" => presence_states;
     "5.8" "presence-unknown-account" "a subscription naming an unknown account is answered NOT_FOUND" => presence_unknown;
     "5.8" "typing-relayed" "Typing reaches the peer's connected device as Typing{peer: sender}" => typing_relayed;
@@ -270,7 +279,7 @@ async fn ik_login(cx: &Ctx) -> Outcome {
 
 async fn xx_reply_empty(cx: &Ctx) -> Outcome {
     let mut s = dial(cx.target.addr).await?;
-    let payload = wire::xx_reply_payload(&mut s, &StaticKeypair::generate()).await?;
+    let (payload, _) = wire::xx_reply(&mut s, &StaticKeypair::generate(), true).await?;
     check(payload.is_empty(), || format!("XxReply carried {} payload bytes", payload.len()))?;
     Ok(None)
 }
@@ -336,6 +345,40 @@ async fn retry_once(cx: &Ctx) -> Outcome {
     s.write_all(&wire::crafted_ik(&d.key, &other, &payload, false)).await.map_err(|e| e.to_string())?;
     let got = read_to_close(&mut s, ANSWER).await?;
     check(!handshake_kinds(&got).contains(&6), || "a second Retry".into())?;
+    Ok(None)
+}
+
+async fn retry_same_key(cx: &Ctx) -> Outcome {
+    let (d, first) = cx.register().await?;
+    drop(first);
+    let payload = packet(&[pb::Login { account: d.account, device: d.device, ..Default::default() }.into()]);
+    let mut damaged = wire::crafted_ik(&d.key, &cx.target.key, &payload, true);
+    // The last byte is the payload's tag: the frame is whole, the key the
+    // right one, and it does not decrypt.
+    *damaged.last_mut().ok_or("an empty IkInit")? ^= 0x01;
+    let mut s = dial(cx.target.addr).await?;
+    s.write_all(&damaged).await.map_err(|e| e.to_string())?;
+    let offered = wire::read_retry(&mut s).await?;
+    check(offered == cx.target.key, || format!("Retry offered {offered}, the IkInit used {}", cx.target.key))?;
+    // Not a key change: IK again with the same key, on the same connection.
+    let (w, _) = Wire::ik_on(s, &d.key, &offered, login_hello(d.account, d.device, 0), false, false)
+        .await
+        .map_err(|e| format!("IK again with the same key: {e}"))?;
+    check(w.login.account == d.account, || "logged in as another account".into())?;
+    Ok(None)
+}
+
+async fn retry_then_xx(cx: &Ctx) -> Outcome {
+    let (d, first) = cx.register().await?;
+    drop(first);
+    let payload = packet(&[pb::Login { account: d.account, device: d.device, ..Default::default() }.into()]);
+    let stale = *StaticKeypair::generate().public();
+    let mut s = dial(cx.target.addr).await?;
+    s.write_all(&wire::crafted_ik(&d.key, &stale, &payload, true)).await.map_err(|e| e.to_string())?;
+    wire::read_retry(&mut s).await?;
+    let (reply, key) = wire::xx_reply(&mut s, &d.key, false).await.map_err(|e| format!("XX after Retry: {e}"))?;
+    check(key == cx.target.key, || format!("XxReply proved {key}, the server's key is {}", cx.target.key))?;
+    check(reply.is_empty(), || format!("XxReply carried {} payload bytes", reply.len()))?;
     Ok(None)
 }
 
@@ -709,6 +752,49 @@ async fn send_to_self(cx: &Ctx) -> Outcome {
     Ok(None)
 }
 
+async fn send_payload_and_per_device(cx: &Ctx) -> Outcome {
+    let (_, mut wa) = cx.register().await?;
+    let (b, mut wb) = cx.register().await?;
+    let m = pb::Send {
+        id: 3,
+        to: b.account,
+        payload: wire::text("for every device"),
+        per_device: vec![pb::DeviceCiphertext { account: b.account, device: b.device, payload: wire::text("for b") }],
+        ..Default::default()
+    };
+    wa.send(&[m.into()]).await?;
+    expect_send_error(&mut wa, 3, pb::ErrorCode::BadRequest).await?;
+    wa.ping(4).await?;
+    let got = wb.drain(Duration::from_millis(500)).await?;
+    check(delivers(&got).is_empty(), || format!("delivered {}", describe_all(&got)))?;
+    Ok(None)
+}
+
+async fn send_per_device_in_payload(cx: &Ctx) -> Outcome {
+    let (a, mut wa) = cx.register().await?;
+    let (b, mut wb) = cx.register().await?;
+    let b2 = link(&mut wb, 1).await?;
+    let mut w2 = cx.login(&Device { account: 0, ..b2.clone() }).await?;
+    let cipher =
+        |device: u32, text: &str| pb::DeviceCiphertext { account: b.account, device, payload: wire::text(text) };
+    let m = pb::Send {
+        id: 1,
+        to: b.account,
+        per_device: vec![cipher(b.device, "for the first"), cipher(b2.device, "for the second")],
+        ..Default::default()
+    };
+    wa.send(&[m.into()]).await?;
+    let sent = expect_sent(&mut wa, 1).await?;
+    for (w, want) in [(&mut wb, "for the first"), (&mut w2, "for the second")] {
+        let d = w.expect("the Deliver", |m| if let Message::Deliver(d) = m { Some(d.clone()) } else { None }).await?;
+        check(d.from == a.account && d.seq == sent.seq && &d.payload[..] == want.as_bytes(), || {
+            format!("delivered {d:?}, expected payload {want:?}")
+        })?;
+        check(d.device_payload.is_empty(), || format!("device_payload set in 1:1: {d:?}"))?;
+    }
+    Ok(None)
+}
+
 async fn deliver_window(cx: &Ctx) -> Outcome {
     let (_, mut wa) = cx.register().await?;
     let (b, wb) = cx.register().await?;
@@ -832,6 +918,83 @@ async fn link_device(cx: &Ctx) -> Outcome {
     check(d.device != a.device, || "the new device got the first device's number".into())?;
     let w2 = cx.login(&Device { account: 0, device: 0, ..d.clone() }).await?;
     check((w2.login.account, w2.login.device) == (a.account, d.device), || "LoginOk names other ids".into())?;
+    Ok(None)
+}
+
+/// The answer to `LinkDevice{req, key}`: the device, or the error code.
+async fn link_key(w: &mut Wire, req: u64, key: &PublicKey) -> Result<Result<u32, pb::ErrorCode>, String> {
+    let m = pb::LinkDevice { req, key: Bytes::copy_from_slice(key.as_bytes()), name: "edge".into() };
+    w.send(&[m.into()]).await?;
+    match answer_to(w, req).await? {
+        Message::Linked(l) => Ok(Ok(l.device)),
+        Message::Error(e) => Ok(Err(pb::ErrorCode::try_from(e.code).unwrap_or_default())),
+        other => Err(format!("LinkDevice answered {}", describe(&other))),
+    }
+}
+
+async fn link_same_key(cx: &Ctx) -> Outcome {
+    let (_, mut w) = cx.register().await?;
+    let key = *StaticKeypair::generate().public();
+    let first = link_key(&mut w, 1, &key).await?.map_err(|c| format!("the first LinkDevice: {}", c.as_str_name()))?;
+    let again = link_key(&mut w, 2, &key).await?;
+    check(again == Ok(first), || format!("the same key again: {again:?}, the first answer was device {first}"))?;
+    w.send(&[pb::DeviceListRequest { req: 3, account: 0 }.into()]).await?;
+    match answer_to(&mut w, 3).await? {
+        Message::DeviceList(l) => check(l.devices.len() == 2, || format!("{} devices, 2 expected", l.devices.len()))?,
+        other => return Err(format!("DeviceListRequest answered {}", describe(&other))),
+    }
+    Ok(None)
+}
+
+async fn link_own_key(cx: &Ctx) -> Outcome {
+    let (d, mut w) = cx.register().await?;
+    let got = link_key(&mut w, 1, d.key.public()).await?;
+    check(got == Err(pb::ErrorCode::BadRequest), || format!("answered {got:?}"))?;
+    w.ping(2).await?;
+    Ok(None)
+}
+
+async fn link_other_accounts_key(cx: &Ctx) -> Outcome {
+    let (_, mut w) = cx.register().await?;
+    let (other, _) = cx.register().await?;
+    let got = link_key(&mut w, 1, other.key.public()).await?;
+    check(got == Err(pb::ErrorCode::Forbidden), || format!("answered {got:?}"))?;
+    w.ping(2).await?;
+    Ok(None)
+}
+
+async fn link_seventeenth(cx: &Ctx) -> Outcome {
+    let (_, mut w) = cx.register().await?;
+    for req in 1..=15u64 {
+        let got = link_key(&mut w, req, StaticKeypair::generate().public()).await?;
+        check(got.is_ok(), || format!("device {} of 16 answered {got:?}", req + 1))?;
+    }
+    let got = link_key(&mut w, 16, StaticKeypair::generate().public()).await?;
+    check(got == Err(pb::ErrorCode::TooLarge), || format!("a 17th device answered {got:?}"))?;
+    Ok(None)
+}
+
+async fn group_notice_to_maker(cx: &Ctx) -> Outcome {
+    let (a, mut w) = cx.register().await?;
+    if let Some(skip) = unless_offered(&w, pb::Feature::Groups) {
+        return Ok(Some(skip));
+    }
+    w.send(&[pb::GroupCreate { req: 1, name: wire::text("notice"), ..Default::default() }.into()]).await?;
+    // The answer and the notice, in either order (the account is new: its
+    // only group is this one).
+    let (mut created, mut notice) = (None, None);
+    while created.is_none() || notice.is_none() {
+        match w.recv().await.map_err(|e| format!("waiting for the answer and the notice: {e}"))? {
+            Message::GroupInfo(g) if g.req == 1 => created = Some(g),
+            Message::GroupInfo(g) if g.req == 0 => notice = Some(g),
+            m @ Message::Error(_) => return Err(format!("GroupCreate answered {}", describe(&m))),
+            _ => {}
+        }
+    }
+    let (created, notice) = (created.unwrap_or_default(), notice.unwrap_or_default());
+    check(notice.inbox != 0 && notice.by == a.account && notice.group == created.group, || {
+        format!("the maker's notice {notice:?}, the answer {created:?}")
+    })?;
     Ok(None)
 }
 

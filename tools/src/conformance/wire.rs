@@ -116,13 +116,18 @@ pub(crate) fn crafted_ik(local: &StaticKeypair, server: &PublicKey, payload: &[u
     out
 }
 
-/// Reads one handshake frame `XxReply` answering `crafted_xx_init` and
-/// returns its decrypted payload.
-pub(crate) async fn xx_reply_payload(s: &mut TcpStream, local: &StaticKeypair) -> Result<Vec<u8>, String> {
+/// Sends an `XxInit` (after the preamble when `with_preamble`), reads the
+/// `XxReply` that answers it and returns its decrypted payload and the
+/// server key it proves.
+pub(crate) async fn xx_reply(
+    s: &mut TcpStream,
+    local: &StaticKeypair,
+    with_preamble: bool,
+) -> Result<(Vec<u8>, PublicKey), String> {
     let mut hs = initiator("Noise_XX_25519_ChaChaPoly_BLAKE2s", local, None);
     let mut msg = [0u8; 64];
     let n = hs.write_message(&[], &mut msg).map_err(|e| e.to_string())?;
-    let mut out = preamble(VERSION).to_vec();
+    let mut out = if with_preamble { preamble(VERSION).to_vec() } else { Vec::new() };
     out.extend_from_slice(&handshake_frame(3, &msg[..n]));
     s.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut len = [0u8; 2];
@@ -141,7 +146,23 @@ pub(crate) async fn xx_reply_payload(s: &mut TcpStream, local: &StaticKeypair) -
     let mut payload = vec![0u8; body.len()];
     let n = hs.read_message(&body[1..], &mut payload).map_err(|e| format!("XxReply does not decrypt: {e}"))?;
     payload.truncate(n);
-    Ok(payload)
+    let key = hs.get_remote_static().and_then(PublicKey::from_slice).ok_or("XxReply proves no static key")?;
+    Ok((payload, key))
+}
+
+/// Reads a `Retry` frame (the first thing the server sends) and returns
+/// the key it offers.
+pub(crate) async fn read_retry(s: &mut TcpStream) -> Result<PublicKey, String> {
+    // 2 length bytes, the kind, 32 key bytes.
+    let mut retry = [0u8; 35];
+    tokio::time::timeout(ANSWER, s.read_exact(&mut retry))
+        .await
+        .map_err(|_| "no Retry".to_string())?
+        .map_err(|e| format!("reading Retry: {e}"))?;
+    if retry[..3] != [0, 33, 6] {
+        return Err(format!("expected a Retry frame, got {:02x?}", &retry[..3]));
+    }
+    PublicKey::from_slice(&retry[3..]).ok_or_else(|| "a Retry without a key".to_string())
 }
 
 /// An XX first flight (preamble and `XxInit`) carrying `payload`, which
@@ -201,10 +222,26 @@ impl Wire {
         hello: Hello,
         follow_retry: bool,
     ) -> Result<(Wire, u32), Refusal> {
-        let mut stream = dial(addr).await.map_err(Refusal::Other)?;
+        let stream = dial(addr).await.map_err(Refusal::Other)?;
+        Self::ik_on(stream, local, server, hello, follow_retry, true).await
+    }
+
+    /// IK on a connection already open: from its start (`with_preamble`),
+    /// or after the server answered an earlier first message with `Retry`.
+    pub(crate) async fn ik_on(
+        mut stream: TcpStream,
+        local: &StaticKeypair,
+        server: &PublicKey,
+        hello: Hello,
+        follow_retry: bool,
+        with_preamble: bool,
+    ) -> Result<(Wire, u32), Refusal> {
         let mut out = BytesMut::new();
         let mut hs =
             ClientHandshake::ik(local, server, hello, &mut out).map_err(|e| Refusal::Other(format!("client: {e}")))?;
+        if !with_preamble {
+            let _ = out.split_to(preamble(VERSION).len());
+        }
         write(&mut stream, &out).await?;
         let mut inits = 1;
         let mut inbuf = BytesMut::new();
