@@ -35,7 +35,7 @@ const METRICS: &[(&str, Kind, &str, bool)] = &[
     ("pipit_connections", Gauge, "Client connections open (handshaking or logged in).", false),
     ("pipit_online_devices", Gauge, "Devices with a logged-in connection.", false),
     ("pipit_connections_accepted_total", Counter, "TCP connections accepted by the chat listeners.", false),
-    ("pipit_connections_refused_total", LabeledCounter, "Connections refused before any cryptography, by reason (max_connections, busy: too many handshakes, throttled: the source's rate).", false),
+    ("pipit_connections_refused_total", LabeledCounter, "Connections refused before any cryptography, by reason (max_connections, busy: the source holds its share of the handshakes in progress, throttled: the source's rate).", false),
     ("pipit_handshakes_in_progress", Gauge, "Handshakes between accept and login.", false),
     ("pipit_handshakes_total", LabeledCounter, "Handshakes finished, by Noise pattern and result.", false),
     ("pipit_handshake_seconds", Histogram, "Time from accept to the end of the handshake.", false),

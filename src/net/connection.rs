@@ -18,8 +18,8 @@ use pipit_protocol::session::Incoming;
 use pipit_protocol::{Message, Session};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
+use super::admission::Slot;
 use super::{ConnCtx, ConnError};
 use crate::model::{DeviceAddr, LogGate};
 use crate::route::{Charge, ConnHandle, Events, Push, Watcher};
@@ -29,7 +29,7 @@ use crate::service::Submission;
 
 /// Serves one accepted socket until it closes. `slot` is its place among
 /// the handshakes in progress.
-pub(super) async fn run(stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit, ctx: &Arc<ConnCtx>) {
+pub(super) async fn run(stream: TcpStream, peer: SocketAddr, slot: Slot, ctx: &Arc<ConnCtx>) {
     metrics::gauge!("pipit_connections").increment(1.0);
     let result = serve(stream, slot, ctx).await;
     metrics::gauge!("pipit_connections").decrement(1.0);
@@ -53,7 +53,7 @@ pub(super) async fn run(stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphor
     }
 }
 
-async fn serve(stream: TcpStream, slot: OwnedSemaphorePermit, ctx: &Arc<ConnCtx>) -> Result<(), ConnError> {
+async fn serve(stream: TcpStream, slot: Slot, ctx: &Arc<ConnCtx>) -> Result<(), ConnError> {
     // The handshake and the login hold state an established connection no
     // longer needs; run them in their own allocation so it is freed once
     // they are done instead of sizing every idle connection's future.

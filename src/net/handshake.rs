@@ -13,8 +13,8 @@ use pipit_protocol::limits::{MAX_INVITE_LEN, MAX_NAME_LEN};
 use pipit_protocol::message::pb;
 use pipit_protocol::{Message, PublicKey, Session};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
+use super::admission::Slot;
 use super::connection::{error, write_out, Conn};
 use super::{ConnCtx, ConnError};
 use crate::model::{unix_now, DeviceAddr};
@@ -46,17 +46,48 @@ async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Con
     }
 }
 
-/// Runs the handshake and the login. `_slot` is this connection's place
-/// among the handshakes in progress, given back when this returns.
-pub(super) async fn establish(
-    mut stream: TcpStream,
-    _slot: OwnedSemaphorePermit,
-    ctx: &Arc<ConnCtx>,
-) -> Result<Established, ConnError> {
+/// When the handshake gives up on the peer: each message the server waits
+/// for must start within the idle timeout, arrive whole within the step
+/// timeout, and the whole handshake end within the handshake timeout. A
+/// peer that opens a connection and stalls (silent, half a frame, an XX
+/// left unfinished) gives its slot back at the first deadline it misses,
+/// not after the whole handshake timeout.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    whole: Instant,
+    step: Instant,
+    idle: Duration,
+    step_timeout: Duration,
+}
+
+impl Deadlines {
+    fn new(cfg: &super::NetConfig, now: Instant) -> Self {
+        Self::with(cfg.handshake_timeout, cfg.handshake_step_timeout, cfg.handshake_idle_timeout, now)
+    }
+
+    fn with(whole: Duration, step: Duration, idle: Duration, now: Instant) -> Self {
+        Self { whole: now + whole, step: now + step, idle, step_timeout: step }
+    }
+
+    /// The server has answered and waits for the peer's next message.
+    fn next_step(&mut self, now: Instant) {
+        self.step = now + self.step_timeout;
+    }
+
+    /// Until when the next read may wait, from `now`.
+    fn read_by(&self, now: Instant) -> Instant {
+        (now + self.idle).min(self.step).min(self.whole)
+    }
+}
+
+/// Runs the handshake and the login. `slot` is this connection's place
+/// among the handshakes in progress, given back once the handshake's
+/// work is done.
+pub(super) async fn establish(mut stream: TcpStream, slot: Slot, ctx: &Arc<ConnCtx>) -> Result<Established, ConnError> {
     let cfg = &ctx.cfg;
     let write_timeout = cfg.write_timeout;
     let started = Instant::now();
-    let deadline = tokio::time::Instant::from_std(started + cfg.handshake_timeout);
+    let mut deadlines = Deadlines::new(cfg, started);
     // One snapshot for the whole handshake: a key reload meanwhile must not
     // make it answer with one key and report another as current.
     let keys = ctx.keys.get();
@@ -65,7 +96,8 @@ pub(super) async fn establish(
     let mut out = BytesMut::new();
 
     let accepted = loop {
-        match tokio::time::timeout_at(deadline, read_some(&mut stream, &mut inbuf)).await {
+        let by = tokio::time::Instant::from_std(deadlines.read_by(Instant::now()));
+        match tokio::time::timeout_at(by, read_some(&mut stream, &mut inbuf)).await {
             Err(_) => {
                 handshake_metric("unknown", "timeout");
                 return Err(ConnError::Timeout);
@@ -85,11 +117,16 @@ pub(super) async fn establish(
         match step {
             Ok(ServerStep::NeedMore(next)) => {
                 hs = next;
-                write_out(&mut stream, &mut out, write_timeout).await?;
+                if !out.is_empty() {
+                    // An answer (XX message 2, a retry): the peer's next
+                    // message is a new step.
+                    write_out(&mut stream, &mut out, cfg.handshake_step_timeout).await?;
+                    deadlines.next_step(Instant::now());
+                }
             }
             Ok(ServerStep::Accepted(a)) => break *a,
             Err(e) => {
-                let _ = write_out(&mut stream, &mut out, write_timeout).await;
+                let _ = write_out(&mut stream, &mut out, cfg.handshake_step_timeout).await;
                 handshake_metric("unknown", "error");
                 return Err(e.into());
             }
@@ -135,6 +172,7 @@ pub(super) async fn establish(
                 })
                 .await?;
             out = back;
+            drop(slot);
             let _ = write_out(&mut stream, &mut out, write_timeout).await;
             return Err(ConnError::Refused(code));
         }
@@ -200,6 +238,9 @@ pub(super) async fn establish(
         .await
         .map_err(unregister)?;
     out = back;
+    // The handshake's work is done: what is left is a write that costs no
+    // CPU and may wait on a slow link, so it holds no slot.
+    drop(slot);
     let session = finished.map_err(|e| unregister(e.into()))?;
     handshake_metric(pattern, "ok");
     metrics::histogram!("pipit_handshake_seconds").record(started.elapsed().as_secs_f64());
@@ -280,5 +321,28 @@ fn placement_refusal(cluster: &Cluster, account: u64) -> Option<(pb::ErrorCode, 
             Some((pb::ErrorCode::Unavailable, vec![e.into()]))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_read_waits_for_the_nearest_of_idle_step_and_whole() {
+        let s = Duration::from_secs;
+        let t = Instant::now();
+        let mut d = Deadlines::with(s(10), s(5), s(2), t);
+        // A silent peer: the idle timeout.
+        assert_eq!(d.read_by(t), t + s(2));
+        // A trickle restarts the idle timeout but not the step's.
+        assert_eq!(d.read_by(t + s(4)), t + s(5));
+        // The server answered at 4 s: the next message has its own step.
+        d.next_step(t + s(4));
+        assert_eq!(d.read_by(t + s(6)), t + s(8));
+        assert_eq!(d.read_by(t + s(8)), t + s(9));
+        // And never past the whole handshake's.
+        d.next_step(t + s(8));
+        assert_eq!(d.read_by(t + s(9)), t + s(10));
     }
 }

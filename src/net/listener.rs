@@ -1,7 +1,9 @@
 //! Listeners and shards: one thread per shard, each a single-threaded
 //! tokio runtime with its own `SO_REUSEPORT` listener, so the kernel
 //! spreads new connections across shards and a connection's task never
-//! migrates.
+//! migrates. A shard accepts only while a handshake slot is free (see
+//! `admission`): past `max_handshakes` new connections wait in the
+//! kernel's backlog, not refused.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -72,7 +74,9 @@ fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
-    socket.listen(4096)?;
+    // Connections wait here while every handshake slot is taken (see
+    // `run_shard`); the kernel caps this at net.core.somaxconn.
+    socket.listen(65_535)?;
     Ok(socket.into())
 }
 
@@ -117,8 +121,8 @@ pub fn run_shard(index: usize, listener: std::net::TcpListener, ctx: Arc<ConnCtx
                         drop(stream);
                         continue;
                     }
-                    let slot = match ctx.admission.admit(peer.ip(), std::time::Instant::now()) {
-                        Ok(slot) => slot,
+                    let admitted = match ctx.admission.admit(peer.ip(), std::time::Instant::now()) {
+                        Ok(admitted) => admitted,
                         Err(_) => {
                             ctx.connections.fetch_sub(1, Ordering::AcqRel);
                             if let Ok(s) = stream.into_std() {
@@ -126,6 +130,16 @@ pub fn run_shard(index: usize, listener: std::net::TcpListener, ctx: Arc<ConnCtx
                             }
                             continue;
                         }
+                    };
+                    // With every handshake slot taken, this shard accepts
+                    // nothing more until one frees: later connections wait
+                    // in the kernel's backlog instead of being refused.
+                    let slot = tokio::select! {
+                        _ = ctx.shutdown.cancelled() => {
+                            ctx.connections.fetch_sub(1, Ordering::AcqRel);
+                            break;
+                        }
+                        slot = admitted.slot() => slot,
                     };
                     tune(&stream, &ctx.cfg);
                     metrics::counter!("pipit_connections_accepted_total").increment(1);

@@ -28,8 +28,12 @@ use crate::service::Services;
 pub struct NetConfig {
     /// Most simultaneous connections; more are refused at accept.
     pub max_connections: usize,
-    /// Time a handshake may take.
+    /// Time a handshake may take, all steps together.
     pub handshake_timeout: Duration,
+    /// Time a handshake may wait for the peer's next bytes.
+    pub handshake_idle_timeout: Duration,
+    /// Time one handshake message may take to arrive whole.
+    pub handshake_step_timeout: Duration,
     /// Keepalive bounds the server grants within, and its default.
     pub keepalive_min_secs: u32,
     /// See `keepalive_min_secs`.

@@ -19,8 +19,15 @@ use super::NetConfig;
 pub struct NetSettings {
     /// Most simultaneous connections; more are refused at accept.
     pub max_connections: usize,
-    /// Seconds a handshake may take.
+    /// Seconds a handshake may take, all steps together.
     pub handshake_timeout_secs: u64,
+    /// Milliseconds a handshake may wait for the peer's next bytes: for
+    /// the first after accept, and between any two while a handshake
+    /// message is due. A peer that stalls gives its slot back this soon.
+    pub handshake_idle_timeout_ms: u64,
+    /// Milliseconds one handshake message may take to arrive whole, from
+    /// the moment the server waits for it (accept, or its own reply sent).
+    pub handshake_step_timeout_ms: u64,
     /// Shortest keepalive interval (seconds) the server grants.
     pub keepalive_min_secs: u32,
     /// Longest keepalive interval (seconds) the server grants.
@@ -56,8 +63,13 @@ pub struct NetSettings {
     /// Seconds a frame may take from its first byte to its last before the
     /// connection is closed.
     pub partial_frame_timeout_secs: u64,
-    /// Handshakes in progress at once; more new connections are refused.
+    /// Handshakes in progress at once; while all are taken, new
+    /// connections wait in the kernel's backlog.
     pub max_handshakes: usize,
+    /// Handshakes in progress at once from one source address (IPv6: per
+    /// /64); more are refused. 0 = a 32nd of `max_handshakes` (at least
+    /// 8), so that a few addresses cannot take every slot.
+    pub max_handshakes_per_source: usize,
     /// New connections per second per source address (IPv6: per /64);
     /// 0 = no limit.
     pub handshake_rate_per_source: u32,
@@ -73,6 +85,8 @@ impl Default for NetSettings {
         Self {
             max_connections: 1_000_000,
             handshake_timeout_secs: 10,
+            handshake_idle_timeout_ms: 2_000,
+            handshake_step_timeout_ms: 5_000,
             keepalive_min_secs: limits::MIN_KEEPALIVE_SECS,
             keepalive_max_secs: limits::MAX_KEEPALIVE_SECS,
             keepalive_default_secs: limits::DEFAULT_KEEPALIVE_SECS,
@@ -86,6 +100,7 @@ impl Default for NetSettings {
             max_queued_send_bytes: 4 << 20,
             partial_frame_timeout_secs: 30,
             max_handshakes: 4_096,
+            max_handshakes_per_source: 0,
             handshake_rate_per_source: 100,
             handshake_burst_per_source: 400,
             handshake_threads: 0,
@@ -115,6 +130,9 @@ impl NetSettings {
         if self.partial_frame_timeout_secs == 0 || self.max_handshakes == 0 {
             return bad("partial_frame_timeout_secs and max_handshakes must be positive");
         }
+        if self.handshake_idle_timeout_ms == 0 || self.handshake_step_timeout_ms == 0 {
+            return bad("handshake_idle_timeout_ms and handshake_step_timeout_ms must be positive");
+        }
         Ok(())
     }
 
@@ -123,6 +141,8 @@ impl NetSettings {
         NetConfig {
             max_connections: self.max_connections,
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            handshake_idle_timeout: Duration::from_millis(self.handshake_idle_timeout_ms),
+            handshake_step_timeout: Duration::from_millis(self.handshake_step_timeout_ms),
             keepalive_min_secs: self.keepalive_min_secs,
             keepalive_max_secs: self.keepalive_max_secs,
             keepalive_default_secs: self.keepalive_default_secs,
@@ -136,11 +156,21 @@ impl NetSettings {
             partial_frame_timeout: Duration::from_secs(self.partial_frame_timeout_secs),
             admission: AdmissionConfig {
                 max_handshakes: self.max_handshakes,
+                max_per_source: self.handshakes_per_source(),
                 rate_per_source: f64::from(self.handshake_rate_per_source),
                 burst_per_source: f64::from(self.handshake_burst_per_source),
                 threads: if self.handshake_threads > 0 { self.handshake_threads } else { shards },
             },
         }
+    }
+
+    /// Handshakes one source may have in progress.
+    pub fn handshakes_per_source(&self) -> usize {
+        match self.max_handshakes_per_source {
+            0 => (self.max_handshakes / 32).max(8),
+            n => n,
+        }
+        .min(self.max_handshakes)
     }
 
     /// How long SIGTERM waits for connections to drain.
@@ -175,6 +205,18 @@ mod tests {
         assert_eq!(s.config(3).admission.threads, 3);
         let s = NetSettings { handshake_threads: 2, ..NetSettings::default() };
         assert_eq!(s.config(3).admission.threads, 2);
+    }
+
+    #[test]
+    fn a_source_gets_a_32nd_of_the_handshake_slots_by_default() {
+        let s = NetSettings::default();
+        assert_eq!(s.config(1).admission.max_per_source, 128);
+        let s = NetSettings { max_handshakes: 16, ..NetSettings::default() };
+        assert_eq!(s.config(1).admission.max_per_source, 8);
+        let s = NetSettings { max_handshakes: 4, ..NetSettings::default() };
+        assert_eq!(s.config(1).admission.max_per_source, 4);
+        let s = NetSettings { max_handshakes_per_source: 500, ..NetSettings::default() };
+        assert_eq!(s.config(1).admission.max_per_source, 500);
     }
 
     #[test]
