@@ -2,7 +2,8 @@
 //! "delivered"; a read receipt from a reader tells the sender "read".
 //! Receipts are cumulative per conversation, and a high-water mark per
 //! (kind, sender, peer) keeps a repeated or older one from being stored
-//! again.
+//! again; a newer one replaces the one still waiting in each of the
+//! sender's inboxes (`super::inbox::enqueue_receipt`).
 
 use std::collections::HashMap;
 
