@@ -61,7 +61,10 @@ async fn a_fan_out_killed_half_way_resumes_and_every_member_device_gets_the_mess
     let mut sender = conns.remove(0);
     drop(conns);
     let members: Vec<u64> = devices[1..].iter().map(|d| d.account).collect();
-    sender.send(&[pb::GroupCreate { req: 1, name: bytes::Bytes::from_static(b"all"), members }.into()]).await.unwrap();
+    sender
+        .send(&[pb::GroupCreate { req: 1, name: bytes::Bytes::from_static(b"all"), members, id: 0 }.into()])
+        .await
+        .unwrap();
     let g = expect(&mut sender, |m| if let Message::GroupInfo(i) = m { (i.req == 1).then_some(i.group) } else { None })
         .await;
     wait_until("the group's notice to be fanned out", || backlog(&data, g).0 == 0).await;

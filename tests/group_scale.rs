@@ -80,7 +80,7 @@ async fn a_1024_member_group_reaches_everyone_once_after_sent_with_one_stored_co
     let online: Vec<u64> = conns.iter().map(|c| c.login().account).collect();
     let readers: Vec<_> = conns.into_iter().map(|c| tokio::spawn(reader(c, tx.clone()))).collect();
 
-    let create = pb::GroupCreate { req: 1, name: Bytes::from_static(b"everyone"), members };
+    let create = pb::GroupCreate { req: 1, name: Bytes::from_static(b"everyone"), members, id: 0 };
     sender.send(&[create.into()]).await.unwrap();
     let info =
         expect(&mut sender, |m| if let Message::GroupInfo(g) = m { (g.req == 1).then_some(g) } else { None }).await;

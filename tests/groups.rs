@@ -16,7 +16,7 @@ use pipit_client::pipit_protocol::Message;
 use pipit_client::Connection;
 
 fn create(req: u64, members: &[u64]) -> Message {
-    pb::GroupCreate { req, name: Bytes::from_static(b"friends"), members: members.to_vec() }.into()
+    pb::GroupCreate { req, name: Bytes::from_static(b"friends"), members: members.to_vec(), id: 0 }.into()
 }
 
 async fn created(c: &mut Connection, req: u64) -> pb::GroupInfo {

@@ -174,7 +174,8 @@ async fn load(n1: SocketAddr, n2: SocketAddr) -> u64 {
     id += 1;
     ca.send(&[text(id, c.account, "wake up")]).await.unwrap();
     expect_sent(&mut ca, id).await;
-    let create = pb::GroupCreate { req: 2, name: Bytes::from_static(b"ops"), members: vec![b.account, c.account] };
+    let create =
+        pb::GroupCreate { req: 2, name: Bytes::from_static(b"ops"), members: vec![b.account, c.account], id: 0 };
     ca.send(&[create.into()]).await.unwrap();
     let group = group_created(&mut ca, 2).await;
     id += 1;

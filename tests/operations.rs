@@ -135,7 +135,7 @@ async fn metrics_count_group_sends_fan_out_entries_backlog_and_lag() {
     let (_a, mut ca) = register(server.addr).await;
     let (b, _) = register(server.addr).await;
     let (c, _) = register(server.addr).await;
-    let create = pb::GroupCreate { req: 1, name: Default::default(), members: vec![b.account, c.account] };
+    let create = pb::GroupCreate { req: 1, name: Default::default(), members: vec![b.account, c.account], id: 0 };
     ca.send(&[create.into()]).await.unwrap();
     let g = expect(&mut ca, |m| match m {
         pipit_client::pipit_protocol::Message::GroupInfo(i) if i.req == 1 => Some(i.group),

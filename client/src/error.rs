@@ -62,8 +62,9 @@ pub enum ClientError {
     #[error("client stopped")]
     Stopped,
     /// The connection dropped after a request that must not be sent twice
-    /// (creating a group) went out and before its answer came: whether it
-    /// took effect is unknown. List the groups to find out.
+    /// (a group create without a create id, which this library no longer
+    /// sends) went out and before its answer came: whether it took effect
+    /// is unknown. List the groups to find out.
     #[error("the connection dropped before the server answered; check whether it took effect")]
     Offline,
 }

@@ -6,9 +6,10 @@
 //! message).
 //!
 //! Requests wait for a connection and are sent again after a reconnect
-//! until answered, except a create whose answer was lost with its
-//! connection ([`ClientError::Offline`]): a second create would make a
-//! second group. Adding someone already in, or removing someone already
+//! until answered. A create carries a create id that the library gives
+//! it once and keeps across reconnects, so a create sent again after its
+//! answer was lost gets the group the first one made, not a second group
+//! (SPEC.md 5.6). Adding someone already in, or removing someone already
 //! out, changes nothing, so those are safe to repeat.
 
 use bytes::Bytes;
@@ -36,8 +37,12 @@ fn refusal(answer: Message) -> ClientError {
 
 impl Client {
     /// Creates a group of this account (its first admin) and `members`.
+    /// Safe across reconnects: the request keeps its create id, so the
+    /// server makes one group however often it has to be sent.
     pub async fn create_group(&self, name: &str, members: &[u64]) -> Result<pb::GroupInfo, ClientError> {
-        let req = pb::GroupCreate { req: 0, name: Bytes::copy_from_slice(name.as_bytes()), members: members.to_vec() };
+        // The create id is given by the task, from the saved id counter.
+        let name = Bytes::copy_from_slice(name.as_bytes());
+        let req = pb::GroupCreate { req: 0, name, members: members.to_vec(), id: 0 };
         match self.call(req.into()).await? {
             Message::GroupInfo(g) => Ok(g),
             other => Err(refusal(other)),

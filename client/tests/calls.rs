@@ -2,7 +2,8 @@
 //! presence, privacy and push tokens): a busy server's `UNAVAILABLE` is
 //! retried on the same connection after the pause, a final refusal is
 //! returned, a request made while offline goes once connected, and the
-//! presence subscription goes again on every new connection. A scripted
+//! presence subscription goes again on every new connection, as does a
+//! group create whose answer was lost, with its create id. A scripted
 //! server (the protocol crate's real responder over a real socket).
 
 mod common;
@@ -120,6 +121,48 @@ async fn busy_is_retried_final_is_returned_and_the_subscription_follows_reconnec
     client.request(vec![pb::Ping { id: 1 }.into()]).await.unwrap();
     let resubscribed = tokio::time::timeout(T, server).await.unwrap().unwrap();
     assert_eq!(resubscribed, vec![5], "the set in force, on the new connection");
+    client.close().await;
+    drain.abort();
+}
+
+/// A group create whose answer was lost with its connection goes again on
+/// the next connection with the same create id (SPEC.md 5.6: the server
+/// answers it with the group the first copy made), instead of failing as
+/// `Offline` and leaving the app to guess whether the group exists.
+#[tokio::test(flavor = "current_thread")]
+async fn a_group_create_whose_answer_was_lost_goes_again_with_its_create_id() {
+    let server_kp = StaticKeypair::generate();
+    let keys = Arc::new(ServerKeys::new(server_kp.clone()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    let server = tokio::spawn(async move {
+        let pick = |m: Message| match m {
+            Message::GroupCreate(g) => Some(g),
+            _ => None,
+        };
+        let (mut s, mut session, mut input) = common::accept(&listener, &keys, &[]).await;
+        let first = read_until(&mut s, &mut session, &mut input, pick).await;
+        // The create arrived; its answer is lost with the connection.
+        drop(s);
+        let (mut s, mut session, mut input) = common::accept(&listener, &keys, &[]).await;
+        let again = read_until(&mut s, &mut session, &mut input, pick).await;
+        let info = pb::GroupInfo { req: again.req, group: 3, version: 1, ..Default::default() };
+        answer(&mut s, &mut session, &[info.into()]).await;
+        (first, again, s)
+    });
+
+    let store = common::known_to(&server_kp);
+    let mut config = Config::new(addr.to_string());
+    config.backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(100) };
+    let (client, mut events) = Client::start(config, store).unwrap();
+    let drain = tokio::spawn(async move { while events.next().await.is_some() {} });
+
+    let created = tokio::time::timeout(T, client.create_group("club", &[8])).await.unwrap();
+    assert_eq!(created.map(|g| g.group).map_err(|e| e.to_string()), Ok(3), "the answer to the copy sent again");
+    let (first, again, _s) = tokio::time::timeout(T, server).await.unwrap().unwrap();
+    assert_ne!(first.id, 0, "every create carries a create id");
+    assert_eq!((again.id, &again.name, &again.members), (first.id, &first.name, &first.members), "the same create");
     client.close().await;
     drain.abort();
 }

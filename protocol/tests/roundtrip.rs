@@ -50,8 +50,8 @@ fn client_message() -> impl Strategy<Value = Message> {
         (proptest::collection::vec(any::<u64>(), 0..50), any::<u64>())
             .prop_map(|(accounts, req)| pb::PresenceSubscribe { accounts, req }.into()),
         any::<u64>().prop_map(|id| pb::Ping { id }.into()),
-        (any::<u64>(), bytes_upto(40), proptest::collection::vec(any::<u64>(), 0..30))
-            .prop_map(|(req, name, members)| pb::GroupCreate { req, name, members }.into()),
+        (any::<u64>(), bytes_upto(40), proptest::collection::vec(any::<u64>(), 0..30), any::<u64>())
+            .prop_map(|(req, name, members, id)| pb::GroupCreate { req, name, members, id }.into()),
         (any::<u64>(), bytes_upto(33), proptest::collection::vec((any::<u32>(), bytes_upto(33)), 0..5)).prop_map(
             |(req, identity, otks)| pb::KeysUpload {
                 req,

@@ -16,7 +16,7 @@ impl Conn {
             self.answer_now(req_error(pb::ErrorCode::TooLarge, r));
             return;
         }
-        match self.ctx.services.groups.create(self.addr, req.name, req.members) {
+        match self.ctx.services.groups.create(self.addr, req.id, req.name, req.members) {
             Err(reason) => self.answer_now(unavailable(r, reason)),
             Ok(created) => self.answer_later(async move {
                 match created.await {

@@ -305,6 +305,7 @@ impl Unlink {
             txn.delete_keys(gone, r.head..r.tail);
             txn.delete_key_record(gone);
         }
+        txn.delete_queued_receipts_of(gone);
         Ok(Ok(()))
     }
 }

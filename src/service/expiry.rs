@@ -2,7 +2,7 @@
 //! sender told (`Expired`); an entry of an unlinked device (an unlink that
 //! stopped part way) is deleted whatever its age; dedup records go after the same time (a retry
 //! is expected within the time a message may wait, not after), and so do
-//! the receipt counts of group messages. A group entry's body goes with
+//! `GroupCreate` records and the receipt counts of group messages. A group entry's body goes with
 //! the last of its references, expired or acked.
 //!
 //! A sweep is a series of bounded rounds, each one writer operation that
@@ -24,18 +24,20 @@ use crate::model::{unix_now, DeviceAddr};
 use crate::store::inbox::InboxEntry;
 use crate::store::{StorageError, Txn};
 
-/// Most entries one round reads (inbox, dedup and group counts each).
+/// Most entries one round reads (inbox, dedup, group counts and group
+/// creates each).
 pub const SCAN_MAX: usize = 50_000;
 /// Most entries one round deletes.
 pub const DELETE_MAX: usize = 4_096;
 
-/// Where the next round resumes each scan; a sweep ends when all three
+/// Where the next round resumes each scan; a sweep ends when all of them
 /// are done, and the next sweep starts them over.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Cursor {
     inbox: Scan<(DeviceAddr, u64)>,
     dedup: Scan<(DeviceAddr, u64)>,
     group_counts: Scan<(u64, u64)>,
+    group_creates: Scan<(DeviceAddr, u64)>,
 }
 
 /// One scan's place in a sweep.
@@ -106,8 +108,10 @@ impl Operation<Ctx> for ExpireOp {
         })?;
         let dedup = ctx.expiry.dedup.run(|from| expire_dedup(txn, from, cutoff))?;
         let group_counts = ctx.expiry.group_counts.run(|from| expire_group_counts(txn, from, cutoff))?;
-        let finished = inbox == Scan::Done && dedup == Scan::Done && group_counts == Scan::Done;
-        self.next = if finished { Cursor::default() } else { Cursor { inbox, dedup, group_counts } };
+        let group_creates = ctx.expiry.group_creates.run(|from| expire_group_creates(txn, from, cutoff))?;
+        let finished =
+            inbox == Scan::Done && dedup == Scan::Done && group_counts == Scan::Done && group_creates == Scan::Done;
+        self.next = if finished { Cursor::default() } else { Cursor { inbox, dedup, group_counts, group_creates } };
         self.round = ExpiryRound { expired, finished };
         Ok(())
     }
@@ -219,6 +223,30 @@ fn expire_dedup(
     Ok(resume)
 }
 
+/// Forgets `GroupCreate` records older than `cutoff`, as dedup records.
+fn expire_group_creates(
+    txn: &mut Txn<'_>,
+    from: Option<(DeviceAddr, u64)>,
+    cutoff: u64,
+) -> Result<Option<(DeviceAddr, u64)>, StorageError> {
+    let mut doomed = Vec::new();
+    let mut resume = None;
+    for (i, item) in txn.store().group_creates_scan(from).enumerate() {
+        let (k, r) = item?;
+        if i >= SCAN_MAX {
+            resume = Some(k);
+            break;
+        }
+        if r.time <= cutoff {
+            doomed.push(k);
+        }
+    }
+    for (addr, id) in doomed {
+        txn.delete_group_create(addr, id);
+    }
+    Ok(resume)
+}
+
 /// Forgets the receipt counts of group messages older than `cutoff`.
 fn expire_group_counts(
     txn: &mut Txn<'_>,
@@ -234,11 +262,11 @@ fn expire_group_counts(
             break;
         }
         if c.time <= cutoff {
-            doomed.push(k);
+            doomed.push((k, c.sender));
         }
     }
-    for (group, seq) in doomed {
-        txn.delete_group_counts(group, seq);
+    for ((group, seq), sender) in doomed {
+        super::group_receipts::forget(txn, group, seq, sender)?;
     }
     Ok(resume)
 }
@@ -347,6 +375,25 @@ mod tests {
         // The dedup record went with it: the same id is now a new message.
         let again = s.send(a, 1, b.account).unwrap();
         assert_ne!(again.seq, sent.seq);
+    }
+
+    /// A `GroupCreate`'s record lasts as long as a dedup record: until it
+    /// goes a retry gets the same group, after that the id is new again.
+    #[test]
+    fn group_create_records_answer_retries_until_they_expire() {
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let b = s.register(2, "").unwrap();
+        let create = |id, members: Vec<u64>| {
+            let created = s.services().groups.create(a, id, bytes::Bytes::from_static(b"g"), members);
+            s.rt.block_on(created.unwrap())
+        };
+        let first = create(7, vec![b.account]).unwrap();
+        assert_eq!(create(7, vec![b.account]).unwrap(), first, "the original answer");
+        assert_eq!(create(7, vec![]), Err(pb::ErrorCode::IdReused));
+        assert_ne!(create(0, vec![b.account]).unwrap().group, create(0, vec![b.account]).unwrap().group);
+        s.expire(unix_now() + 101);
+        assert_ne!(create(7, vec![]).unwrap().group, first.group, "forgotten: a new create");
     }
 
     /// A scan that reached the end is not read again while the others

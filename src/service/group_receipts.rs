@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use pipit_protocol::message::pb;
 use tokio_util::sync::CancellationToken;
 
-use super::inbox::{enqueue, Pushes};
+use super::inbox::{enqueue_receipt, Pushes};
 use super::{Ctx, Writer};
 use crate::commit::{Operation, Outcome};
 use crate::model::{unix_now, DeviceAddr};
 use crate::store::counters::Counter;
 use crate::store::group_receipts::GroupCounts;
 use crate::store::inbox::GroupRef;
+use crate::store::queued_receipts::ReceiptSlot;
 use crate::store::{StorageError, Txn};
 
 /// A read receipt counts towards at most this many of the newest seqs it
@@ -36,11 +37,25 @@ pub const FLUSH_MAX: usize = 256;
 /// sender sees: fanned out, read by every recipient, and told.
 fn settle(txn: &mut Txn<'_>, group: u64, seq: u64, c: GroupCounts) -> Result<(), StorageError> {
     if c.fanned_out && c.read >= c.recipients && !c.dirty() {
-        txn.delete_group_counts(group, seq);
-        Ok(())
+        forget(txn, group, seq, c.sender)
     } else {
         txn.put_group_counts(group, seq, c)
     }
+}
+
+/// Forgets message `seq`'s counts, and where its sender's devices hold
+/// their latest receipts for it: none will follow to replace them.
+pub(crate) fn forget(txn: &mut Txn<'_>, group: u64, seq: u64, sender: u64) -> Result<(), StorageError> {
+    txn.delete_group_counts(group, seq);
+    if let Some(account) = txn.account(sender)? {
+        for d in &account.devices {
+            for kind in [pb::ReceiptKind::Delivered, pb::ReceiptKind::Read] {
+                let slot = ReceiptSlot { kind: kind as u8, group, about: seq };
+                txn.delete_queued_receipt(DeviceAddr::new(sender, d.device), slot);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The fan-out of message `seq` reached `recipients` member accounts.
@@ -156,16 +171,17 @@ impl Operation<Ctx> for FlushOp {
             }
             c.told_delivered = c.delivered;
             c.told_read = c.read;
-            settle(txn, group, seq, c)?;
-            let Some(sender) = txn.account(c.sender)? else {
-                continue;
-            };
-            for (kind, count) in receipts {
-                let r = pb::Receipt { kind: kind as i32, group, seq, count, time: now, ..Default::default() };
-                for d in &sender.devices {
-                    enqueue(txn, DeviceAddr::new(c.sender, d.device), r.into(), &mut self.pushes)?;
+            if let Some(sender) = txn.account(c.sender)? {
+                for (kind, count) in receipts {
+                    let r = pb::Receipt { kind: kind as i32, group, seq, count, time: now, ..Default::default() };
+                    for d in &sender.devices {
+                        enqueue_receipt(txn, DeviceAddr::new(c.sender, d.device), r, &mut self.pushes)?;
+                    }
                 }
             }
+            // After the receipts: counts settled for good forget where the
+            // last ones wait, and these must replace the ones before.
+            settle(txn, group, seq, c)?;
         }
         Ok(())
     }

@@ -30,6 +30,7 @@ use crate::model::{unix_now, DeviceAddr};
 use crate::store::counters::Counter;
 use crate::store::fanout::{Backlog, FanoutJob};
 use crate::store::group_bodies::BodyStats;
+use crate::store::group_creates::CreateRecord;
 use crate::store::groups::{GroupRecord, Member};
 use crate::store::{StorageError, Store, Table, TableUsage, Txn};
 
@@ -84,15 +85,19 @@ impl Groups {
     }
 
     /// Creates a group of `by`'s account and `members`; the future answers
-    /// its first `GroupInfo` once durable.
+    /// its first `GroupInfo` once durable. A create `id` (not 0) that `by`
+    /// used before gets that create's answer again, and no second group
+    /// (or `ID_REUSED`, if that create asked for another group).
     pub fn create(
         &self,
         by: DeviceAddr,
+        id: u64,
         name: Bytes,
         members: Vec<u64>,
     ) -> Result<impl Future<Output = Result<pb::GroupInfo, pb::ErrorCode>> + Send + 'static, SubmitError> {
         let (tx, rx) = oneshot::channel();
-        let op = CreateOp { by, name, members, result: None, reply: Some(tx) };
+        let digest = create_digest(&name, &members);
+        let op = CreateOp { by, id, digest, name, members, result: None, created: false, reply: Some(tx) };
         self.writer.try_submit_new(Box::new(op)).map_err(|r| r.reason)?;
         Ok(async move { rx.await.unwrap_or(Err(pb::ErrorCode::Unavailable)) })
     }
@@ -255,22 +260,48 @@ fn answer<T>(reply: Option<Reply<T>>, result: Option<Result<T, pb::ErrorCode>>, 
     }
 }
 
+/// The digest of what a `GroupCreate` asks (name, then members in the
+/// order given), kept in its create record: a retry asks the same, so the
+/// same id with another digest is a reused id. BLAKE2s, truncated, as for
+/// sends.
+pub fn create_digest(name: &[u8], members: &[u64]) -> [u8; 8] {
+    use blake2::Digest as _;
+    let mut h = blake2::Blake2s256::new();
+    h.update(b"pipit group create v1");
+    h.update((name.len() as u64).to_be_bytes());
+    h.update(name);
+    h.update((members.len() as u64).to_be_bytes());
+    for m in members {
+        h.update(m.to_be_bytes());
+    }
+    let full = h.finalize();
+    let mut d = [0u8; 8];
+    d.copy_from_slice(&full[..8]);
+    d
+}
+
 struct CreateOp {
     by: DeviceAddr,
+    /// The client's create id; 0: not deduplicated.
+    id: u64,
+    digest: [u8; 8],
     name: Bytes,
     members: Vec<u64>,
     result: Option<Result<pb::GroupInfo, pb::ErrorCode>>,
+    /// A group was made (not a retry answered from its record).
+    created: bool,
     reply: Option<Reply<pb::GroupInfo>>,
 }
 
 impl Operation<Ctx> for CreateOp {
     fn apply(&mut self, ctx: &mut Ctx, txn: &mut Txn<'_>) -> Result<(), StorageError> {
+        self.created = false;
         self.result = Some(self.create(ctx.rules.max_group_members, txn)?);
         Ok(())
     }
 
     fn finish(mut self: Box<Self>, ctx: &mut Ctx, outcome: Outcome<'_>) {
-        if matches!(outcome, Outcome::Durable) && matches!(self.result, Some(Ok(_))) {
+        if matches!(outcome, Outcome::Durable) && self.created {
             metrics::counter!("pipit_group_changes_total").increment(1);
             ctx.fanout.wake();
         }
@@ -279,7 +310,17 @@ impl Operation<Ctx> for CreateOp {
 }
 
 impl CreateOp {
-    fn create(&self, max: usize, txn: &mut Txn<'_>) -> Result<Result<pb::GroupInfo, pb::ErrorCode>, StorageError> {
+    fn create(&mut self, max: usize, txn: &mut Txn<'_>) -> Result<Result<pb::GroupInfo, pb::ErrorCode>, StorageError> {
+        // A retry gets its original answer first, even if the request
+        // would now be refused (a member has gone since, say).
+        if self.id != 0 {
+            if let Some(r) = txn.group_create(self.by, self.id)? {
+                if r.digest != self.digest {
+                    return Ok(Err(pb::ErrorCode::IdReused));
+                }
+                return Ok(Ok(r.answer));
+            }
+        }
         if self.name.len() > MAX_NAME_LEN {
             return Ok(Err(pb::ErrorCode::TooLarge));
         }
@@ -306,6 +347,11 @@ impl CreateOp {
         g.sort();
         let notice = publish(txn, &g, seq, self.by.account, now);
         txn.put_group(g);
+        if self.id != 0 {
+            let record = CreateRecord { time: now, digest: self.digest, answer: notice.clone() };
+            txn.put_group_create(self.by, self.id, record);
+        }
+        self.created = true;
         Ok(Ok(notice))
     }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
 use super::receipts::{acked_meta, Acked};
@@ -11,6 +12,7 @@ use crate::model::DeviceAddr;
 use crate::route::Deliveries;
 use crate::store::counters::Counter;
 use crate::store::inbox::set_inbox_id;
+use crate::store::queued_receipts::ReceiptSlot;
 use crate::store::{StorageError, Store, Txn};
 
 /// Inbox entries an operation wrote, handed to their devices' connections
@@ -47,14 +49,42 @@ impl Pushes {
 pub(crate) fn enqueue(
     txn: &mut Txn<'_>,
     to: DeviceAddr,
-    mut msg: Message,
+    msg: Message,
     pushes: &mut Pushes,
 ) -> Result<(), StorageError> {
+    append(txn, to, msg, pushes).map(drop)
+}
+
+/// Appends receipt `r` to `to`'s inbox and deletes the receipt queued
+/// there before for the same conversation and kind (1:1: the same peer;
+/// group: the same message), which `r` covers: a 1:1 receipt is
+/// cumulative, a group count replaces the one before. However many
+/// receipts a device misses, it finds at most one per conversation and
+/// kind waiting. The new one goes at the end, never in the old one's
+/// place: the old one may already be on its way to a connected device,
+/// which would ack it and lose the new content with it.
+pub(crate) fn enqueue_receipt(
+    txn: &mut Txn<'_>,
+    to: DeviceAddr,
+    r: pb::Receipt,
+    pushes: &mut Pushes,
+) -> Result<(), StorageError> {
+    let slot = ReceiptSlot { kind: r.kind as u8, group: r.group, about: if r.group == 0 { r.peer } else { r.seq } };
+    if let Some(old) = txn.queued_receipt(to, slot)? {
+        // Gone already if acked or expired; deleting it again is harmless.
+        txn.delete_inbox(to, old);
+    }
+    let id = append(txn, to, r.into(), pushes)?;
+    txn.put_queued_receipt(to, slot, id);
+    Ok(())
+}
+
+fn append(txn: &mut Txn<'_>, to: DeviceAddr, mut msg: Message, pushes: &mut Pushes) -> Result<u64, StorageError> {
     let id = txn.next(Counter::InboxNext(to))?;
     set_inbox_id(&mut msg, id);
     txn.put_inbox(to, id, &msg);
     pushes.add(to, id, msg);
-    Ok(())
+    Ok(id)
 }
 
 /// What a device finds in its inbox when it logs in.

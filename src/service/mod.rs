@@ -350,7 +350,7 @@ pub(crate) mod testing {
         }
 
         pub(crate) fn create_group(&self, by: DeviceAddr, members: &[u64]) -> Result<pb::GroupInfo, pb::ErrorCode> {
-            let created = self.services().groups.create(by, Bytes::from_static(b"g"), members.to_vec());
+            let created = self.services().groups.create(by, 0, Bytes::from_static(b"g"), members.to_vec());
             self.rt.block_on(created.unwrap())
         }
 

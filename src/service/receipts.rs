@@ -2,7 +2,8 @@
 //! "delivered"; a read receipt from a reader tells the sender "read".
 //! Receipts are cumulative per conversation, and a high-water mark per
 //! (kind, sender, peer) keeps a repeated or older one from being stored
-//! again.
+//! again; a newer one replaces the one still waiting in each of the
+//! sender's inboxes (`super::inbox::enqueue_receipt`).
 
 use std::collections::HashMap;
 
@@ -10,7 +11,7 @@ use pipit_protocol::message::pb;
 use pipit_protocol::node::pb as node_pb;
 use pipit_protocol::Message;
 
-use super::inbox::{enqueue, Pushes};
+use super::inbox::{enqueue_receipt, Pushes};
 use super::{Ctx, Submission};
 use crate::commit::{Operation, Outcome};
 use crate::model::{unix_now, DeviceAddr};
@@ -121,7 +122,7 @@ pub(crate) fn deliver_receipt(
         return Ok(());
     };
     for d in &account.devices {
-        enqueue(txn, DeviceAddr::new(to, d.device), receipt.into(), pushes)?;
+        enqueue_receipt(txn, DeviceAddr::new(to, d.device), receipt, pushes)?;
     }
     Ok(())
 }
@@ -246,5 +247,40 @@ mod tests {
         assert_eq!(receipts.len(), 1, "the second ack adds no receipt");
         let Message::Receipt(r) = &receipts[0].1 else { panic!() };
         assert_eq!((r.kind, r.peer, r.through), (pb::ReceiptKind::Delivered as i32, b.account, sent.seq));
+    }
+
+    /// However many receipts a sender's devices miss, each finds only the
+    /// latest per conversation and kind waiting, in the order the latest
+    /// ones were made.
+    #[test]
+    fn only_the_latest_receipt_per_conversation_and_kind_waits_on_every_device() {
+        let s = setup(Registration::Open);
+        let a = s.register(1, "").unwrap();
+        let a2 = s.link(a.account, 5);
+        let b = s.register(2, "").unwrap();
+        let c = s.register(3, "").unwrap();
+        let last = (1..=3).map(|id| s.send(a, id, b.account).unwrap().seq).max().unwrap();
+        let to_c = s.send(a, 4, c.account).unwrap().seq;
+        let submit = |op: crate::service::Submission| assert!(op.try_submit(&s.services().writer).is_ok());
+        // b acks and reads each message on its own; then c acks its one.
+        for (id, m) in s.store.inbox_after(b, 0, 10).unwrap() {
+            let Message::Deliver(d) = m else { panic!("{m:?}") };
+            submit(s.services().receipts.ack(b, vec![Acked { id, sender: a.account, seq: d.seq, group: 0 }]));
+            submit(s.services().receipts.read(b, a.account, d.seq));
+        }
+        let (id, _) = s.store.inbox_after(c, 0, 10).unwrap()[0].clone();
+        submit(s.services().receipts.ack(c, vec![Acked { id, sender: a.account, seq: to_c, group: 0 }]));
+        s.barrier();
+        let (dl, rd) = (pb::ReceiptKind::Delivered as i32, pb::ReceiptKind::Read as i32);
+        for device in [a, a2] {
+            let receipts: Vec<(i32, u64, u64)> = s
+                .store
+                .inbox_after(device, 0, 100)
+                .unwrap()
+                .into_iter()
+                .filter_map(|(_, m)| if let Message::Receipt(r) = m { Some((r.kind, r.peer, r.through)) } else { None })
+                .collect();
+            assert_eq!(receipts, vec![(dl, b.account, last), (rd, b.account, last), (dl, c.account, to_c)], "{device}");
+        }
     }
 }

@@ -24,6 +24,8 @@
 //! | `push_tokens` | `push_tokens` | account device | platform (1) registered (8) token |
 //! | `e2e_keys` | `e2e_keys` | account device | identity, signed prekey, stock bounds |
 //! | `e2e_keys` | `one_time_keys` | account device slot | key id (4) key (32) |
+//! | `group_creates` | `group_creates` | account device create-id | time (8) digest (8) `pb::GroupInfo` |
+//! | `queued_receipts` | `queued_receipts` | account device kind group peer-or-seq | inbox id (8) |
 //!
 //! Writes go through a [`Txn`]: each operation's writes are staged and
 //! either kept whole or dropped whole, and one round of operations becomes
@@ -36,6 +38,7 @@ pub mod device_keys;
 pub mod e2e_keys;
 pub mod fanout;
 pub mod group_bodies;
+pub mod group_creates;
 pub mod group_receipts;
 pub mod groups;
 pub mod inbox;
@@ -45,6 +48,7 @@ pub mod outbound;
 mod overlay;
 pub mod privacy;
 pub mod push_tokens;
+pub mod queued_receipts;
 mod schema;
 mod txn;
 

@@ -40,11 +40,16 @@ pub enum Table {
     /// A cluster node's outbound queues: what waits to be forwarded to
     /// each other node, until that node acknowledges it.
     Outbound,
+    /// `GroupCreate` ids already answered, by creating device.
+    GroupCreates,
+    /// Per device, conversation and receipt kind: the latest receipt
+    /// queued in the inbox.
+    QueuedReceipts,
 }
 
 impl Table {
     /// Every family, created at open.
-    pub const ALL: [Table; 17] = [
+    pub const ALL: [Table; 19] = [
         Table::Accounts,
         Table::DeviceKeys,
         Table::Inbox,
@@ -62,6 +67,8 @@ impl Table {
         Table::E2eKeys,
         Table::OneTimeKeys,
         Table::Outbound,
+        Table::GroupCreates,
+        Table::QueuedReceipts,
     ];
 
     /// The family's name in RocksDB (never change one: it names data on
@@ -85,6 +92,8 @@ impl Table {
             Table::E2eKeys => "e2e_keys",
             Table::OneTimeKeys => "one_time_keys",
             Table::Outbound => "outbound",
+            Table::GroupCreates => "group_creates",
+            Table::QueuedReceipts => "queued_receipts",
         }
     }
 

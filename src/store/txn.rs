@@ -16,11 +16,13 @@ use rocksdb::{WriteBatch, WriteOptions};
 use super::counters::Counter;
 use super::dedup::DedupRecord;
 use super::e2e_keys::{KeyRecord, OneTimeKey};
+use super::group_creates::CreateRecord;
 use super::group_receipts::GroupCounts;
 use super::groups::GroupRecord;
 use super::inbox::GroupRef;
 use super::overlay::Overlay;
 use super::push_tokens::PushRecord;
+use super::queued_receipts::ReceiptSlot;
 use super::{StorageError, Store, Table};
 use crate::model::DeviceAddr;
 
@@ -60,6 +62,8 @@ pub struct TxnState {
     pub(super) push_tokens: Overlay<DeviceAddr, PushRecord>,
     pub(super) e2e_keys: Overlay<DeviceAddr, Arc<KeyRecord>>,
     pub(super) one_time_keys: Overlay<(DeviceAddr, u64), OneTimeKey>,
+    pub(super) group_creates: Overlay<(DeviceAddr, u64), CreateRecord>,
+    pub(super) queued_receipts: Overlay<(DeviceAddr, ReceiptSlot), u64>,
 }
 
 impl Default for TxnState {
@@ -82,6 +86,8 @@ impl Default for TxnState {
             push_tokens: Overlay::new(0),
             e2e_keys: Overlay::new(0),
             one_time_keys: Overlay::new(0),
+            group_creates: Overlay::new(0),
+            queued_receipts: Overlay::new(super::queued_receipts::CACHE_MAX),
         }
     }
 }
@@ -99,6 +105,8 @@ impl TxnState {
         self.push_tokens.op_commit();
         self.e2e_keys.op_commit();
         self.one_time_keys.op_commit();
+        self.group_creates.op_commit();
+        self.queued_receipts.op_commit();
     }
 
     fn overlays_op_rollback(&mut self) {
@@ -113,6 +121,8 @@ impl TxnState {
         self.push_tokens.op_rollback();
         self.e2e_keys.op_rollback();
         self.one_time_keys.op_rollback();
+        self.group_creates.op_rollback();
+        self.queued_receipts.op_rollback();
     }
 
     fn overlays_seal(&mut self) {
@@ -127,6 +137,8 @@ impl TxnState {
         self.push_tokens.seal();
         self.e2e_keys.seal();
         self.one_time_keys.seal();
+        self.group_creates.seal();
+        self.queued_receipts.seal();
     }
 
     fn overlays_pending_done(&mut self, ok: bool) {
@@ -141,6 +153,8 @@ impl TxnState {
         self.push_tokens.pending_done(ok);
         self.e2e_keys.pending_done(ok);
         self.one_time_keys.pending_done(ok);
+        self.group_creates.pending_done(ok);
+        self.queued_receipts.pending_done(ok);
     }
 
     fn overlays_abandon(&mut self) {
@@ -155,6 +169,8 @@ impl TxnState {
         self.push_tokens.abandon();
         self.e2e_keys.abandon();
         self.one_time_keys.abandon();
+        self.group_creates.abandon();
+        self.queued_receipts.abandon();
     }
 
     /// The sealed round's write is over: durable (`ok`), or not written.

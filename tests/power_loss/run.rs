@@ -282,7 +282,7 @@ pub(crate) async fn run(plan: Plan) -> Outcome {
     let (group_sender, receivers) = (rest[0].clone(), rest[1..].to_vec());
     let mut gc = try_login(first.addr, first.key, &group_sender).await.unwrap();
     let members: Vec<u64> = receivers.iter().map(|d| d.account).collect();
-    gc.send(&[pb::GroupCreate { req: 1, name: Bytes::from_static(b"club"), members }.into()]).await.unwrap();
+    gc.send(&[pb::GroupCreate { req: 1, name: Bytes::from_static(b"club"), members, id: 0 }.into()]).await.unwrap();
     let group = expect(&mut gc, |m| match m {
         Message::GroupInfo(g) if g.req == 1 => Some(g.group),
         Message::Error(e) if e.req == 1 => panic!("group create: {e:?}"),

@@ -267,7 +267,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let members: Vec<u64> = devices[1..].iter().map(|d| d.account).collect();
-    let create = pb::GroupCreate { req: 1, name: Bytes::from_static(b"bench"), members };
+    let create = pb::GroupCreate { req: 1, name: Bytes::from_static(b"bench"), members, id: 0 };
     sender.send(&[create.into()]).await?;
     let group = loop {
         match sender.recv().await? {

@@ -22,30 +22,51 @@ pub(super) struct Call {
 }
 
 /// Whether a request may be sent again when its answer was lost with a
-/// connection. Creating a group is the one that is not: a second copy
-/// makes a second group. Every other request sets a state or reads one.
+/// connection. Every request sets a state or reads one, or creates
+/// something under an id of ours that the server deduplicates (a
+/// `GroupCreate` with its create id: a second copy gets the first one's
+/// group). A create without an id would make a second group.
 fn repeatable(m: &Message) -> bool {
-    !matches!(m, Message::GroupCreate(_))
+    !matches!(m, Message::GroupCreate(g) if g.id == 0)
 }
 
 impl Task {
-    /// Numbers a request and keeps it until answered; returns it to send.
+    /// Numbers a request and keeps it until answered; returns it to send
+    /// (`None`: the store failed, and the caller has been told).
+    ///
+    /// A `GroupCreate` also gets its create id here, once: the copy kept
+    /// for sending again after a reconnect carries the same id, so the
+    /// server answers a retry with the group the first copy made.
     pub(super) fn add_call(
         &mut self,
         mut msg: Message,
         reply: Option<oneshot::Sender<Result<Message, ClientError>>>,
-    ) -> Message {
+    ) -> Option<Message> {
+        if let Message::GroupCreate(g) = &mut msg {
+            if g.id == 0 {
+                // From the message ids' counter, saved before use like
+                // theirs: an id never goes to two different creates.
+                g.id = self.state.next_id;
+                self.state.next_id += 1;
+                if let Err(e) = self.store.save_state(&self.state) {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                    return None;
+                }
+            }
+        }
         let req = self.next_req;
         self.next_req += 1;
         msg.set_request_id(req);
         self.calls.insert(req, Call { msg: msg.clone(), reply, deferred: None, sent: false });
-        msg
+        Some(msg)
     }
 
     /// A connection ended: requests that were sent on it and must not be
-    /// repeated (creating a group twice makes two groups) fail with
-    /// [`ClientError::Offline`], since their answer will not come; the
-    /// others go again on the next connection.
+    /// repeated (a create without an id; this library gives every create
+    /// one) fail with [`ClientError::Offline`], since their answer will
+    /// not come; the others go again on the next connection.
     pub(super) fn drop_unrepeatable_calls(&mut self) {
         let lost: Vec<u64> =
             self.calls.iter().filter(|(_, c)| c.sent && !repeatable(&c.msg)).map(|(req, _)| *req).collect();
@@ -63,7 +84,8 @@ impl Task {
             !self.watching.is_empty() && !self.calls.values().any(|c| matches!(c.msg, Message::PresenceSubscribe(_)));
         if resubscribe {
             let m = pb::PresenceSubscribe { accounts: self.watching.clone(), req: 0 };
-            self.add_call(m.into(), None);
+            // Not a create: nothing to store, so it is always added.
+            let _ = self.add_call(m.into(), None);
         }
         self.calls
             .values_mut()

@@ -193,7 +193,7 @@ impl Task {
                 Some(Cmd::Raw(_)) => {}
                 // Queued: sent once connected.
                 Some(Cmd::Call(msg, reply)) => {
-                    self.add_call(msg, Some(reply));
+                    let _ = self.add_call(msg, Some(reply));
                 }
             }
         }
@@ -330,11 +330,12 @@ impl Task {
                         }
                         Some(Cmd::Raw(msgs)) => self.out.extend(msgs),
                         Some(Cmd::Call(msg, reply)) => {
-                            let m = self.add_call(msg, Some(reply));
-                            if let Some(c) = m.request_id().and_then(|req| self.calls.get_mut(&req)) {
-                                c.sent = true;
+                            if let Some(m) = self.add_call(msg, Some(reply)) {
+                                if let Some(c) = m.request_id().and_then(|req| self.calls.get_mut(&req)) {
+                                    c.sent = true;
+                                }
+                                self.out.push(m);
                             }
-                            self.out.push(m);
                         }
                     }
                 }
