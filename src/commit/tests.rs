@@ -94,6 +94,17 @@ impl Setup {
         self.writer.as_ref().unwrap().submit_blocking(Box::new(Take { id, value: 0 }), WAIT).unwrap();
     }
 
+    /// Waits until the sync thread has started writing round `n`: the
+    /// round is sealed, so what is submitted next goes into a new round
+    /// (submitted before, it could still join round `n`).
+    fn wait_write(&self, n: usize) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !self.log.lock().unwrap().contains(&Event::Write(n)) {
+            assert!(std::time::Instant::now() < deadline, "round {n} is never written");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn wait_applied(&self, id: u32) -> u64 {
         loop {
             let (got, value) = self.applied.recv_timeout(WAIT).expect("the operation is applied");
@@ -130,6 +141,7 @@ fn the_next_round_is_applied_during_a_sync_and_answered_only_after_its_own() {
     let first = s.store.counter(C).unwrap();
     s.submit(0);
     assert_eq!(s.wait_applied(0), first);
+    s.wait_write(0);
     // Round 0's write is held. These are applied meanwhile, over what
     // round 0 wrote (the counter it advanced), and nothing is answered.
     s.submit(1);
@@ -165,6 +177,7 @@ fn a_failed_write_fails_its_round_and_the_round_applied_over_it_is_applied_again
     let first = s.store.counter(C).unwrap();
     s.submit(0);
     s.wait_applied(0);
+    s.wait_write(0);
     s.submit(1);
     s.submit(2);
     // Applied over round 0's values, which will never be written.
