@@ -20,9 +20,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::send_order::SendOrder;
 use super::{ConnCtx, ConnError};
 use crate::model::{DeviceAddr, LogGate};
-use crate::route::{Charge, ConnHandle, Events, Push, Watcher};
+use crate::route::{Budget, Charge, ConnHandle, Events, Push, Watcher};
 use crate::service::receipts::{acked_meta, Acked};
 use crate::service::typing::TypingLimiter;
 use crate::service::Submission;
@@ -240,9 +241,11 @@ impl Conn {
             let ka_deadline = tokio::time::Instant::from_std(ka.next_deadline());
             // The heaviest connections stop reading while the server is
             // over its memory budget; TCP pushes back on their clients.
-            let over_budget = budget.must_wait(self.held.bytes()) || self.ctx.queued.must_wait(self.pending_bytes);
-            if over_budget && !budget_wait {
-                budget.hit("read");
+            let waits_on =
+                Budget::first_to_wait(&[(&budget, self.held.bytes()), (&self.ctx.queued, self.pending_bytes)]);
+            let over_budget = waits_on.is_some();
+            if let Some(b) = waits_on.filter(|_| !budget_wait) {
+                b.hit("read");
             }
             budget_wait = over_budget;
             let reading = self.pending.len() < max_pending
