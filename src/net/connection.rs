@@ -154,6 +154,9 @@ pub(super) struct Conn {
     pub(super) watch_seq: u64,
     /// How many typing notices this connection may still send.
     pub(super) typing: TypingLimiter,
+    /// Conversations held by a send refused for now: later sends of them
+    /// are refused until it comes again.
+    pub(super) send_order: SendOrder,
 }
 
 impl Conn {
@@ -184,6 +187,7 @@ impl Conn {
             watcher: None,
             watch_seq: 0,
             typing: ctx.services.typing.limiter(Instant::now()),
+            send_order: SendOrder::default(),
         };
         if !inbox.acked.is_empty() {
             conn.ack_entries(inbox.acked);
@@ -430,6 +434,12 @@ impl Conn {
         self.pending_bytes -= n;
         if self.watcher.is_some() {
             self.take_events();
+        }
+        match &answer {
+            Message::Error(e) if e.id != 0 => self.send_order.answered(e, Instant::now()),
+            Message::Sent(s) => self.send_order.done(s.id),
+            Message::DeviceMismatch(m) => self.send_order.done(m.id),
+            _ => {}
         }
         self.outq.push(answer);
     }

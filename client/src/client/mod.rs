@@ -13,6 +13,7 @@ mod config;
 mod connect;
 mod event;
 mod incoming;
+mod order;
 mod outbox;
 mod task;
 
@@ -124,6 +125,7 @@ impl Client {
             reseals: BTreeMap::new(),
             held_connected: None,
             out: Vec::new(),
+            lanes: order::Lanes::default(),
         };
         tokio::spawn(task.run());
         Ok((Client { cmds: cmd_tx, stats, identity, e2e_identity }, Events { rx: ev_rx }))
