@@ -20,9 +20,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::admission::Slot;
+use super::send_order::SendOrder;
 use super::{ConnCtx, ConnError};
 use crate::model::{DeviceAddr, LogGate};
-use crate::route::{Charge, ConnHandle, Events, Push, Watcher};
+use crate::route::{Budget, Charge, ConnHandle, Events, Push, Watcher};
 use crate::service::receipts::{acked_meta, Acked};
 use crate::service::typing::TypingLimiter;
 use crate::service::Submission;
@@ -153,6 +154,9 @@ pub(super) struct Conn {
     pub(super) watch_seq: u64,
     /// How many typing notices this connection may still send.
     pub(super) typing: TypingLimiter,
+    /// Conversations held by a send refused for now: later sends of them
+    /// are refused until it comes again.
+    pub(super) send_order: SendOrder,
 }
 
 impl Conn {
@@ -183,6 +187,7 @@ impl Conn {
             watcher: None,
             watch_seq: 0,
             typing: ctx.services.typing.limiter(Instant::now()),
+            send_order: SendOrder::default(),
         };
         if !inbox.acked.is_empty() {
             conn.ack_entries(inbox.acked);
@@ -240,9 +245,11 @@ impl Conn {
             let ka_deadline = tokio::time::Instant::from_std(ka.next_deadline());
             // The heaviest connections stop reading while the server is
             // over its memory budget; TCP pushes back on their clients.
-            let over_budget = budget.must_wait(self.held.bytes()) || self.ctx.queued.must_wait(self.pending_bytes);
-            if over_budget && !budget_wait {
-                budget.hit("read");
+            let waits_on =
+                Budget::first_to_wait(&[(&budget, self.held.bytes()), (&self.ctx.queued, self.pending_bytes)]);
+            let over_budget = waits_on.is_some();
+            if let Some(b) = waits_on.filter(|_| !budget_wait) {
+                b.hit("read");
             }
             budget_wait = over_budget;
             let reading = self.pending.len() < max_pending
@@ -427,6 +434,12 @@ impl Conn {
         self.pending_bytes -= n;
         if self.watcher.is_some() {
             self.take_events();
+        }
+        match &answer {
+            Message::Error(e) if e.id != 0 => self.send_order.answered(e, Instant::now()),
+            Message::Sent(s) => self.send_order.done(s.id),
+            Message::DeviceMismatch(m) => self.send_order.done(m.id),
+            _ => {}
         }
         self.outq.push(answer);
     }
