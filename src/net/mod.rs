@@ -9,6 +9,7 @@ mod groups;
 mod handshake;
 pub mod listener;
 pub mod nodes;
+mod serve;
 pub mod settings;
 
 pub use admission::AdmissionConfig;
