@@ -96,10 +96,6 @@ const KNOWN_CYCLES: &[(&str, &[&str])] = &[
     ("client/src", &["client/calls.rs", "client/connect.rs", "client/task.rs"]),
 ];
 
-/// Known, to be removed by issue 20's reshaping: files with `use super::*`
-/// outside tests. It may only shrink, as above.
-const KNOWN_GLOB_SUPER: &[&str] = &["net/nodes/link.rs"];
-
 /// Known, to be removed by issue 20's reshaping: files that build a wire
 /// error (`pb::Error {`) although `net/answers.rs` should be the only one.
 /// Listed by file, not by line, so edits elsewhere in a file do not break
@@ -467,8 +463,7 @@ fn check_cycles(label: &str, root: PathBuf, problems: &mut Vec<String>) {
     }
     let globs: BTreeSet<String> =
         tree.modules.values().filter(|(_, code)| code.contains("use super::*")).map(|(file, _)| file.clone()).collect();
-    let known: &[&str] = if label == "src" { KNOWN_GLOB_SUPER } else { &[] };
-    check_files(label, "has `use super::*` outside tests", &globs, known, problems);
+    check_files(label, "has `use super::*` outside tests", &globs, &[], problems);
 }
 
 /// Checks a file rule against its allowlist: files that break it and are

@@ -2,7 +2,24 @@
 //! refused before any cryptography), and the loop that carries forwards,
 //! acknowledgements, lookups, pings and typing over it.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pipit_protocol::node::{pb, DialStep, LinkAcceptor, LinkDialer, LinkIncoming, LinkSession};
+use pipit_protocol::PublicKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Ask, Ctx, LinkFailure, LinkState, BACKOFF_MAX, BACKOFF_MIN, DEAD_AFTER, HANDSHAKE_TIMEOUT, MAX_ASKS, MAX_IN_FLIGHT,
+    PACKET_BYTES, PING_EVERY, WRITE_TIMEOUT,
+};
+use crate::model::DeviceAddr;
+use crate::route::cluster::Member;
+use crate::service::forward::Applied;
 
 pub(super) async fn dial_loop(peer: Member, ctx: Arc<Ctx>) {
     let mut backoff = BACKOFF_MIN;
