@@ -18,6 +18,7 @@ use pipit_protocol::{Message, Session};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::answers::error;
 use super::{ConnCtx, ConnError};
 use crate::model::{DeviceAddr, LogGate};
 use crate::route::{Charge, ConnHandle, Events, Push, Watcher};
@@ -30,12 +31,6 @@ const READ_MAX: usize = pipit_protocol::limits::MAX_FRAME_LEN + 2;
 
 /// How often a connection held back by the memory budget looks again.
 const BUDGET_RECHECK: Duration = Duration::from_millis(50);
-
-/// A connection-level error message (no `req`, no `id`): the server closes
-/// after it.
-pub(super) fn error(code: pb::ErrorCode) -> Message {
-    pb::Error { code: code as i32, ..Default::default() }.into()
-}
 
 /// Writes `out` (then clears it). A peer whose socket takes no byte for
 /// `timeout` is dropped rather than held forever; a slow one that keeps

@@ -3,6 +3,7 @@
 //! service that handles it. It holds no product rules and no storage.
 
 mod admission;
+mod answers;
 mod connection;
 mod dispatch;
 mod groups;
