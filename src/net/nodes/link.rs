@@ -182,7 +182,11 @@ async fn serve(
     // channel (MAX_ASKS), and dropped (answered "unknown") with the link.
     let mut asked: HashMap<u64, oneshot::Sender<Option<DeviceAddr>>> = HashMap::new();
     let mut next_req = 1u64;
-    let storage = |e: crate::store::StorageError| LinkFailure::Storage(e.to_string());
+    // The services' storage error, kept as text: net does not name the
+    // storage layer.
+    fn storage(e: impl std::fmt::Display) -> LinkFailure {
+        LinkFailure::Storage(e.to_string())
+    }
     let name = peer.id.as_str();
     // What the link costs on the wire (after the handshake), both ways.
     let bytes_out = metrics::counter!("pipit_node_link_transmitted_bytes_total", "peer" => name.to_string());
