@@ -4,7 +4,6 @@
 //! due into as few frames and `write` calls as possible per turn.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use pipit_protocol::{Message, Session};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::admission::Slot;
+use super::answers::error;
 use super::send_order::SendOrder;
 use super::{ConnCtx, ConnError};
 use crate::model::{DeviceAddr, LogGate};
@@ -28,57 +27,11 @@ use crate::service::receipts::{acked_meta, Acked};
 use crate::service::typing::TypingLimiter;
 use crate::service::Submission;
 
-/// Serves one accepted socket until it closes. `slot` is its place among
-/// the handshakes in progress.
-pub(super) async fn run(stream: TcpStream, peer: SocketAddr, slot: Slot, ctx: &Arc<ConnCtx>) {
-    metrics::gauge!("pipit_connections").increment(1.0);
-    let result = serve(stream, slot, ctx).await;
-    metrics::gauge!("pipit_connections").decrement(1.0);
-    match result {
-        Ok(()) | Err(ConnError::Closed) => {}
-        Err(e) if e.is_violation() => {
-            // Scanners and attackers can make these as fast as they can
-            // connect: count each, log a line per 10 s.
-            static LOG: LogGate = LogGate::new(10_000);
-            let stage = if matches!(e, ConnError::Handshake(_)) { "handshake" } else { "session" };
-            metrics::counter!("pipit_protocol_violations_total", "stage" => stage).increment(1);
-            match LOG.open() {
-                Some(suppressed) => {
-                    tracing::warn!(%peer, error = %e, suppressed, "closed a connection for a protocol violation")
-                }
-                None => tracing::debug!(%peer, error = %e, "closed a connection for a protocol violation"),
-            }
-        }
-        Err(ConnError::Io(e)) => tracing::debug!(%peer, error = %e, "connection i/o error"),
-        Err(e) => tracing::debug!(%peer, error = %e, "connection closed"),
-    }
-}
-
-async fn serve(stream: TcpStream, slot: Slot, ctx: &Arc<ConnCtx>) -> Result<(), ConnError> {
-    // The handshake and the login hold state an established connection no
-    // longer needs; run them in their own allocation so it is freed once
-    // they are done instead of sizing every idle connection's future.
-    let super::handshake::Established { stream, session, inbuf, mut conn, keepalive } =
-        Box::pin(super::handshake::establish(stream, slot, ctx)).await?;
-    let result = conn.run(stream, session, inbuf, keepalive).await;
-    if let Some(w) = &conn.watcher {
-        ctx.services.presence.unwatch(w);
-    }
-    ctx.services.presence.disconnect(conn.addr, conn.handle.id);
-    result
-}
-
 /// Most bytes one turn reads: one full frame and its length.
 const READ_MAX: usize = pipit_protocol::limits::MAX_FRAME_LEN + 2;
 
 /// How often a connection held back by the memory budget looks again.
 const BUDGET_RECHECK: Duration = Duration::from_millis(50);
-
-/// A connection-level error message (no `req`, no `id`): the server closes
-/// after it.
-pub(super) fn error(code: pb::ErrorCode) -> Message {
-    pb::Error { code: code as i32, ..Default::default() }.into()
-}
 
 /// Writes `out` (then clears it). A peer whose socket takes no byte for
 /// `timeout` is dropped rather than held forever; a slow one that keeps
@@ -199,7 +152,7 @@ impl Conn {
         conn
     }
 
-    async fn run(
+    pub(super) async fn run(
         &mut self,
         mut stream: TcpStream,
         mut session: Session,

@@ -3,6 +3,7 @@
 //! service that handles it. It holds no product rules and no storage.
 
 mod admission;
+mod answers;
 mod connection;
 mod dispatch;
 mod groups;
@@ -10,6 +11,7 @@ mod handshake;
 pub mod listener;
 pub mod nodes;
 mod send_order;
+mod serve;
 pub mod settings;
 
 pub use admission::AdmissionConfig;
