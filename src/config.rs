@@ -147,6 +147,9 @@ impl Config {
         let config: Config =
             if deprecated.is_empty() { toml::from_str(text) } else { doc.try_into() }.map_err(parse_error)?;
         config.validate()?;
+        // What a restart needs, whatever the file says (`pipit::start`
+        // alone lets an embedding test run with no reserve).
+        config.storage.check_reserve().map_err(ConfigError::Invalid)?;
         Ok(Parsed { config, deprecated })
     }
 

@@ -202,6 +202,26 @@ impl Connection {
         Ok(())
     }
 
+    /// Seals messages into the write buffer without waiting for the
+    /// socket: [`Connection::next`] writes them while it waits for input,
+    /// so a caller that only queues never blocks on a peer that stopped
+    /// reading. [`Connection::send`] writes them too, after anything
+    /// queued before.
+    pub fn queue_out(&mut self, messages: &[Message]) -> Result<(), ClientError> {
+        self.session.seal(messages, &mut self.out)?;
+        Ok(())
+    }
+
+    /// [`Connection::queue_out`] for a keepalive frame.
+    pub fn queue_keepalive(&mut self) {
+        self.session.write_keepalive(&mut self.out);
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn unwritten(&self) -> usize {
+        self.out.len()
+    }
+
     /// Sends one 1:1 message with a single payload for every device.
     pub async fn send_text(&mut self, id: u64, to: u64, payload: impl Into<Bytes>) -> Result<(), ClientError> {
         self.send(&[pb::Send { id, to, payload: payload.into(), ..Default::default() }.into()]).await
@@ -215,8 +235,10 @@ impl Connection {
         Ok(())
     }
 
-    /// The next thing from the server: a message, or a keepalive answer.
-    /// Cancel-safe: bytes read so far stay buffered.
+    /// The next thing from the server: a message, or a keepalive answer;
+    /// meanwhile writes what [`Connection::queue_out`] queued, as the
+    /// socket takes it. Cancel-safe: bytes read so far stay buffered, and
+    /// bytes not yet written stay queued.
     pub async fn next(&mut self) -> Result<Received, ClientError> {
         loop {
             if let Some(m) = self.queue.pop_front() {
@@ -225,9 +247,41 @@ impl Connection {
             match self.session.open(&mut self.inbuf)? {
                 Some(Incoming::Messages(m)) => self.queue.extend(m),
                 Some(Incoming::Keepalive) => return Ok(Received::Keepalive),
-                None => read_more(&mut self.stream, &mut self.inbuf).await?,
+                None if self.out.is_empty() => read_more(&mut self.stream, &mut self.inbuf).await?,
+                None => self.read_or_write().await?,
             }
         }
+    }
+
+    /// Waits until the socket can be read or written, and does what it
+    /// can of either without blocking.
+    async fn read_or_write(&mut self) -> Result<(), ClientError> {
+        let would_block = |e: &std::io::Error| e.kind() == std::io::ErrorKind::WouldBlock;
+        tokio::select! {
+            r = self.stream.readable() => {
+                r?;
+                self.inbuf.reserve(4096);
+                match self.stream.try_read_buf(&mut self.inbuf) {
+                    Ok(0) => return Err(ClientError::Closed),
+                    Ok(_) => {}
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            r = self.stream.writable() => {
+                r?;
+                match self.stream.try_write(&self.out) {
+                    Ok(n) => bytes::Buf::advance(&mut self.out, n),
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if self.out.is_empty() && self.out.capacity() > 1 << 20 {
+                    // A burst's buffer is not kept for ever.
+                    self.out = BytesMut::new();
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether decoded or buffered input is waiting (so a caller can

@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::error::{Error, MessageError};
 use crate::frame::{Frame, FrameDecoder, KEEPALIVE, LEN_PREFIX};
 use crate::keys::PublicKey;
-use crate::limits::{MAX_FRAME_LEN, MAX_PACKET_LEN, TAG_LEN};
+use crate::limits::{MAX_FRAME_LEN, MAX_MESSAGES_PER_PACKET, MAX_PACKET_LEN, TAG_LEN};
 use crate::message::{decode_packet, Message};
 pub use crate::role::Role;
 
@@ -67,7 +67,9 @@ impl Session {
             let mut n = 0;
             for m in rest {
                 let l = m.encoded_len();
-                if len + l > MAX_PACKET_LEN {
+                // A packet of more messages is malformed (SPEC.md 4): a
+                // backlog of small sends would close the connection.
+                if len + l > MAX_PACKET_LEN || n == MAX_MESSAGES_PER_PACKET {
                     break;
                 }
                 len += l;

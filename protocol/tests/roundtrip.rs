@@ -135,3 +135,22 @@ proptest! {
         prop_assert_eq!(got, down);
     }
 }
+
+/// A backlog of small messages (a client's outbox after a refusal, a
+/// server's answers to it) goes in as many packets as the per-packet
+/// message limit needs, not one packet the receiver must refuse.
+#[test]
+fn many_small_messages_are_split_at_the_per_packet_limit() {
+    let (_, keys) = common::server_keys();
+    let mut p = common::ik_pair(&StaticKeypair::generate(), &keys);
+    let pings: Vec<Message> = (1..=3_000).map(|id| pb::Ping { id }.into()).collect();
+    let mut wire = BytesMut::new();
+    let frames = p.client.seal(&pings, &mut wire).unwrap();
+    assert_eq!(frames, 3, "3,000 pings of 3-4 bytes fit one packet's bytes but not its 1,024 messages");
+    let mut got = Vec::new();
+    while let Some(Incoming::Messages(m)) = p.server.open(&mut wire).unwrap() {
+        assert!(m.len() <= pipit_protocol::limits::MAX_MESSAGES_PER_PACKET);
+        got.extend(m);
+    }
+    assert_eq!(got, pings);
+}

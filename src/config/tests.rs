@@ -158,6 +158,15 @@ fn values_out_of_range_are_refused_naming_the_new_key() {
 }
 
 #[test]
+fn a_storage_reserve_below_what_a_restart_needs_is_refused_with_the_minimum() {
+    for text in ["[storage]\nreserve_mb = 0\n", "storage_reserve_mb = 0\n", "[storage]\nreserve_mb = 63\n"] {
+        let e = error(text);
+        assert!(e.contains("[storage] reserve_mb") && e.contains("below the minimum of 64"), "{text}: {e}");
+    }
+    assert_eq!(parse("[storage]\nreserve_mb = 64\n").unwrap().config.storage.reserve_mb, 64);
+}
+
+#[test]
 fn the_example_file_shows_every_setting_at_its_default() {
     let parsed = parse(EXAMPLE).unwrap();
     assert!(parsed.deprecated.is_empty(), "{:?}", parsed.deprecated);

@@ -4,7 +4,6 @@
 //! due into as few frames and `write` calls as possible per turn.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,65 +18,20 @@ use pipit_protocol::{Message, Session};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::admission::Slot;
+use super::answers::error;
+use super::send_order::SendOrder;
 use super::{ConnCtx, ConnError};
 use crate::model::{DeviceAddr, LogGate};
-use crate::route::{Charge, ConnHandle, Events, Push, Watcher};
+use crate::route::{Budget, Charge, ConnHandle, Events, Push, Watcher};
 use crate::service::receipts::{acked_meta, Acked};
 use crate::service::typing::TypingLimiter;
 use crate::service::Submission;
-
-/// Serves one accepted socket until it closes. `slot` is its place among
-/// the handshakes in progress.
-pub(super) async fn run(stream: TcpStream, peer: SocketAddr, slot: Slot, ctx: &Arc<ConnCtx>) {
-    metrics::gauge!("pipit_connections").increment(1.0);
-    let result = serve(stream, slot, ctx).await;
-    metrics::gauge!("pipit_connections").decrement(1.0);
-    match result {
-        Ok(()) | Err(ConnError::Closed) => {}
-        Err(e) if e.is_violation() => {
-            // Scanners and attackers can make these as fast as they can
-            // connect: count each, log a line per 10 s.
-            static LOG: LogGate = LogGate::new(10_000);
-            let stage = if matches!(e, ConnError::Handshake(_)) { "handshake" } else { "session" };
-            metrics::counter!("pipit_protocol_violations_total", "stage" => stage).increment(1);
-            match LOG.open() {
-                Some(suppressed) => {
-                    tracing::warn!(%peer, error = %e, suppressed, "closed a connection for a protocol violation")
-                }
-                None => tracing::debug!(%peer, error = %e, "closed a connection for a protocol violation"),
-            }
-        }
-        Err(ConnError::Io(e)) => tracing::debug!(%peer, error = %e, "connection i/o error"),
-        Err(e) => tracing::debug!(%peer, error = %e, "connection closed"),
-    }
-}
-
-async fn serve(stream: TcpStream, slot: Slot, ctx: &Arc<ConnCtx>) -> Result<(), ConnError> {
-    // The handshake and the login hold state an established connection no
-    // longer needs; run them in their own allocation so it is freed once
-    // they are done instead of sizing every idle connection's future.
-    let super::handshake::Established { stream, session, inbuf, mut conn, keepalive } =
-        Box::pin(super::handshake::establish(stream, slot, ctx)).await?;
-    let result = conn.run(stream, session, inbuf, keepalive).await;
-    if let Some(w) = &conn.watcher {
-        ctx.services.presence.unwatch(w);
-    }
-    ctx.services.presence.disconnect(conn.addr, conn.handle.id);
-    result
-}
 
 /// Most bytes one turn reads: one full frame and its length.
 const READ_MAX: usize = pipit_protocol::limits::MAX_FRAME_LEN + 2;
 
 /// How often a connection held back by the memory budget looks again.
 const BUDGET_RECHECK: Duration = Duration::from_millis(50);
-
-/// A connection-level error message (no `req`, no `id`): the server closes
-/// after it.
-pub(super) fn error(code: pb::ErrorCode) -> Message {
-    pb::Error { code: code as i32, ..Default::default() }.into()
-}
 
 /// Writes `out` (then clears it). A peer whose socket takes no byte for
 /// `timeout` is dropped rather than held forever; a slow one that keeps
@@ -153,6 +107,9 @@ pub(super) struct Conn {
     pub(super) watch_seq: u64,
     /// How many typing notices this connection may still send.
     pub(super) typing: TypingLimiter,
+    /// Conversations held by a send refused for now: later sends of them
+    /// are refused until it comes again.
+    pub(super) send_order: SendOrder,
 }
 
 impl Conn {
@@ -183,6 +140,7 @@ impl Conn {
             watcher: None,
             watch_seq: 0,
             typing: ctx.services.typing.limiter(Instant::now()),
+            send_order: SendOrder::default(),
         };
         if !inbox.acked.is_empty() {
             conn.ack_entries(inbox.acked);
@@ -194,7 +152,7 @@ impl Conn {
         conn
     }
 
-    async fn run(
+    pub(super) async fn run(
         &mut self,
         mut stream: TcpStream,
         mut session: Session,
@@ -240,9 +198,11 @@ impl Conn {
             let ka_deadline = tokio::time::Instant::from_std(ka.next_deadline());
             // The heaviest connections stop reading while the server is
             // over its memory budget; TCP pushes back on their clients.
-            let over_budget = budget.must_wait(self.held.bytes()) || self.ctx.queued.must_wait(self.pending_bytes);
-            if over_budget && !budget_wait {
-                budget.hit("read");
+            let waits_on =
+                Budget::first_to_wait(&[(&budget, self.held.bytes()), (&self.ctx.queued, self.pending_bytes)]);
+            let over_budget = waits_on.is_some();
+            if let Some(b) = waits_on.filter(|_| !budget_wait) {
+                b.hit("read");
             }
             budget_wait = over_budget;
             let reading = self.pending.len() < max_pending
@@ -427,6 +387,12 @@ impl Conn {
         self.pending_bytes -= n;
         if self.watcher.is_some() {
             self.take_events();
+        }
+        match &answer {
+            Message::Error(e) if e.id != 0 => self.send_order.answered(e, Instant::now()),
+            Message::Sent(s) => self.send_order.done(s.id),
+            Message::DeviceMismatch(m) => self.send_order.done(m.id),
+            _ => {}
         }
         self.outq.push(answer);
     }

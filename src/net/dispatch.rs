@@ -13,6 +13,7 @@ use pipit_protocol::message::pb;
 use pipit_protocol::Message;
 
 use super::connection::Conn;
+use super::send_order::Conv;
 use crate::commit::SubmitError;
 use crate::route::Watcher;
 use crate::service::groups::Change;
@@ -141,46 +142,57 @@ impl Conn {
 
     fn send(&mut self, send: pb::Send) {
         let id = send.id;
+        let now = std::time::Instant::now();
+        if let Some(held) = self.send_order.check(&send, now) {
+            // An earlier send of this conversation was refused for now and
+            // has not come again: this one must not overtake it.
+            metrics::counter!("pipit_sends_refused_total", "reason" => "held").increment(1);
+            let e =
+                pb::Error { code: held.code as i32, id, retry_after_secs: held.retry_after_secs, ..Default::default() };
+            self.answer_now(e.into());
+            return;
+        }
         // What this send holds until it is durable: its payloads (each a
         // slice of the frame it came in).
         let bytes = send.payload.len() + send.per_device.iter().map(|c| c.payload.len()).sum::<usize>();
+        let conv = Conv::of(&send);
         match self.ctx.services.messaging.send(self.addr, send) {
             Err(reason) => {
                 // Storage is saturated, without room, or stopping: nothing
                 // was stored; the client keeps the message in its outbox
                 // and retries after the time it is told.
                 metrics::counter!("pipit_sends_refused_total", "reason" => refusal_reason(reason)).increment(1);
+                let retry_after_secs = crate::service::retry_after(reason);
+                self.send_order.refused(conv, id, pb::ErrorCode::Unavailable, retry_after_secs, now);
                 self.answer_now(
-                    pb::Error {
-                        code: pb::ErrorCode::Unavailable as i32,
-                        id,
-                        retry_after_secs: crate::service::retry_after(reason),
-                        ..Default::default()
-                    }
-                    .into(),
+                    pb::Error { code: pb::ErrorCode::Unavailable as i32, id, retry_after_secs, ..Default::default() }
+                        .into(),
                 );
             }
-            Ok(durable) => self.answer_later_holding(bytes, async move {
-                match durable.await {
-                    Ok(sent) => {
-                        metrics::counter!("pipit_messages_sent_total").increment(1);
-                        sent.into()
+            Ok(durable) => {
+                self.send_order.waits(conv, id);
+                self.answer_later_holding(bytes, async move {
+                    match durable.await {
+                        Ok(sent) => {
+                            metrics::counter!("pipit_messages_sent_total").increment(1);
+                            sent.into()
+                        }
+                        Err(SendFailure::Code(code)) => {
+                            let retry_after_secs =
+                                if code == pb::ErrorCode::Internal { OVERLOAD_RETRY_AFTER_SECS } else { 0 };
+                            pb::Error { code: code as i32, id, retry_after_secs, ..Default::default() }.into()
+                        }
+                        Err(SendFailure::Mismatch(m)) => m.into(),
+                        Err(SendFailure::Unavailable { retry_after_secs }) => pb::Error {
+                            code: pb::ErrorCode::Unavailable as i32,
+                            id,
+                            retry_after_secs,
+                            ..Default::default()
+                        }
+                        .into(),
                     }
-                    Err(SendFailure::Code(code)) => {
-                        let retry_after_secs =
-                            if code == pb::ErrorCode::Internal { OVERLOAD_RETRY_AFTER_SECS } else { 0 };
-                        pb::Error { code: code as i32, id, retry_after_secs, ..Default::default() }.into()
-                    }
-                    Err(SendFailure::Mismatch(m)) => m.into(),
-                    Err(SendFailure::Unavailable { retry_after_secs }) => pb::Error {
-                        code: pb::ErrorCode::Unavailable as i32,
-                        id,
-                        retry_after_secs,
-                        ..Default::default()
-                    }
-                    .into(),
-                }
-            }),
+                })
+            }
         }
     }
 

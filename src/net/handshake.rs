@@ -15,7 +15,8 @@ use pipit_protocol::{Message, PublicKey, Session};
 use tokio::net::TcpStream;
 
 use super::admission::Slot;
-use super::connection::{error, write_out, Conn};
+use super::answers::{error, retry_later};
+use super::connection::{write_out, Conn};
 use super::{ConnCtx, ConnError};
 use crate::model::{unix_now, DeviceAddr};
 use crate::route::cluster::{Cluster, Placement};
@@ -313,12 +314,8 @@ fn placement_refusal(cluster: &Cluster, account: u64) -> Option<(pb::ErrorCode, 
         }
         Placement::Down(owner) => {
             tracing::debug!(account, node = %owner.id, "login for an account whose node is down");
-            let e = pb::Error {
-                code: pb::ErrorCode::Unavailable as i32,
-                retry_after_secs: cluster.retry_after_secs(),
-                ..Default::default()
-            };
-            Some((pb::ErrorCode::Unavailable, vec![e.into()]))
+            let e = retry_later(pb::ErrorCode::Unavailable, cluster.retry_after_secs());
+            Some((pb::ErrorCode::Unavailable, vec![e]))
         }
         _ => None,
     }

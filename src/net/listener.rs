@@ -146,7 +146,7 @@ pub fn run_shard(index: usize, listener: std::net::TcpListener, ctx: Arc<ConnCtx
                     let ctx = ctx.clone();
                     tracker.spawn(async move {
                         tracing::trace!(%peer, "accepted");
-                        super::connection::run(stream, peer, slot, &ctx).await;
+                        super::serve::run(stream, peer, slot, &ctx).await;
                         ctx.connections.fetch_sub(1, Ordering::AcqRel);
                     });
                 }

@@ -3,12 +3,15 @@
 //! service that handles it. It holds no product rules and no storage.
 
 mod admission;
+mod answers;
 mod connection;
 mod dispatch;
 mod groups;
 mod handshake;
 pub mod listener;
 pub mod nodes;
+mod send_order;
+mod serve;
 pub mod settings;
 
 pub use admission::AdmissionConfig;

@@ -16,13 +16,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::BytesMut;
-use pipit_protocol::node::{pb, DialStep, LinkAcceptor, LinkDialer, LinkError, LinkIncoming, LinkSession};
+use pipit_protocol::node::{pb, LinkError};
 use pipit_protocol::PublicKey;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +28,7 @@ use crate::keys::KeyRing;
 use crate::model::DeviceAddr;
 use crate::route::cluster::{Cluster, Member};
 use crate::service::accounts::Accounts;
-use crate::service::forward::{Applied, Forward};
+use crate::service::forward::Forward;
 use crate::service::{Services, Typing};
 
 mod link;

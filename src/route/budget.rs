@@ -69,6 +69,18 @@ impl Budget {
         held >= self.heavy && self.over()
     }
 
+    /// What it bounds (in logs and the metric's `budget` label).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The first of `holds` (a budget and what the holder holds against
+    /// it) that makes the holder wait: the one to count and log, so the
+    /// log names the bound that was reached with its own figures.
+    pub fn first_to_wait<'a>(holds: &[(&'a Arc<Budget>, usize)]) -> Option<&'a Arc<Budget>> {
+        holds.iter().find(|(b, held)| b.must_wait(*held)).map(|(b, _)| *b)
+    }
+
     /// Times the budget made a connection wait or dropped a push.
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
@@ -166,5 +178,19 @@ mod tests {
         assert_eq!(b.used(), 0);
         drop(c);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn the_bound_that_was_reached_is_the_one_named() {
+        // The memory budget far from its limit, the queued-sends bound
+        // over it: the reader waits because of the second, and that is
+        // the one counted and logged (not "memory used=4 MB limit=3 GB").
+        let memory = Budget::new(3 << 30);
+        let queued = Budget::named("storage_queue", 4 << 20);
+        let _m = memory.charge(4 << 20);
+        let _q = queued.charge(5 << 20);
+        let hit = Budget::first_to_wait(&[(&memory, 5 << 20), (&queued, 5 << 20)]).expect("must wait");
+        assert_eq!((hit.name(), hit.used(), hit.limit()), ("storage_queue", 5 << 20, 4 << 20));
+        assert!(Budget::first_to_wait(&[(&memory, 5 << 20), (&queued, 1024)]).is_none(), "a light holder goes on");
     }
 }

@@ -6,12 +6,14 @@
 
 pub mod budget;
 pub mod cluster;
+pub mod mailbox;
 pub mod presence;
 pub mod registry;
 
 pub use budget::{Budget, Charge};
+pub use mailbox::{Events, Mailbox, Push};
 pub use presence::{Stored, Watcher};
-pub use registry::{ConnHandle, Events, Leaving, Mailbox, Push, Registry};
+pub use registry::{ConnHandle, Leaving, Registry};
 
 use pipit_protocol::message::pb;
 use pipit_protocol::Message;

@@ -7,7 +7,7 @@
 //! "came online" and "went offline" are decided and published in one
 //! step. An account is online from its first connection until its last
 //! one has been gone for the grace period (the caller runs the timer and
-//! calls [`Registry::grace_over`]), so a phone that reconnects after a
+//! calls [`crate::route::Registry::grace_over`]), so a phone that reconnects after a
 //! stall does not flap. Updates land in each watcher's coalescing slot
 //! (`Mailbox::presence`), so a slow reader holds at most the latest state
 //! per account.
@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use pipit_protocol::message::pb;
 
-use super::registry::{Account, Leaving, Mailbox, Registry};
+use super::mailbox::Mailbox;
 
 /// One connection's subscriptions.
 #[derive(Debug)]
@@ -59,7 +59,7 @@ impl Watcher {
 #[derive(Debug, Default)]
 pub(super) struct AccountPresence {
     /// Nonzero while the last connection has left and the grace period
-    /// runs: the generation [`Registry::grace_over`] must name.
+    /// runs: the generation [`crate::route::Registry::grace_over`] must name.
     pub(super) leaving: u64,
     /// Watchers and what they are shown; `None` for most accounts.
     watched: Option<Box<Watched>>,
@@ -125,34 +125,20 @@ pub struct Stored {
     pub hidden: bool,
 }
 
-impl Registry {
-    /// The grace period of departure `l` is over: unless a connection came
-    /// back meanwhile, the account's watchers learn it went offline.
-    /// Returns its last seen (`l.at`), to be made durable.
-    pub fn grace_over(&self, l: Leaving) -> Option<u64> {
-        let mut s = self.stripe(l.account);
-        let acc = s.get_mut(&l.account)?;
-        if acc.presence.leaving != l.generation || !acc.conns.is_empty() {
-            return None;
-        }
-        acc.presence.leaving = 0;
-        if let Some(w) = &mut acc.presence.watched {
-            // Watched since it left: what storage said is older.
-            w.last_seen = w.last_seen.max(l.at);
-        }
-        acc.presence.publish(l.account, false);
-        if acc.is_idle() {
-            s.remove(&l.account);
-        }
-        Some(l.at)
-    }
-
-    /// Replaces `w`'s subscriptions with the accounts of `stored` (sorted,
-    /// distinct, all existing) and queues each one's current state for it.
-    /// `seq` orders a connection's requests: an older one that finishes
-    /// late changes nothing.
-    pub fn watch(&self, w: &Arc<Watcher>, seq: u64, stored: &[Stored]) {
-        let mut st = w.lock();
+impl Watcher {
+    /// Replaces the subscriptions with the accounts of `stored` (sorted,
+    /// distinct), unless a later request (`seq`) was applied already: calls
+    /// `dropped` for each account no longer watched and `added` for each
+    /// one in `stored`. The watcher stays locked throughout, so two
+    /// requests of one connection never interleave.
+    pub(super) fn resubscribe(
+        &self,
+        seq: u64,
+        stored: &[Stored],
+        mut dropped: impl FnMut(u64),
+        added: impl FnMut(&Stored),
+    ) {
+        let mut st = self.lock();
         if seq < st.applied {
             return;
         }
@@ -160,84 +146,85 @@ impl Registry {
         let old = std::mem::take(&mut st.accounts);
         for &a in &old {
             if stored.binary_search_by_key(&a, |s| s.account).is_err() {
-                self.drop_watcher(a, w);
+                dropped(a);
             }
         }
-        for s in stored {
-            let mut stripe = self.stripe(s.account);
-            let acc = stripe.entry(s.account).or_default();
-            let online = acc.is_online();
-            let watched = acc.presence.watched.get_or_insert_with(Box::default);
-            // What memory knows is newer than what was read: a privacy
-            // change or a departure since.
-            watched.hidden.get_or_insert(s.hidden);
-            watched.last_seen = watched.last_seen.max(s.last_seen);
-            if !watched.watchers.iter().any(|x| Arc::ptr_eq(x, w)) {
-                watched.watchers.push(w.clone());
-            }
-            if !w.mailbox.presence(acc.presence.shown(s.account, online)) {
-                metrics::counter!("pipit_presence_dropped_total").increment(1);
-            }
-        }
+        stored.iter().for_each(added);
         let delta = stored.len() as f64 - old.len() as f64;
         metrics::gauge!("pipit_presence_subscriptions").increment(delta);
         st.accounts = stored.iter().map(|s| s.account).collect();
     }
 
-    /// Ends all of `w`'s subscriptions (its connection closed), for good.
-    pub fn unwatch(&self, w: &Arc<Watcher>) {
-        let mut st = w.lock();
+    /// Ends all subscriptions for good (the connection closed), calling
+    /// `dropped` for each account that was watched.
+    pub(super) fn end(&self, dropped: impl FnMut(u64)) {
+        let mut st = self.lock();
         st.applied = u64::MAX;
         let old = std::mem::take(&mut st.accounts);
-        for &a in &old {
-            self.drop_watcher(a, w);
-        }
+        old.iter().copied().for_each(dropped);
         metrics::gauge!("pipit_presence_subscriptions").decrement(old.len() as f64);
     }
+}
 
-    fn drop_watcher(&self, account: u64, w: &Arc<Watcher>) {
-        let mut s = self.stripe(account);
-        let Some(acc) = s.get_mut(&account) else { return };
-        if let Some(watched) = &mut acc.presence.watched {
+impl AccountPresence {
+    /// The grace period of departure `generation` (left at `at`) is over:
+    /// unless a later departure or a return made it moot, the watchers
+    /// learn the account went offline. Returns whether they did.
+    pub(super) fn grace_over(&mut self, account: u64, generation: u64, at: u64) -> bool {
+        if self.leaving != generation {
+            return false;
+        }
+        self.leaving = 0;
+        if let Some(w) = &mut self.watched {
+            // Watched since it left: what storage said is older.
+            w.last_seen = w.last_seen.max(at);
+        }
+        self.publish(account, false);
+        true
+    }
+
+    /// `w` watches this account (`online` now), of which storage said
+    /// `s`; it is shown the current state at once.
+    pub(super) fn watch(&mut self, s: &Stored, online: bool, w: &Arc<Watcher>) {
+        let watched = self.watched.get_or_insert_with(Box::default);
+        // What memory knows is newer than what was read: a privacy
+        // change or a departure since.
+        watched.hidden.get_or_insert(s.hidden);
+        watched.last_seen = watched.last_seen.max(s.last_seen);
+        if !watched.watchers.iter().any(|x| Arc::ptr_eq(x, w)) {
+            watched.watchers.push(w.clone());
+        }
+        if !w.mailbox.presence(self.shown(s.account, online)) {
+            metrics::counter!("pipit_presence_dropped_total").increment(1);
+        }
+    }
+
+    /// `w` no longer watches this account.
+    pub(super) fn unwatch(&mut self, w: &Arc<Watcher>) {
+        if let Some(watched) = &mut self.watched {
             if let Some(i) = watched.watchers.iter().position(|x| Arc::ptr_eq(x, w)) {
                 watched.watchers.swap_remove(i);
             }
             if watched.watchers.is_empty() {
-                acc.presence.watched = None;
+                self.watched = None;
             }
         }
-        if acc.is_idle() {
-            s.remove(&account);
-        }
     }
 
-    /// `account` changed whether it hides its last seen: an offline
-    /// account's watchers see the change at once. Kept for an account
-    /// that is here (its device sent the change) even when nobody watches
-    /// it yet, so a subscription whose storage read came just before the
-    /// change cannot show the old setting.
-    pub fn set_hidden(&self, account: u64, hidden: bool) {
-        let mut s = self.stripe(account);
-        let Some(acc) = s.get_mut(&account) else { return };
-        let watched = acc.presence.watched.get_or_insert_with(Box::default);
+    /// The account changed whether it hides its last seen; an offline
+    /// one's watchers see the change at once.
+    pub(super) fn set_hidden(&mut self, account: u64, hidden: bool, online: bool) {
+        let watched = self.watched.get_or_insert_with(Box::default);
         let changed = watched.hidden != Some(hidden);
         watched.hidden = Some(hidden);
-        if changed && !acc.is_online() {
-            acc.presence.publish(account, false);
+        if changed && !online {
+            self.publish(account, false);
         }
     }
 
-    /// Accounts with an entry (online, leaving or watched): for tests and
-    /// memory figures.
-    pub fn accounts_tracked(&self) -> usize {
-        (0..self.stripe_count()).map(|i| self.stripe_at(i).len()).sum()
-    }
-}
-
-impl Account {
     #[cfg(test)]
-    fn watcher_count(&self) -> usize {
-        self.presence.watched.as_ref().map_or(0, |w| w.watchers.len())
+    pub(super) fn watcher_count(&self) -> usize {
+        self.watched.as_ref().map_or(0, |w| w.watchers.len())
     }
 }
 
@@ -245,6 +232,7 @@ impl Account {
 mod tests {
     use super::*;
     use crate::model::DeviceAddr;
+    use crate::route::registry::{Account, Registry};
     use crate::route::ConnHandle;
 
     fn conn(id: u64) -> ConnHandle {
@@ -325,7 +313,7 @@ mod tests {
         r.watch(&w, 2, &[stored(4, 0, false)]);
         assert_eq!(w.accounts(), vec![2, 3]);
         assert!(r.stripe(1).get(&1).is_none(), "no longer watched, not online: gone");
-        assert_eq!(r.stripe(2).get(&2).unwrap().watcher_count(), 1, "watched once, not twice");
+        assert_eq!(r.stripe(2).get(&2).unwrap().presence.watcher_count(), 1, "watched once, not twice");
         assert!(r.stripe(4).get(&4).is_none());
         r.unwatch(&w);
         r.watch(&w, 4, &[stored(7, 0, false)]);

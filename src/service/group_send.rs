@@ -16,7 +16,7 @@ use bytes::Bytes;
 use pipit_protocol::limits::MAX_PACKET_LEN;
 use pipit_protocol::message::pb;
 
-use super::messaging::SendFailure;
+use super::messaging::outcome::{Digest, SendFailure};
 use crate::model::{unix_now, DeviceAddr};
 use crate::store::counters::Counter;
 use crate::store::dedup::DedupRecord;
@@ -54,7 +54,7 @@ pub(crate) fn store(
     txn: &mut Txn<'_>,
     from: DeviceAddr,
     send: &pb::Send,
-    digest: super::messaging::Digest,
+    digest: Digest,
     job: &mut bool,
 ) -> Result<Result<pb::Sent, SendFailure>, StorageError> {
     let fail = |c| Ok(Err(SendFailure::Code(c)));

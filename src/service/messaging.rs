@@ -11,6 +11,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use pipit_protocol::message::pb;
 
+pub(super) mod outcome;
+
+pub use outcome::{Digest, SendFailure};
+
 use super::inbox::{enqueue, Pushes};
 use super::{Ctx, Writer};
 use crate::commit::{Operation, Outcome, SubmitError};
@@ -19,20 +23,6 @@ use crate::route::cluster::Placement;
 use crate::store::counters::Counter;
 use crate::store::dedup::DedupRecord;
 use crate::store::{StorageError, Txn};
-
-/// Why a send was not stored.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SendFailure {
-    /// A coarse error for the client.
-    Code(pb::ErrorCode),
-    /// Per-device ciphertexts did not match the devices.
-    Mismatch(pb::DeviceMismatch),
-    /// Not stored for now (the disk was full): retry after this long.
-    Unavailable {
-        /// Seconds.
-        retry_after_secs: u32,
-    },
-}
 
 type Reply = tokio::sync::oneshot::Sender<Result<pb::Sent, SendFailure>>;
 
@@ -159,11 +149,6 @@ impl Operation<Ctx> for SendOp {
         let _ = self.reply.send(result);
     }
 }
-
-/// A short digest of what a `Send` says, kept in its dedup record: a retry
-/// repeats the same content, so the same id with another digest is a
-/// reused id, answered `ID_REUSED` instead of the original `Sent`.
-pub type Digest = [u8; 8];
 
 /// The digest of everything in `send` but its id: recipient, group,
 /// payload and per-device ciphertexts, each length-prefixed so no two

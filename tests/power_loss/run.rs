@@ -255,10 +255,10 @@ pub(crate) async fn run(plan: Plan) -> Outcome {
     let root = tempfile::tempdir().unwrap();
     let config = root.path().join("pipit.toml");
     // Small group commits (many WAL syncs), a slow fan-out in small steps
-    // (so cuts land inside it), receipts flushed often; no storage reserve
-    // (the backing disk's free space is not what this test is about).
+    // (so cuts land inside it), receipts flushed often; the smallest storage
+    // reserve (the backing disk's free space is not what this test is about).
     let settings = format!(
-        "[storage]\nmax_batch = 4\nsync_writes = {}\nreserve_mb = 0\n\
+        "[storage]\nmax_batch = 4\nsync_writes = {}\nreserve_mb = 64\n\
          [groups]\nfanout_batch = 2\nfanout_step_delay_ms = 5\nreceipt_flush_ms = 200\n",
         plan.sync_writes
     );

@@ -9,6 +9,7 @@ use pipit_protocol::Message;
 
 use crate::ClientError;
 
+use super::order::{Conv, Refused};
 use super::outbox::MAX_RESEALS;
 use super::task::{emit, retry_delay, Deferred, End, Task};
 use super::Event;
@@ -102,6 +103,8 @@ impl Task {
                     // A second answer to a resent message: already reported.
                     return Ok(Handled::default());
                 };
+                let go = self.lanes.answered(Conv::of(&sealed), s.id, true);
+                self.write_released(go);
                 if let Some(e2e) = &mut self.e2e {
                     e2e.on_sent(&mut *self.store, &sealed).map_err(lost)?;
                 }
@@ -121,10 +124,23 @@ impl Task {
                     // asked for, longer with each refusal in a row. Dropping
                     // the connection instead would turn an overloaded server
                     // into a reconnect storm.
-                    if self.outbox.contains_key(&e.id) {
-                        let refusals = self.deferred.get(&e.id).map_or(0, |d| d.refusals) + 1;
-                        let at = Instant::now() + retry_delay(e.retry_after_secs, refusals);
-                        self.deferred.insert(e.id, Deferred { at, refusals });
+                    // Only the earliest refused message of a conversation
+                    // waits for a pause; the later ones wait for it (so
+                    // none overtakes it), however many there are.
+                    if let Some(conv) = self.outbox.get(&e.id).map(Conv::of) {
+                        match self.lanes.refused(conv, e.id) {
+                            Refused::Retry { instead_of } => {
+                                if let Some(later) = instead_of {
+                                    self.deferred.remove(&later);
+                                }
+                                let refusals = self.deferred.get(&e.id).map_or(0, |d| d.refusals) + 1;
+                                let at = Instant::now() + retry_delay(e.retry_after_secs, refusals);
+                                self.deferred.insert(e.id, Deferred { at, refusals });
+                            }
+                            Refused::Wait => {
+                                self.deferred.remove(&e.id);
+                            }
+                        }
                     }
                     return Ok(Handled::default());
                 }
@@ -133,6 +149,8 @@ impl Task {
                 self.deferred.remove(&e.id);
                 let internal = self.is_internal(e.id);
                 if let Some(sealed) = self.outbox.remove(&e.id) {
+                    let go = self.lanes.answered(Conv::of(&sealed), e.id, false);
+                    self.write_released(go);
                     self.store.remove_outbox(e.id).map_err(lost)?;
                     if let Some(e2e) = &mut self.e2e {
                         e2e.on_send_failed(&sealed);
@@ -152,6 +170,8 @@ impl Task {
                 self.deferred.remove(&m.id);
                 let internal = self.is_internal(m.id);
                 if let Some(sealed) = self.outbox.remove(&m.id) {
+                    let go = self.lanes.answered(Conv::of(&sealed), m.id, false);
+                    self.write_released(go);
                     self.store.remove_outbox(m.id).map_err(lost)?;
                     if let Some(e2e) = &mut self.e2e {
                         e2e.on_send_failed(&sealed);

@@ -13,6 +13,7 @@ mod config;
 mod connect;
 mod event;
 mod incoming;
+mod order;
 mod outbox;
 mod task;
 
@@ -124,6 +125,7 @@ impl Client {
             reseals: BTreeMap::new(),
             held_connected: None,
             out: Vec::new(),
+            lanes: order::Lanes::default(),
         };
         tokio::spawn(task.run());
         Ok((Client { cmds: cmd_tx, stats, identity, e2e_identity }, Events { rx: ev_rx }))
@@ -156,7 +158,10 @@ impl Client {
 
     /// Queues a 1:1 message. Returns its client id once it is in the
     /// outbox (durable if the store is); the `Sent` event follows when the
-    /// server has it, after however many reconnects that takes.
+    /// server has it, after however many reconnects that takes. A payload
+    /// that cannot be sent is refused here with [`ClientError::TooLarge`]
+    /// (with encryption on, `max` is the largest plaintext whose
+    /// ciphertext fits).
     pub async fn send(&self, to: u64, payload: impl Into<Bytes>) -> Result<u64, ClientError> {
         self.queue(pb::Send { to, payload: payload.into(), ..Default::default() }).await
     }
@@ -166,6 +171,15 @@ impl Client {
         // Room for the largest id the counter will reach.
         send.id = u64::MAX;
         check_size(&[Message::from(send.clone())])?;
+        if self.e2e_identity.is_some() {
+            // Encrypted, it grows: refused now if even its smallest sealed
+            // form cannot be sent, rather than by a later `SendFailed`.
+            let fits = |s: &pb::Send| check_size(&[Message::from(s.clone())]).is_ok();
+            if !fits(&crate::e2e::smallest_sealed(&send)) {
+                let max = crate::e2e::largest_plaintext(&send, fits);
+                return Err(ClientError::TooLarge { len: send.payload.len(), max });
+            }
+        }
         let (tx, rx) = oneshot::channel();
         self.cmds.send(Cmd::Send(send, tx)).await.map_err(|_| ClientError::Stopped)?;
         rx.await.map_err(|_| ClientError::Stopped)?

@@ -9,6 +9,7 @@ use pipit_protocol::Message;
 use crate::e2e::Sealed;
 use crate::ClientError;
 
+use super::order::Conv;
 use super::task::{emit, End, Task};
 use super::Event;
 
@@ -32,8 +33,25 @@ impl Task {
         }
         self.store.put_outbox(&send)?;
         self.outbox.insert(send.id, send.clone());
-        self.out.push(send.clone().into());
+        self.offer(&send);
         Ok(send.id)
+    }
+
+    /// An outbox entry is ready to go: written now, unless an earlier one
+    /// of its conversation was refused for now (then it waits for that).
+    pub(super) fn offer(&mut self, send: &pb::Send) {
+        if self.lanes.ready(Conv::of(send), send.id) {
+            self.out.push(send.clone().into());
+        }
+    }
+
+    /// Writes the outbox entries that `ids` names (released by the lanes).
+    pub(super) fn write_released(&mut self, ids: Vec<u64>) {
+        for id in ids {
+            if let Some(send) = self.outbox.get(&id) {
+                self.out.push(send.clone().into());
+            }
+        }
     }
 
     /// Seals pending messages in order, as far as their keys allow: each
@@ -66,7 +84,7 @@ impl Task {
                     }
                     self.store.put_outbox(&send).map_err(|e| End::Lost(e.into()))?;
                     self.outbox.insert(id, send.clone());
-                    self.out.push(send.into());
+                    self.offer(&send);
                 }
                 Sealed::Wait(requests) => {
                     for m in requests {
@@ -79,7 +97,7 @@ impl Task {
                                 self.store.save_state(&self.state).map_err(|e| End::Lost(e.into()))?;
                                 self.store.put_outbox(&internal).map_err(|e| End::Lost(e.into()))?;
                                 self.outbox.insert(internal.id, internal.clone());
-                                self.out.push(internal.into());
+                                self.offer(&internal);
                             }
                             other => self.out.push(other),
                         }

@@ -20,6 +20,7 @@ use crate::ClientError;
 
 use super::calls::Call;
 use super::connect::dial;
+use super::order::Lanes;
 use super::{Cmd, Config, Event, Stats};
 
 pub(super) struct Task {
@@ -57,6 +58,9 @@ pub(super) struct Task {
     /// must not let the peer find no keys (its message would be withheld
     /// from this device for good).
     pub(super) held_connected: Option<Event>,
+    /// Which outbox entries may be written now: per conversation, nothing
+    /// goes past a send the server refused for now.
+    pub(super) lanes: Lanes,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +72,11 @@ pub(super) struct Deferred {
 /// The longest pause before sending a refused message again, whatever
 /// the server asks: a bound on how long a busy server can park a message.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// Sealed bytes the task lets wait for the socket before it keeps further
+/// messages back (as messages, cheap: their payloads are shared with the
+/// outbox): a few frames, so a server that stops reading costs little.
+const MAX_UNWRITTEN: usize = 256 * 1024;
 
 /// Redirects followed in a row before the client pauses as after any
 /// failed connect.
@@ -214,6 +223,7 @@ impl Task {
         // Everything goes again below; pauses asked on an old connection
         // do not carry over.
         self.deferred.clear();
+        self.lanes.reset();
         self.out.clear();
         self.reseal_at = None;
         self.held_connected = None;
@@ -234,12 +244,15 @@ impl Task {
         }
         // Everything not yet confirmed goes again, same ids, in order; then
         // the presence subscription and the unanswered requests.
-        let mut unsent: Vec<Message> = self.outbox.values().cloned().map(Message::from).collect();
-        unsent.extend(self.calls_to_send());
-        if !unsent.is_empty() {
-            self.stats.resent.fetch_add(unsent.len() as u64, Ordering::Relaxed);
-            self.out.extend(unsent);
+        let unsent: Vec<pb::Send> = self.outbox.values().cloned().collect();
+        let calls = self.calls_to_send();
+        if !unsent.is_empty() || !calls.is_empty() {
+            self.stats.resent.fetch_add((unsent.len() + calls.len()) as u64, Ordering::Relaxed);
         }
+        for send in &unsent {
+            self.offer(send);
+        }
+        self.out.extend(calls);
         let interval = Duration::from_secs(u64::from(login.keepalive_secs.max(1)));
         let mut ka = Keepalive::client(interval, self.config.response_timeout, Instant::now());
         let mut ack_due = false;
@@ -250,9 +263,13 @@ impl Task {
                     return end;
                 }
             }
-            if !self.out.is_empty() {
+            // Written while the connection reads (`conn.next`), never
+            // awaited here: a server that stops reading must not stop the
+            // app's sends from landing in the outbox. Past a bound of
+            // unwritten bytes the rest waits here, as messages.
+            if !self.out.is_empty() && conn.unwritten() < MAX_UNWRITTEN {
                 let out = std::mem::take(&mut self.out);
-                if let Err(e) = conn.send(&out).await {
+                if let Err(e) = conn.queue_out(&out) {
                     return End::Lost(e);
                 }
                 ka.on_send(Instant::now());
@@ -260,7 +277,7 @@ impl Task {
             // Coalesce: ack once everything already received is handled.
             if ack_due && !conn.has_buffered() {
                 let ack = pb::Ack { through: self.state.acked_through, ids: vec![] };
-                if let Err(e) = conn.send(&[ack.into()]).await {
+                if let Err(e) = conn.queue_out(&[ack.into()]) {
                     return End::Lost(e);
                 }
                 ka.on_send(Instant::now());
@@ -310,7 +327,7 @@ impl Task {
                     }
                     if !due.is_empty() {
                         self.stats.deferred.fetch_add(due.len() as u64, Ordering::Relaxed);
-                        if let Err(e) = conn.send(&due).await {
+                        if let Err(e) = conn.queue_out(&due) {
                             return End::Lost(e);
                         }
                         ka.on_send(Instant::now());
@@ -356,11 +373,7 @@ impl Task {
                 _ = tokio::time::sleep_until(deadline) => {
                     match ka.poll(Instant::now()) {
                         KeepaliveAction::Wait => {}
-                        KeepaliveAction::SendPing => {
-                            if let Err(e) = conn.keepalive().await {
-                                return End::Lost(e);
-                            }
-                        }
+                        KeepaliveAction::SendPing => conn.queue_keepalive(),
                         KeepaliveAction::Dead => return End::Lost(ClientError::Timeout),
                     }
                 }

@@ -30,6 +30,7 @@ mod identity;
 mod keys;
 mod one_to_one;
 mod records;
+mod size;
 mod vault;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -45,6 +46,7 @@ pub(crate) use vault::Vault;
 
 pub use identity::DeviceIdentity;
 use records::{AccountRecord, GroupRecord, PeerRecord, Stashed};
+pub(crate) use size::{largest_plaintext, smallest_sealed};
 
 /// Whether the client encrypts end to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

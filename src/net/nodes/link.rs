@@ -2,7 +2,24 @@
 //! refused before any cryptography), and the loop that carries forwards,
 //! acknowledgements, lookups, pings and typing over it.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pipit_protocol::node::{pb, DialStep, LinkAcceptor, LinkDialer, LinkIncoming, LinkSession};
+use pipit_protocol::PublicKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Ask, Ctx, LinkFailure, LinkState, BACKOFF_MAX, BACKOFF_MIN, DEAD_AFTER, HANDSHAKE_TIMEOUT, MAX_ASKS, MAX_IN_FLIGHT,
+    PACKET_BYTES, PING_EVERY, WRITE_TIMEOUT,
+};
+use crate::model::DeviceAddr;
+use crate::route::cluster::Member;
+use crate::service::forward::Applied;
 
 pub(super) async fn dial_loop(peer: Member, ctx: Arc<Ctx>) {
     let mut backoff = BACKOFF_MIN;
@@ -165,7 +182,11 @@ async fn serve(
     // channel (MAX_ASKS), and dropped (answered "unknown") with the link.
     let mut asked: HashMap<u64, oneshot::Sender<Option<DeviceAddr>>> = HashMap::new();
     let mut next_req = 1u64;
-    let storage = |e: crate::store::StorageError| LinkFailure::Storage(e.to_string());
+    // The services' storage error, kept as text: net does not name the
+    // storage layer.
+    fn storage(e: impl std::fmt::Display) -> LinkFailure {
+        LinkFailure::Storage(e.to_string())
+    }
     let name = peer.id.as_str();
     // What the link costs on the wire (after the handshake), both ways.
     let bytes_out = metrics::counter!("pipit_node_link_transmitted_bytes_total", "peer" => name.to_string());
