@@ -170,6 +170,9 @@ fn run(command: Command) -> anyhow::Result<()> {
 fn key(data_dir: &Path, action: Option<KeyAction>) -> anyhow::Result<()> {
     use pipit::keys;
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    // The key file inside is synced with its directory; the directory's
+    // own entry must be too, or a power cut could take the new key away.
+    pipit::server::sync_entry(data_dir)?;
     match action {
         None => println!("{}", keys::load_or_create(data_dir)?.current.public()),
         Some(KeyAction::List) => {

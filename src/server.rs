@@ -224,7 +224,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
 /// first start the data directory, or the database in it with every
 /// message answered "sent", could be gone (found by tests/power_loss under
 /// the strict model). Cheap: once per start.
-fn sync_entry(dir: &std::path::Path) -> anyhow::Result<()> {
+pub fn sync_entry(dir: &std::path::Path) -> anyhow::Result<()> {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => std::path::Path::new("."),
