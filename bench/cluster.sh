@@ -39,6 +39,7 @@ shards = 1
 metrics_listen = "127.0.0.1:942$i"
 [net]
 handshake_rate_per_source = 0
+max_handshakes_per_source = 4096
 [cluster]
 node_id = "n$i"
 advertise = "127.0.0.1:541$i"

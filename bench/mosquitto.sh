@@ -59,7 +59,7 @@ log_type error
 EOF
 # Hundreds of registrations from a few loopback addresses: the per-source
 # handshake limit would refuse most of them.
-printf '[net]\nhandshake_rate_per_source = 0\n' > "$work/pipit.toml"
+printf '[net]\nhandshake_rate_per_source = 0\nmax_handshakes_per_source = 4096\n' > "$work/pipit.toml"
 
 wait_port() {
     for _ in $(seq 100); do

@@ -52,7 +52,7 @@ echo "== idle connections and reconnect storm"
 conns=${CONNECTIONS:-19000}
 # Thousands of devices from eight loopback addresses: measure the server's
 # capacity, not its per-address admission limit (systemd/pipit.toml).
-printf '[net]\nhandshake_rate_per_source = 0\n' > "$work/scale.toml"
+printf '[net]\nhandshake_rate_per_source = 0\nmax_handshakes_per_source = 4096\n' > "$work/scale.toml"
 start_server scale 5403 --config "$work/scale.toml"
 "$bin/pipit-scale" --addr 127.0.0.1:5403 --server-key "$key" --connections "$conns" --probe 10 \
     --hold-secs 1 --devices "$work/devices.txt" > /dev/null

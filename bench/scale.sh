@@ -27,8 +27,9 @@ SPID=""
 cleanup() { [ -n "$SPID" ] && kill "$SPID" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 # Thousands of devices from eight loopback addresses: measure the
-# server's capacity, not its per-address admission limit.
-printf 'handshake_rate_per_source = 0\n' >"$WORK/scale.toml"
+# server's capacity, not its per-address admission limits (the rate, and
+# the share of handshake slots one address may hold).
+printf '[net]\nhandshake_rate_per_source = 0\nmax_handshakes_per_source = 4096\n' >"$WORK/scale.toml"
 
 start_server() { # BINARY DATA_DIR
     taskset -c 0 "$1" serve --listen "127.0.0.1:$PORT" --data-dir "$2" --shards 1 --config "$WORK/scale.toml" \
