@@ -409,6 +409,29 @@ fn skip(packet: &mut Bytes, n: usize) -> Result<(), MessageError> {
     Ok(())
 }
 
+/// A conversation, as order is kept (SPEC.md 5.1): the account at the
+/// other end of a 1:1 send (the sender's own for a note to self), or a
+/// group. A refusal for now holds every later send of the same
+/// conversation, on the server and in the client library alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Conversation {
+    /// 1:1, with this account.
+    Peer(u64),
+    /// A group.
+    Group(u64),
+}
+
+impl Conversation {
+    /// The conversation `send` belongs to.
+    pub fn of(send: &pb::Send) -> Self {
+        if send.group != 0 {
+            Conversation::Group(send.group)
+        } else {
+            Conversation::Peer(send.to)
+        }
+    }
+}
+
 /// Encoded length of a packet holding `messages`.
 pub fn packet_len(messages: &[Message]) -> usize {
     messages.iter().map(Message::encoded_len).sum()

@@ -11,25 +11,9 @@ use std::time::{Duration, Instant};
 
 use pipit_protocol::message::pb;
 
-/// A conversation as a sender sees it: the account at the other end, or a
-/// group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum Conv {
-    /// 1:1, with this account.
-    Peer(u64),
-    /// A group.
-    Group(u64),
-}
-
-impl Conv {
-    pub(super) fn of(send: &pb::Send) -> Self {
-        if send.group != 0 {
-            Conv::Group(send.group)
-        } else {
-            Conv::Peer(send.to)
-        }
-    }
-}
+/// A conversation as a sender sees it (the protocol's one definition,
+/// shared with the client library's order rule).
+pub(super) use pipit_protocol::message::Conversation as Conv;
 
 /// A conversation held by one refused send.
 #[derive(Debug, Clone, Copy)]

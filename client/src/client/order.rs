@@ -12,28 +12,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pipit_protocol::message::pb;
-
-/// A conversation, as the server numbers it: the account at the other
-/// end, or a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(super) enum Conv {
-    /// A 1:1 conversation with this account (the sender's own for a note
-    /// to self).
-    Peer(u64),
-    /// A group.
-    Group(u64),
-}
-
-impl Conv {
-    pub(super) fn of(send: &pb::Send) -> Self {
-        if send.group != 0 {
-            Conv::Group(send.group)
-        } else {
-            Conv::Peer(send.to)
-        }
-    }
-}
+/// A conversation, as the server numbers it (the protocol's one
+/// definition, shared with the server's order rule).
+pub(super) use pipit_protocol::message::Conversation as Conv;
 
 /// Once a conversation's window has grown to this after a refusal, it no
 /// longer limits: back to plain pipelining.
