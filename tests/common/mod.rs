@@ -258,9 +258,32 @@ impl Drop for BinaryServer {
     }
 }
 
-/// A free port on 127.0.0.1 (bound then released).
+/// A free port on 127.0.0.1.
+///
+/// Taken below Linux's ephemeral range (32768-60999 by default): a port the
+/// kernel hands out for `bind(0)` can be handed out again, at once, as the
+/// local port of any test's outgoing connection, and a server started on it
+/// a moment later finds it in use (seen in CI). Ports here come from a
+/// per-process counter, so threads of one test binary never share one, and
+/// are checked free before they are returned.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::AcqRel) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// Registers `n` accounts over real XX handshakes, `parallel` at a time;
