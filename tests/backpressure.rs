@@ -9,40 +9,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use common::writer::{Block, Noop};
 use common::*;
-use pipit::commit::{Operation, Outcome, SubmitError};
-use pipit::service::Ctx;
-use pipit::store::{StorageError, Txn};
+use pipit::commit::SubmitError;
 use pipit_client::pipit_protocol::handshake::IkStep;
 use pipit_client::pipit_protocol::message::pb;
 use pipit_client::pipit_protocol::{ClientHandshake, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Holds the writer thread inside `apply` until released.
-struct Block {
-    entered: Option<mpsc::Sender<()>>,
-    release: mpsc::Receiver<()>,
-}
-
-impl Operation<Ctx> for Block {
-    fn apply(&mut self, _: &mut Ctx, _: &mut Txn<'_>) -> Result<(), StorageError> {
-        if let Some(e) = self.entered.take() {
-            let _ = e.send(());
-        }
-        let _ = self.release.recv_timeout(Duration::from_secs(60));
-        Ok(())
-    }
-    fn finish(self: Box<Self>, _: &mut Ctx, _: Outcome<'_>) {}
-}
-
-struct Noop;
-
-impl Operation<Ctx> for Noop {
-    fn apply(&mut self, _: &mut Ctx, _: &mut Txn<'_>) -> Result<(), StorageError> {
-        Ok(())
-    }
-    fn finish(self: Box<Self>, _: &mut Ctx, _: Outcome<'_>) {}
-}
 
 #[tokio::test]
 async fn acks_and_read_receipts_wait_for_a_full_storage_queue_instead_of_being_dropped() {

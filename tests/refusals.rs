@@ -11,37 +11,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::writer::{Block, Noop};
 use common::*;
-use pipit::commit::{Operation, Outcome, SubmitError};
-use pipit::service::Ctx;
-use pipit::store::{StorageError, Txn};
+use pipit::commit::SubmitError;
 use pipit_client::{Client, Config, Encryption, Event, Events, MemoryStore};
-
-/// Holds the writer thread inside `apply` until released (or 60 s).
-struct Block {
-    entered: Option<mpsc::Sender<()>>,
-    release: mpsc::Receiver<()>,
-}
-
-impl Operation<Ctx> for Block {
-    fn apply(&mut self, _: &mut Ctx, _: &mut Txn<'_>) -> Result<(), StorageError> {
-        if let Some(e) = self.entered.take() {
-            let _ = e.send(());
-        }
-        let _ = self.release.recv_timeout(Duration::from_secs(60));
-        Ok(())
-    }
-    fn finish(self: Box<Self>, _: &mut Ctx, _: Outcome<'_>) {}
-}
-
-struct Noop;
-
-impl Operation<Ctx> for Noop {
-    fn apply(&mut self, _: &mut Ctx, _: &mut Txn<'_>) -> Result<(), StorageError> {
-        Ok(())
-    }
-    fn finish(self: Box<Self>, _: &mut Ctx, _: Outcome<'_>) {}
-}
 
 /// Stops the server's writer; `fill` also fills its queue, so that every
 /// send is refused `UNAVAILABLE` until the returned sender releases it.

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod writer;
 
 use std::time::Duration;
 
